@@ -1,0 +1,1 @@
+"""The benchmark: recipe rendering, metrics parsing, criteria, verdict, synthetic layout."""

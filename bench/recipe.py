@@ -1,0 +1,206 @@
+"""Render the XTuner config of the benchmark from the faithful recipe (DESIGN §2).
+
+The template holds the pinned config's math; this module fills in only what must
+differ (paths, stop step, seed, precision, device) and lists each change, so the
+verdict can say exactly how the run departs from the pinned config.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from bench.layout import Layout
+
+PRECISIONS = ("nf4", "bf16")
+STOCK_PER_DEVICE_BATCH = 32
+LOG_INTERVAL = 10  # the LoggerHook interval of the pinned config
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """What a user may choose; every field lands in the verdict."""
+
+    max_steps: int = 500
+    precision: str = "nf4"
+    per_device_batch: int = STOCK_PER_DEVICE_BATCH
+    accumulative_counts: int = 1
+    seed: int = 42
+    device: str = "cuda"  # "cuda" or "cpu"; cpu = fp32 LLM, plain OptimWrapper, gloo
+    dataloader_num_workers: int = 0
+    save_checkpoint: bool = False
+    eval_image: Path | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', not {self.device!r}")
+        for name in ("max_steps", "per_device_batch", "accumulative_counts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def max_iters(self) -> int:
+        """Micro-iterations XTuner runs: one optimizer step is ``accumulative_counts`` of them."""
+        return self.max_steps * self.accumulative_counts
+
+
+@dataclass(frozen=True)
+class RenderedRecipe:
+    """The config text handed to XTuner and what the verdict records about it."""
+
+    text: str
+    source: str  # "template" or "user"
+    deviations: list[str] = field(default_factory=list)
+    cfg_options: list[str] = field(default_factory=list)  # train.py --cfg-options, user configs only
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _template() -> Template:
+    text = resources.files("bench.templates").joinpath("llava_pretrain.py.tmpl").read_text()
+    return Template(text)
+
+
+def _deviations(options: RecipeOptions) -> list[str]:
+    """Each way the rendered recipe differs from the pinned config, in words."""
+    changes = [
+        "model and data paths are absolute paths into the mounted layout",
+        "xtuner ThroughputHook added (the seed's metrics carry tflops and tokens_per_sec)",
+        f"fixed random seed {options.seed}",
+        f"training stops after {options.max_steps} optimizer steps "
+        f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",
+    ]
+    if options.eval_image is None:
+        changes.append("EvaluateChatHook off (its default image is a URL, which fails offline)")
+    else:
+        changes.append(f"EvaluateChatHook uses the local image {options.eval_image}")
+    changes.append(
+        "checkpoints every 500 steps, 2 kept" if options.save_checkpoint else "no checkpoints saved"
+    )
+    if options.device == "cpu":
+        changes.append(
+            "CPU variant: fp32 LLM without quantization, plain OptimWrapper, gloo, no DeepSpeed"
+        )
+    elif options.precision == "bf16":
+        changes.append("LLM weights in bf16 without 4-bit quantization")
+    if options.per_device_batch != STOCK_PER_DEVICE_BATCH:
+        changes.append(f"per-device batch {options.per_device_batch} instead of 32")
+    if options.accumulative_counts != 1:
+        changes.append(f"gradient accumulation over {options.accumulative_counts} micro-batches")
+    if options.dataloader_num_workers != 0:
+        changes.append(f"{options.dataloader_num_workers} dataloader workers instead of 0")
+    return changes
+
+
+def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> RenderedRecipe:
+    """The appliance's own config for ``layout``."""
+    on_cpu = options.device == "cpu"
+    if on_cpu:
+        llm_dtype, quantization = "torch.float32", "None"
+    elif options.precision == "nf4":
+        llm_dtype, quantization = "torch.float16", "nf4_quantization"
+    else:
+        llm_dtype, quantization = "torch.bfloat16", "None"
+    evaluate_chat_hook = ""
+    if options.eval_image is not None:
+        evaluate_chat_hook = (
+            "\n    dict(type=EvaluateChatHook, tokenizer=tokenizer,"
+            " image_processor=image_processor, every_n_iters=500,"
+            " evaluation_inputs=['Please describe this picture'],"
+            f" evaluation_images={str(Path(options.eval_image).absolute())!r},"
+            " system='', prompt_template=prompt_template),"
+        )
+    text = _template().substitute(
+        appliance_version=appliance_version,
+        # xtuner 0.2.0 asks torch.cpu.is_bf16_supported(), which torch lacks; harmless elsewhere.
+        compat_shims=(
+            "\n__import__('torch').cpu.is_bf16_supported = lambda *args, **kwargs: False\n"
+            if on_cpu
+            else ""
+        ),
+        llm_path=repr(str(layout.llm_dir)),
+        clip_path=repr(str(layout.clip_dir)),
+        data_path=repr(str(layout.dataset_json)),
+        image_folder=repr(str(layout.image_folder)),
+        batch_size=options.per_device_batch,
+        accumulative_counts=options.accumulative_counts,
+        dataloader_num_workers=options.dataloader_num_workers,
+        max_iters=options.max_iters,
+        llm_dtype=llm_dtype,
+        quantization=quantization,
+        optim_wrapper_type="OptimWrapper" if on_cpu else "AmpOptimWrapper",
+        amp_options="" if on_cpu else "\n    loss_scale='dynamic',\n    dtype='float16'",
+        evaluate_chat_hook=evaluate_chat_hook,
+        checkpoint_hook=(
+            "dict(type=CheckpointHook, by_epoch=False, interval=save_steps,"
+            " max_keep_ckpts=save_total_limit)"
+            if options.save_checkpoint
+            else "None"
+        ),
+        dist_backend=repr("gloo" if on_cpu else "nccl"),
+        seed=options.seed,
+    )
+    return RenderedRecipe(text=text, source="template", deviations=_deviations(options))
+
+
+def from_user_config(config: Path, options: RecipeOptions) -> RenderedRecipe:
+    """A user's config at the layout root, run as written but for stop step and seed.
+
+    Those two are the benchmark's definition, so they are applied through XTuner's
+    ``--cfg-options`` rather than by editing the user's file.
+    """
+    cfg_options = [
+        "train_cfg.max_epochs=None",
+        f"train_cfg.max_iters={options.max_iters}",
+        f"randomness.seed={options.seed}",
+    ]
+    return RenderedRecipe(
+        text=config.read_text(),
+        source="user",
+        deviations=[
+            f"user config {config.name} from the layout root, used as written",
+            f"training stops after {options.max_steps} optimizer steps "
+            f"(--cfg-options {' '.join(cfg_options[:2])})",
+            f"fixed random seed {options.seed} (--cfg-options {cfg_options[2]})",
+        ],
+        cfg_options=cfg_options,
+    )
+
+
+PATH_VARIABLES = ("llm_name_or_path", "visual_encoder_name_or_path", "data_path", "image_folder")
+
+
+def referenced_paths(config_text: str) -> dict[str, str]:
+    """The model and data paths a config assigns at top level.
+
+    Evaluates only string constants, names assigned earlier and ``+`` between them
+    (the pinned config builds ``data_path = data_root + '...'``); anything else is left
+    out, so a config that computes its paths some other way is not guessed at.
+    """
+    values: dict[str, str] = {}
+
+    def evaluate(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.Name):
+            return values.get(node.id)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            left, right = evaluate(node.left), evaluate(node.right)
+            return None if left is None or right is None else left + right
+        return None
+
+    for statement in ast.parse(config_text).body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            if isinstance(target, ast.Name):
+                value = evaluate(statement.value)
+                if value is not None:
+                    values[target.id] = value
+    return {name: values[name] for name in PATH_VARIABLES if name in values}

@@ -1,0 +1,1 @@
+"""Recipe templates shipped as package data."""

@@ -1,0 +1,210 @@
+"""Assemble, validate, write and recompute the verdict (DESIGN §3).
+
+The verdict is a pure function of recorded inputs: the run context stored inside
+``verdict.json`` and the copied metrics stream. ``recompute`` rebuilds it from
+exactly those two, so a third party can check every figure.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+from bench import throughput as throughput_mod
+from bench.criteria import EXIT_CODES, Criteria, Judgement, Termination, judge
+from bench.metrics import MetricsStream, read_stream
+
+SCHEMA_VERSION = 1
+VERDICT_NAME = "verdict.json"
+METRICS_NAME = "metrics.jsonl"
+STEADY_WINDOW_RULE = "all logged intervals but the first (start-up); the only one if there is one"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything besides the metrics stream that the verdict depends on."""
+
+    run_id: str
+    criteria: Criteria
+    termination: Termination
+    accumulative_counts: int = 1
+    per_device_batch: int | None = None
+    world_size: int | None = None
+    trainer_exit_code: int | None = None
+    demo: bool = False
+    recipe: dict | None = None
+    topology: dict | None = None
+    timing: dict | None = None
+    problems: list[dict] = field(default_factory=list)  # preflight refusals: status invalid
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _judgement_section(judgement: Judgement, skipped_lines: int) -> dict:
+    return {
+        "steps_completed": judgement.steps_completed,
+        "first_step_below_target": judgement.first_step_below_target,
+        "loss_at_crossing": judgement.loss_at_crossing,
+        "final_loss": _finite_or_none(judgement.final_loss),
+        "min_loss": judgement.min_loss,
+        "stayed_below_after_crossing": judgement.stayed_below_after_crossing,
+        "curve": [
+            {"step": p.step, "loss": _finite_or_none(p.loss), "finite": math.isfinite(p.loss)}
+            for p in judgement.curve
+        ],
+        "skipped_metric_lines": skipped_lines,
+    }
+
+
+def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | None:
+    if context.per_device_batch is None or context.world_size is None:
+        return None
+    measured = throughput_mod.measure(
+        stream.records, context.accumulative_counts, context.per_device_batch, context.world_size
+    )
+    return {
+        "window": {
+            "first_step": measured.window_first_step,
+            "last_step": measured.window_last_step,
+            "logged_intervals": measured.logged_intervals,
+            "rule": STEADY_WINDOW_RULE,
+        },
+        "seconds_per_step": {
+            "mean": measured.seconds_per_step_mean,
+            "median": measured.seconds_per_step_median,
+        },
+        "samples_per_second_per_device": measured.samples_per_second_per_device,
+        "samples_per_second": measured.samples_per_second,
+        "data_time_share": measured.data_time_share,
+        "peak_memory_mib": measured.peak_memory_mib,
+    }
+
+
+def build(context: RunContext, stream: MetricsStream) -> dict:
+    """The verdict document for one run (or one bare metrics stream)."""
+    judgement = judge(stream.records, context.criteria, context.termination, context.accumulative_counts)
+    status, reason = judgement.status, judgement.reason
+    if context.problems:
+        status = "invalid"
+        reason = f"preflight refused the run: {len(context.problems)} problem(s); see problems"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": context.run_id,
+        "status": status,
+        "reason": reason,
+        "exit_code": EXIT_CODES[status],
+        "criteria": {
+            "target_loss": context.criteria.target_loss,
+            "max_steps": context.criteria.max_steps,
+            "stop_on_target": context.criteria.stop_on_target,
+            "demo": context.demo,
+        },
+        "termination": {
+            "kind": context.termination.kind,
+            "detail": context.termination.detail,
+            "trainer_exit_code": context.trainer_exit_code,
+        },
+        "result": _judgement_section(judgement, stream.skipped_lines),
+        "throughput": _throughput_section(context, stream),
+        "accumulative_counts": context.accumulative_counts,
+        "per_device_batch": context.per_device_batch,
+        "world_size": context.world_size,
+        "recipe": context.recipe,
+        "topology": context.topology,
+        "timing": context.timing,
+        "problems": context.problems,
+    }
+
+
+def schema() -> dict:
+    return json.loads(resources.files("schemas").joinpath("verdict.schema.json").read_text())
+
+
+def validate(verdict: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``verdict`` matches the schema."""
+    jsonschema.Draft202012Validator(schema()).validate(verdict)
+
+
+def dumps(verdict: dict) -> str:
+    return json.dumps(verdict, indent=2, allow_nan=False) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a partial write."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write(results_dir: Path, verdict: dict) -> Path:
+    validate(verdict)
+    path = Path(results_dir) / VERDICT_NAME
+    write_atomic(path, dumps(verdict))
+    return path
+
+
+def context_from_verdict(verdict: dict) -> RunContext:
+    """The recorded inputs of a stored verdict."""
+    criteria = verdict["criteria"]
+    termination = verdict["termination"]
+    return RunContext(
+        run_id=verdict["run_id"],
+        criteria=Criteria(
+            target_loss=criteria["target_loss"],
+            max_steps=criteria["max_steps"],
+            stop_on_target=criteria["stop_on_target"],
+        ),
+        termination=Termination(kind=termination["kind"], detail=termination["detail"]),
+        accumulative_counts=verdict["accumulative_counts"],
+        per_device_batch=verdict["per_device_batch"],
+        world_size=verdict["world_size"],
+        trainer_exit_code=termination["trainer_exit_code"],
+        demo=criteria["demo"],
+        recipe=verdict["recipe"],
+        topology=verdict["topology"],
+        timing=verdict["timing"],
+        problems=verdict["problems"],
+    )
+
+
+def recompute(results_dir: Path, criteria: Criteria | None = None) -> dict:
+    """Rebuild the verdict of a results folder from its stored inputs.
+
+    ``criteria`` replaces the recorded ones (to ask "would it pass at another target?").
+    """
+    results_dir = Path(results_dir)
+    context = context_from_verdict(json.loads((results_dir / VERDICT_NAME).read_text()))
+    if criteria is not None:
+        context = replace(context, criteria=criteria)
+    metrics = results_dir / METRICS_NAME
+    stream = read_stream(metrics) if metrics.exists() else MetricsStream([], 0)
+    return build(context, stream)
+
+
+def from_stream(path: Path, criteria: Criteria, accumulative_counts: int = 1) -> dict:
+    """A verdict for a bare metrics stream: nothing is known about how the run ended."""
+    context = RunContext(
+        run_id=Path(path).name,
+        criteria=criteria,
+        termination=Termination("unknown"),
+        accumulative_counts=accumulative_counts,
+    )
+    return build(context, read_stream(path))
+

@@ -1,0 +1,3 @@
+from entrypoint.cli import app
+
+app(prog_name="llava-bench")

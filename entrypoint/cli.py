@@ -1,0 +1,229 @@
+"""The ``llava-bench`` command line.
+
+Exit codes (DESIGN §1): 0 pass, 1 fail, 2 invalid, 3 error or aborted. Human output
+goes to the console; ``--json`` prints one JSON document for machines instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from bench import verdict as verdict_mod
+from bench.criteria import EXIT_CODES, Criteria
+from bench.layout import Layout
+from bench.recipe import RecipeOptions
+from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
+from entrypoint import __version__
+from entrypoint.preflight import check_layout
+
+app = typer.Typer(
+    help="llava-bench: pretrain LLaVA-InternLM2-20B with XTuner + DeepSpeed ZeRO-2 and write a verdict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# soft_wrap: never break a long path in the middle; users copy them.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+
+class Precision(str, Enum):
+    nf4 = "nf4"
+    bf16 = "bf16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+RootOption = Annotated[Path, typer.Option("--root", help="The mounted layout (data/, model/, results/).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
+
+
+def _version_callback(value: bool):
+    if value:
+        console.print(f"llava-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
+    """Benchmark appliance: validate a layout, run the pretraining, judge the loss curve."""
+
+
+@app.command()
+def synth(
+    directory: Annotated[Path, typer.Argument(help="Empty or new folder to write the synthetic layout into.")],
+    samples: Annotated[int, typer.Option(min=64, help="Image-caption records to generate.")] = DEMO_SAMPLES,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same layout.")] = 0,
+):
+    """Write a tiny synthetic layout with the real folder structure (random tiny models)."""
+    from bench.synth import write_synthetic_layout
+
+    try:
+        layout = write_synthetic_layout(directory, SynthSpec(samples=samples, seed=seed))
+    except FileExistsError as error:
+        errors.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2)
+    console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
+
+
+@app.command()
+def validate(root: RootOption = Path("/llava"), as_json: JsonOption = False):
+    """Check the layout in seconds, before any model is loaded; list every problem."""
+    layout = Layout.at(root)
+    problems = check_layout(layout)
+    if as_json:
+        print(json.dumps({"root": str(layout.root), "valid": not problems, "problems": [p.as_dict() for p in problems]}, indent=2))
+    elif problems:
+        errors.print(f"[red]invalid layout[/] {layout.root}: {len(problems)} problem(s)", highlight=False)
+        for problem in problems:
+            errors.print(f"  - {problem.path}: {problem.problem}\n    fix: {problem.fix}", highlight=False)
+    else:
+        console.print(f"[green]valid layout[/] {layout.root}", highlight=False)
+    raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
+
+
+def _report(verdict: dict, run_dir: Path | None, as_json: bool) -> None:
+    if as_json:
+        print(verdict_mod.dumps(verdict), end="")
+        return
+    colour = {"pass": "green", "fail": "red"}.get(verdict["status"], "yellow")
+    console.print(f"[bold {colour}]{verdict['status'].upper()}[/]: {verdict['reason']}", highlight=False)
+    for problem in verdict["problems"]:
+        errors.print(f"  - {problem['path']}: {problem['problem']}\n    fix: {problem['fix']}", highlight=False)
+    speed = (verdict.get("throughput") or {}).get("seconds_per_step") or {}
+    if speed.get("median") is not None:
+        console.print(f"  {speed['median']:.3f} s/step (median of the steady window)", highlight=False)
+    if run_dir is not None:
+        console.print(f"  verdict: {run_dir / verdict_mod.VERDICT_NAME}", highlight=False)
+
+
+def _run(request, as_json: bool) -> None:
+    from entrypoint.pipeline import execute
+
+    try:
+        result = execute(request, errors if as_json else console)
+    except RuntimeError as error:  # e.g. --device cuda without GPUs
+        errors.print(f"[red]invalid:[/] {error}")
+        raise typer.Exit(EXIT_CODES["invalid"])
+    _report(result.verdict, result.run_dir, as_json)
+    raise typer.Exit(result.verdict["exit_code"])
+
+
+@app.command()
+def run(
+    root: RootOption = Path("/llava"),
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")
+    ] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")] = 500,
+    target_loss: Annotated[float, typer.Option(help="The logged loss must fall strictly below this.")] = 2.3,
+    precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
+    per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
+    global_batch: Annotated[
+        Optional[int], typer.Option(min=1, help="Hold this global batch with gradient accumulation (e.g. 1024 = the seed's 32 GPUs x 32).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed, recorded in the verdict.")] = 42,
+    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
+    stop_on_target: Annotated[bool, typer.Option(help="End training at the first loss below target (MLPerf style).")] = False,
+    save_checkpoint: Annotated[bool, typer.Option(help="Save checkpoints every 500 steps (2 kept).")] = False,
+    eval_image: Annotated[
+        Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
+    ] = None,
+    as_json: JsonOption = False,
+):
+    """Validate, train with XTuner, and write results/<run_id>/verdict.json."""
+    from entrypoint.pipeline import RunRequest
+
+    request = RunRequest(
+        root=root,
+        out=out,
+        criteria=Criteria(target_loss=target_loss, max_steps=max_steps, stop_on_target=stop_on_target),
+        recipe=RecipeOptions(
+            max_steps=max_steps,
+            precision=precision.value,
+            per_device_batch=per_device_batch,
+            seed=seed,
+            save_checkpoint=save_checkpoint,
+            eval_image=eval_image,
+        ),
+        device=device.value,
+        global_batch=global_batch,
+    )
+    _run(request, as_json)
+
+
+@app.command()
+def verdict(
+    path: Annotated[Path, typer.Argument(help="A results/<run_id> folder, or a bare metrics stream (.json/.jsonl).")],
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")] = None,
+    target_loss: Annotated[Optional[float], typer.Option(help="Override the recorded target loss (default 2.3 for a bare stream).")] = None,
+    accumulative_counts: Annotated[int, typer.Option(min=1, help="Micro-iterations per step, for a bare stream.")] = 1,
+    as_json: JsonOption = False,
+):
+    """Recompute the verdict offline from a results folder or a metrics stream."""
+    if not path.exists():
+        errors.print(f"[red]invalid:[/] {path} does not exist; give a results/<run_id> folder or a metrics stream")
+        raise typer.Exit(EXIT_CODES["invalid"])
+    if path.is_dir():
+        if not (path / verdict_mod.VERDICT_NAME).is_file():
+            errors.print(f"[red]invalid:[/] {path} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
+            raise typer.Exit(EXIT_CODES["invalid"])
+        stored = json.loads((path / verdict_mod.VERDICT_NAME).read_text())["criteria"]
+        criteria = Criteria(
+            target_loss=stored["target_loss"] if target_loss is None else target_loss,
+            max_steps=stored["max_steps"] if max_steps is None else max_steps,
+            stop_on_target=stored["stop_on_target"],
+        )
+        result = verdict_mod.recompute(path, criteria)
+    else:
+        criteria = Criteria(
+            target_loss=2.3 if target_loss is None else target_loss,
+            max_steps=500 if max_steps is None else max_steps,
+        )
+        result = verdict_mod.from_stream(path, criteria, accumulative_counts)
+    verdict_mod.validate(result)
+    _report(result, None, as_json)
+    raise typer.Exit(result["exit_code"])
+
+
+@app.command()
+def demo(
+    root: Annotated[Path, typer.Option("--root", help="Folder for the synthetic layout (llava/) and its results.")] = Path("demo"),
+    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
+    as_json: JsonOption = False,
+):
+    """synth + run on whatever is here (CPU is fine), with demo criteria stated in the verdict."""
+    from bench.synth import write_synthetic_layout
+    from entrypoint.pipeline import RunRequest
+
+    layout = Layout.at(root / "llava")
+    if not layout.dataset_json.exists():
+        (console if not as_json else errors).print(f"writing the synthetic layout to {layout.root}", highlight=False)
+        write_synthetic_layout(layout.root, SynthSpec(samples=DEMO_SAMPLES))
+    request = RunRequest(
+        root=layout.root,
+        out=None,
+        criteria=DEMO_CRITERIA,
+        recipe=RecipeOptions(max_steps=DEMO_CRITERIA.max_steps, per_device_batch=DEMO_PER_DEVICE_BATCH),
+        device=device.value,
+        demo=True,
+    )
+    _run(request, as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,160 @@
+"""Layout checks that decide in seconds, before any model is loaded.
+
+Every check adds problems instead of stopping at the first, so one ``validate``
+tells the user everything to fix. Nothing here writes to the layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.layout import Layout
+from bench.recipe import referenced_paths
+
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    problem: str
+    fix: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+
+
+def _check_model(folder: Path, what: str, repo: str, extra_files: tuple[tuple[str, ...], ...]) -> list[Problem]:
+    download = f"download {repo} into {folder} (e.g. huggingface-cli download {repo} --local-dir {folder})"
+    if not folder.is_dir():
+        return [Problem(str(folder), f"the {what} folder is missing", download)]
+    problems = []
+    if not (folder / "config.json").is_file():
+        problems.append(Problem(str(folder / "config.json"), f"the {what} has no config.json", download))
+    if not _has_weights(folder):
+        problems.append(
+            Problem(
+                str(folder),
+                f"the {what} folder holds no weights (none of {', '.join(WEIGHT_FILES)} or *.safetensors)",
+                download,
+            )
+        )
+    for alternatives in extra_files:
+        if not any((folder / name).is_file() for name in alternatives):
+            problems.append(
+                Problem(str(folder / alternatives[0]), f"the {what} lacks {' or '.join(alternatives)}", download)
+            )
+    return problems
+
+
+def _check_dataset_json(path: Path) -> list[Problem]:
+    fix = f"download blip_laion_cc_sbu_558k.json of liuhaotian/LLaVA-Pretrain to {path}"
+    if not path.is_file():
+        return [Problem(str(path), "the dataset JSON is missing", fix)]
+    try:
+        with path.open("rb") as stream:
+            records = json.load(stream)
+    except (ValueError, UnicodeDecodeError) as error:
+        return [Problem(str(path), f"the dataset JSON does not parse ({error})", f"the file is damaged: {fix}")]
+    except OSError as error:
+        return [Problem(str(path), f"the dataset JSON cannot be read ({error.strerror})", "make it readable")]
+    if not isinstance(records, list) or not records:
+        return [Problem(str(path), "the dataset JSON holds no records (expected a non-empty list)", fix)]
+    return []
+
+
+def _check_images(layout: Layout) -> list[Problem]:
+    folder = layout.image_folder
+    if folder.is_dir():
+        if next(os.scandir(folder), None) is None:
+            return [Problem(str(folder), "the images folder is empty", f"unzip images.zip into {folder}")]
+        return []
+    if layout.images_zip.is_file():
+        return [
+            Problem(
+                str(folder),
+                "the images folder is missing; only images.zip is there",
+                f"unzip it: cd {layout.pretrain_dir} && unzip -q images.zip -d images",
+            )
+        ]
+    return [
+        Problem(
+            str(folder),
+            "the images folder is missing",
+            f"download images.zip of liuhaotian/LLaVA-Pretrain and unzip it into {folder}",
+        )
+    ]
+
+
+def _check_override(layout: Layout) -> list[Problem]:
+    """A user config at the layout root must point at paths that exist."""
+    config = layout.config_override
+    if not config.is_file():
+        return []
+    try:
+        paths = referenced_paths(config.read_text())
+    except SyntaxError as error:
+        return [Problem(str(config), f"the config override does not parse ({error.msg}, line {error.lineno})", "fix the file or remove it to use the built-in recipe")]
+    problems = []
+    for name, value in paths.items():
+        resolved = Path(value) if Path(value).is_absolute() else layout.root / value
+        if not resolved.exists():
+            problems.append(
+                Problem(
+                    str(config),
+                    f"{name} = {value!r} does not exist (resolved to {resolved})",
+                    "point it at the folder under /llava (e.g. /llava/model/internlm2-chat-20b) or remove the override",
+                )
+            )
+    return problems
+
+
+def check_layout(layout: Layout) -> list[Problem]:
+    """All problems of the mounted layout; empty when it is valid."""
+    if not layout.root.is_dir():
+        return [
+            Problem(
+                str(layout.root),
+                "the layout root does not exist or is not a folder",
+                "mount the prepared folder there (docker run -v ./llava:/llava) or pass --root",
+            )
+        ]
+    return [
+        *_check_dataset_json(layout.dataset_json),
+        *_check_images(layout),
+        *_check_model(
+            layout.llm_dir, "LLM", "internlm/internlm2-chat-20b", (TOKENIZER_FILES, ("tokenizer_config.json",))
+        ),
+        *_check_model(
+            layout.clip_dir, "CLIP model", "openai/clip-vit-large-patch14-336", (("preprocessor_config.json",),)
+        ),
+        *_check_override(layout),
+    ]
+
+
+def check_writable(folder: Path) -> list[Problem]:
+    """The results folder must be creatable and writable (a read-only mount needs --out)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        return []
+    return [
+        Problem(
+            str(folder),
+            f"the results folder cannot be written ({probe} is read-only or not a folder)",
+            "mount the layout read-write, or pass --out to a writable folder",
+        )
+    ]

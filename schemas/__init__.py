@@ -1,0 +1,1 @@
+"""JSON schemas of the appliance's outputs, shipped as package data."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: one synthetic layout per test session, copied where a test changes it."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.synth import DEMO_SAMPLES, SynthSpec, write_synthetic_layout
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_layout(tmp_path_factory) -> Path:
+    """A pristine layout; tests must not change it (use ``layout_copy``)."""
+    root = tmp_path_factory.mktemp("pristine") / "llava"
+    write_synthetic_layout(root, SynthSpec(samples=DEMO_SAMPLES))
+    return root
+
+
+@pytest.fixture
+def layout_copy(synthetic_layout, tmp_path) -> Path:
+    root = tmp_path / "llava"
+    shutil.copytree(synthetic_layout, root)
+    return root
+
+
+def tree_digest(root: Path, *parts: str) -> str:
+    """One hash over every file's path and bytes under root/<part>, to prove nothing changed."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for path in sorted((root / part).rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The real CLI in a child process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "entrypoint", *args], capture_output=True, text=True, **kwargs
+    )

@@ -1,0 +1,120 @@
+"""Verdict logic on recorded and hand-made metrics streams (DESIGN §3)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.criteria import Criteria, Termination, judge, loss_curve
+from bench.metrics import parse_stream, read_stream
+from tests.conftest import DATA
+
+
+def stream(*points: tuple[int, float]) -> list:
+    text = "\n".join(json.dumps({"iter": i, "loss": loss, "time": 1.0, "data_time": 0.1}) for i, loss in points)
+    return parse_stream(text).records
+
+
+COMPLETED = Termination("completed")
+
+
+def test_seed_a100_lines_end_before_max_steps_so_error_names_step_380():
+    records = read_stream(DATA / "seed_a100_metrics.jsonl").records
+    judgement = judge(records, Criteria(), Termination("unknown"))
+    assert judgement.status == "error"
+    assert "step 380" in judgement.reason
+    assert judgement.steps_completed == 380
+    assert judgement.first_step_below_target is None
+    assert [p.step for p in judgement.curve] == [360, 370, 380]
+
+
+def test_seed_a100_lines_pass_at_a_target_they_cross():
+    records = read_stream(DATA / "seed_a100_metrics.jsonl").records
+    judgement = judge(records, Criteria(target_loss=2.7), Termination("unknown"))
+    assert judgement.status == "pass"
+    assert judgement.first_step_below_target == 360
+    assert judgement.stayed_below_after_crossing is False  # 2.719 and 2.797 follow
+
+
+def test_first_crossing_is_found_at_the_right_step():
+    records = stream((10, 3.0), (20, 2.5), (30, 2.29), (40, 2.35), (50, 2.1))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=50), COMPLETED)
+    assert judgement.status == "pass"
+    assert judgement.first_step_below_target == 30
+    assert judgement.loss_at_crossing == pytest.approx(2.29)
+    assert judgement.stayed_below_after_crossing is False
+    assert judgement.min_loss == pytest.approx(2.1)
+    assert judgement.final_loss == pytest.approx(2.1)
+
+
+def test_loss_equal_to_target_is_not_below_it():
+    judgement = judge(stream((10, 2.3), (20, 2.3)), Criteria(target_loss=2.3, max_steps=20), COMPLETED)
+    assert judgement.status == "fail"
+
+
+def test_crossing_after_max_steps_does_not_count():
+    records = stream((10, 3.0), (20, 2.9), (30, 2.0))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=20), COMPLETED)
+    assert judgement.status == "fail"
+    assert judgement.steps_completed == 20
+    assert "final 2.9000 at step 20" in judgement.reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_is_a_fail_even_after_a_crossing(bad):
+    records = stream((10, 2.0), (20, bad), (30, 1.9))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=30), COMPLETED)
+    assert judgement.status == "fail"
+    assert "non-finite" in judgement.reason and "step 20" in judgement.reason
+
+
+def test_nan_as_mmengine_writes_it_is_parsed():
+    records = parse_stream('{"iter": 10, "loss": NaN}\n').records
+    assert math.isnan(records[0].loss)
+
+
+def test_short_stream_without_crossing_is_error_naming_the_last_step():
+    judgement = judge(stream((10, 3.0), (20, 2.9)), Criteria(max_steps=500), Termination("unknown"))
+    assert judgement.status == "error"
+    assert "step 20" in judgement.reason and "500" in judgement.reason
+
+
+def test_empty_stream_is_error():
+    judgement = judge([], Criteria(), COMPLETED)
+    assert judgement.status == "error"
+    assert "no training record" in judgement.reason
+
+
+@pytest.mark.parametrize(
+    "termination, status",
+    [(Termination("crashed", "exit 1"), "error"), (Termination("stalled"), "error"), (Termination("aborted"), "aborted")],
+)
+def test_a_run_that_did_not_end_normally_is_never_pass_or_fail(termination, status):
+    judgement = judge(stream((10, 1.0)), Criteria(max_steps=10), termination)
+    assert judgement.status == status
+    assert judgement.first_step_below_target == 10  # the partial curve is still recorded
+
+
+def test_restart_duplicates_keep_the_later_value():
+    records = stream((10, 3.0), (20, 2.0), (10, 3.1), (20, 2.8), (30, 2.7))
+    curve = loss_curve(records, accumulative_counts=1, max_steps=30)
+    assert [(p.step, p.loss) for p in curve] == [(10, 3.1), (20, 2.8), (30, 2.7)]
+
+
+def test_steps_are_optimizer_steps_under_accumulation():
+    records = stream((40, 3.0), (80, 2.2))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=20), COMPLETED, accumulative_counts=4)
+    assert [p.step for p in judgement.curve] == [10, 20]
+    assert judgement.first_step_below_target == 20
+
+
+def test_garbage_lines_are_skipped_and_counted():
+    parsed = parse_stream('not json\n{"iter": 10, "loss": 2.0}\n[1, 2]\n{"iter": "x", "loss": 1}\n\n{"mode": "val"}\n')
+    assert len(parsed.records) == 1
+    assert parsed.skipped_lines == 4
+
+
+def test_unknown_termination_kind_is_refused():
+    with pytest.raises(ValueError):
+        Termination("finished")

@@ -1,0 +1,109 @@
+"""`llava-bench validate` on the synthetic layout and on broken copies of it."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+
+from bench.layout import Layout
+from tests.conftest import llava_bench, tree_digest
+
+
+def test_the_synthetic_layout_is_valid(synthetic_layout):
+    done = llava_bench("validate", "--root", str(synthetic_layout), "--json")
+    assert done.returncode == 0, done.stdout
+    assert json.loads(done.stdout) == {"root": str(synthetic_layout), "valid": True, "problems": []}
+
+
+def zip_images(layout: Layout):
+    with zipfile.ZipFile(layout.images_zip, "w") as archive:
+        for path in layout.image_folder.rglob("*.jpg"):
+            archive.write(path, path.relative_to(layout.image_folder))
+    shutil.rmtree(layout.image_folder)
+
+
+def remove(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# (what breaks, the path the message must name, words the message must contain)
+BREAKAGES = {
+    "images only as zip": (zip_images, lambda l: l.image_folder, "unzip"),
+    "no images at all": (lambda l: remove(l.image_folder), lambda l: l.image_folder, "download images.zip"),
+    "empty images folder": (
+        lambda l: (remove(l.image_folder), l.image_folder.mkdir()),
+        lambda l: l.image_folder,
+        "empty",
+    ),
+    "dataset json missing": (lambda l: remove(l.dataset_json), lambda l: l.dataset_json, "missing"),
+    "dataset json truncated": (
+        lambda l: l.dataset_json.write_bytes(l.dataset_json.read_bytes()[:1000]),
+        lambda l: l.dataset_json,
+        "does not parse",
+    ),
+    "dataset json empty list": (lambda l: l.dataset_json.write_text("[]"), lambda l: l.dataset_json, "no records"),
+    "dataset json not a list": (lambda l: l.dataset_json.write_text('{"a": 1}'), lambda l: l.dataset_json, "no records"),
+    "llm folder missing": (lambda l: remove(l.llm_dir), lambda l: l.llm_dir, "internlm/internlm2-chat-20b"),
+    "llm config missing": (lambda l: remove(l.llm_dir / "config.json"), lambda l: l.llm_dir / "config.json", "config.json"),
+    "llm weights missing": (lambda l: remove(l.llm_dir / "model.safetensors"), lambda l: l.llm_dir, "no weights"),
+    "llm tokenizer missing": (lambda l: remove(l.llm_dir / "tokenizer.json"), lambda l: l.llm_dir / "tokenizer.model", "tokenizer"),
+    "clip weights missing": (lambda l: remove(l.clip_dir / "model.safetensors"), lambda l: l.clip_dir, "no weights"),
+    "clip preprocessor missing": (
+        lambda l: remove(l.clip_dir / "preprocessor_config.json"),
+        lambda l: l.clip_dir / "preprocessor_config.json",
+        "preprocessor_config.json",
+    ),
+    "override points nowhere": (
+        lambda l: l.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
+        lambda l: l.config_override,
+        "/nowhere/internlm2-chat-20b",
+    ),
+    "override does not parse": (
+        lambda l: l.config_override.write_text("model = dict(\n"),
+        lambda l: l.config_override,
+        "does not parse",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKAGES))
+def test_each_broken_layout_is_named_with_exit_2(layout_copy, name):
+    breaks, named_path, words = BREAKAGES[name]
+    layout = Layout.at(layout_copy)
+    breaks(layout)
+    before = tree_digest(layout_copy, "data", "model")
+    done = llava_bench("validate", "--root", str(layout_copy), "--json")
+    assert done.returncode == 2
+    problems = json.loads(done.stdout)["problems"]
+    assert any(p["path"] == str(named_path(layout)) for p in problems), problems
+    assert any(words in p["problem"] + p["fix"] for p in problems), problems
+    assert tree_digest(layout_copy, "data", "model") == before  # validate never writes
+
+
+def test_all_problems_are_reported_at_once(layout_copy):
+    layout = Layout.at(layout_copy)
+    zip_images(layout)
+    remove(layout.llm_dir / "config.json")
+    remove(layout.clip_dir)
+    done = llava_bench("validate", "--root", str(layout_copy))
+    assert done.returncode == 2
+    for path in (layout.image_folder, layout.llm_dir / "config.json", layout.clip_dir):
+        assert str(path) in done.stderr
+    assert "unzip" in done.stderr
+
+
+def test_a_missing_root_is_invalid(tmp_path):
+    done = llava_bench("validate", "--root", str(tmp_path / "absent"))
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+
+
+def test_an_override_with_existing_relative_paths_is_valid(layout_copy):
+    Layout.at(layout_copy).config_override.write_text(
+        "data_root = './data/llava_data/'\n"
+        "data_path = data_root + 'LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'\n"
+        "llm_name_or_path = './model/internlm2-chat-20b'\n"
+    )
+    assert llava_bench("validate", "--root", str(layout_copy)).returncode == 0

@@ -1,0 +1,145 @@
+"""Verdict documents: schema, throughput window, the `verdict` command on bare streams."""
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+
+from bench import verdict as verdict_mod
+from bench.criteria import Criteria, Termination
+from bench.metrics import MetricsStream, read_stream
+from tests.conftest import DATA, llava_bench
+
+RECIPE = {
+    "source": "template",
+    "config_sha256": "0" * 64,
+    "appliance_version": "0.1.0",
+    "xtuner_version": "0.1.15.dev0",
+    "xtuner_commit": "770bac38bc905794eb38e53de4f54f98e30a77dc",
+    "precision": "nf4",
+    "device": "cuda",
+    "per_device_batch": 32,
+    "accumulative_counts": 1,
+    "global_batch": 64,
+    "max_iters": 500,
+    "seed": 42,
+    "dataloader_num_workers": 0,
+    "deviations": ["fixed random seed 42"],
+    "cfg_options": [],
+}
+
+
+def context(**changes) -> verdict_mod.RunContext:
+    base = dict(
+        run_id="r1",
+        criteria=Criteria(max_steps=15),
+        termination=Termination("completed"),
+        per_device_batch=32,
+        world_size=2,
+        trainer_exit_code=0,
+        recipe=RECIPE,
+        topology={
+            "nnodes": 1, "node_rank": 0, "nproc_per_node": 2, "master_addr": "127.0.0.1",
+            "master_port": 29500, "source": "single node", "launch_command": ["torchrun"],
+        },
+        timing={"started_at": "t0", "first_record_at": None, "ended_at": "t1", "wall_seconds": 1.0},
+    )  # fmt: skip
+    return verdict_mod.RunContext(**{**base, **changes})
+
+
+H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        context(),
+        context(termination=Termination("crashed", "exit 1")),
+        context(termination=Termination("aborted", "SIGTERM")),
+        context(termination=Termination("unknown"), recipe=None, topology=None, timing=None, per_device_batch=None, world_size=None),
+        context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
+        context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
+    ],
+)
+def test_every_kind_of_verdict_validates(ctx):
+    for stream in (H200_NF4, MetricsStream([], 0)):
+        verdict_mod.validate(verdict_mod.build(ctx, stream))
+
+
+def test_problems_make_the_verdict_invalid_with_exit_2():
+    built = verdict_mod.build(context(problems=[{"path": "p", "problem": "x", "fix": "y"}]), MetricsStream([], 0))
+    assert (built["status"], built["exit_code"]) == ("invalid", 2)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda v: v.pop("status"),
+        lambda v: v.update(status="passed"),
+        lambda v: v.update(exit_code=7),
+        lambda v: v["criteria"].update(max_steps=0),
+        lambda v: v.update(surprise=1),
+        lambda v: v["result"]["curve"].append({"step": 0, "loss": 1.0, "finite": True}),
+        lambda v: v["recipe"].update(precision="int8"),
+        lambda v: v["throughput"]["seconds_per_step"].update(mean="fast"),
+    ],
+)
+def test_malformed_verdicts_are_rejected(corrupt):
+    document = copy.deepcopy(verdict_mod.build(context(), H200_NF4))
+    corrupt(document)
+    with pytest.raises(jsonschema.ValidationError):
+        verdict_mod.validate(document)
+
+
+def test_every_schema_property_has_a_description():
+    def walk(node, where):
+        if isinstance(node, dict):
+            for name, child in node.get("properties", {}).items():
+                assert "description" in child, f"{where}.{name} has no description"
+                walk(child, f"{where}.{name}")
+            if "items" in node:
+                walk(node["items"], f"{where}[]")
+
+    walk(verdict_mod.schema(), "verdict")
+
+
+def test_throughput_skips_the_first_interval_and_states_the_window():
+    built = verdict_mod.build(context(), H200_NF4)
+    window = built["throughput"]["window"]
+    assert (window["first_step"], window["last_step"], window["logged_intervals"]) == (10, 20, 3)
+    times = [r.time for r in H200_NF4.records[1:]]
+    assert built["throughput"]["seconds_per_step"]["median"] == pytest.approx(sorted(times)[1])
+    assert built["throughput"]["samples_per_second"] == pytest.approx(64 / (sum(times) / 3))
+    assert built["throughput"]["peak_memory_mib"] == 49451
+
+
+def test_nan_losses_are_written_as_null_and_flagged(tmp_path):
+    stream_path = tmp_path / "m.jsonl"
+    stream_path.write_text('{"iter": 10, "loss": NaN, "time": 1.0}\n')
+    built = verdict_mod.from_stream(stream_path, Criteria(max_steps=10))
+    assert built["result"]["curve"] == [{"step": 10, "loss": None, "finite": False}]
+    assert built["status"] == "fail"
+    json.loads(verdict_mod.dumps(built))  # strict JSON: no NaN literal
+
+
+def test_verdict_command_on_the_seed_lines_is_error_naming_step_380():
+    done = llava_bench("verdict", str(DATA / "seed_a100_metrics.jsonl"), "--json")
+    assert done.returncode == 3, done.stderr
+    document = json.loads(done.stdout)
+    verdict_mod.validate(document)
+    assert document["status"] == "error"
+    assert "step 380" in document["reason"]
+
+
+def test_verdict_command_with_overridden_criteria_passes():
+    done = llava_bench("verdict", str(DATA / "seed_a100_metrics.jsonl"), "--target-loss", "2.7", "--max-steps", "380")
+    assert done.returncode == 0, done.stderr
+    assert "PASS" in done.stdout and "step 360" in done.stdout
+
+
+def test_verdict_command_on_a_missing_path_is_invalid(tmp_path):
+    done = llava_bench("verdict", str(tmp_path / "nothing"))
+    assert done.returncode == 2
+    assert "nothing" in done.stderr
