@@ -85,8 +85,12 @@ def judge(
     accumulative_counts: int = 1,
 ) -> Judgement:
     curve = loss_curve(records, accumulative_counts, criteria.max_steps)
+    crossing = next((p for p in curve if is_finite(p.loss) and p.loss < criteria.target_loss), None)
+    if criteria.stop_on_target and crossing is not None:
+        # The run ends at the first crossing; steps the trainer logged while it was
+        # being stopped are not part of it.
+        curve = [p for p in curve if p.step <= crossing.step]
     finite = [point for point in curve if is_finite(point.loss)]
-    crossing = next((p for p in finite if p.loss < criteria.target_loss), None)
     non_finite = next((p for p in curve if not is_finite(p.loss)), None)
     last_step = curve[-1].step if curve else 0
     stayed_below = None

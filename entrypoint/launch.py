@@ -24,7 +24,8 @@ from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
-ERROR_LINE = re.compile(r"^\s*(\w+(Error|Exception)|RuntimeError|torch\.\w+\.\w+Error)\b.*")
+# The last line of a Python traceback: "pkg.module.SomeError: message".
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
 
 
 def utc_now() -> str:
@@ -58,12 +59,17 @@ def plan_launch(
     config: Path,
     work_dir: Path,
     logs_dir: Path,
+    cwd: Path,
     device: str,
     nproc_per_node: int,
     master_port: int,
     cfg_options: list[str] = (),
 ) -> LaunchPlan:
-    """The exact command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU."""
+    """The exact command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU.
+
+    ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
+    relative paths (``./data/...``) resolves them there.
+    """
     train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
     if cfg_options:
         train_args += ["--cfg-options", *cfg_options]
@@ -77,7 +83,7 @@ def plan_launch(
     }
     if device == "cpu":
         argv = [sys.executable, *train_args, "--launcher", "none"]
-        return LaunchPlan(argv, env, work_dir.parent, logs_dir, distributed=False)
+        return LaunchPlan(argv, env, cwd, logs_dir, distributed=False)
     argv = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1",
@@ -92,7 +98,7 @@ def plan_launch(
         "--deepspeed", "deepspeed_zero2",
         "--launcher", "pytorch",
     ]  # fmt: skip
-    return LaunchPlan(argv, env, work_dir.parent, logs_dir, distributed=True)
+    return LaunchPlan(argv, env, cwd, logs_dir, distributed=True)
 
 
 @dataclass

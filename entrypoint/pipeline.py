@@ -150,7 +150,9 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     config_path.write_text(recipe.text)
     work_dir = run_dir / "xtuner"
     port = free_port()
-    plan = plan_launch(config_path, work_dir, run_dir / "logs", device, nproc, port, recipe.cfg_options)
+    plan = plan_launch(
+        config_path, work_dir, run_dir / "logs", layout.root, device, nproc, port, recipe.cfg_options
+    )
     console.print(
         f"[bold]llava-bench[/] run {context.run_id}: {nproc} x {device}, "
         f"{options.max_steps} steps, target loss < {request.criteria.target_loss}"

@@ -118,3 +118,11 @@ def test_garbage_lines_are_skipped_and_counted():
 def test_unknown_termination_kind_is_refused():
     with pytest.raises(ValueError):
         Termination("finished")
+
+
+def test_stop_on_target_ends_the_curve_at_the_first_crossing():
+    records = stream((10, 3.0), (20, 2.2), (30, 2.1))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=30, stop_on_target=True), Termination("stopped_on_target"))
+    assert judgement.status == "pass"
+    assert [p.step for p in judgement.curve] == [10, 20]
+    assert judgement.steps_completed == 20

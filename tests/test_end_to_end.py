@@ -1,0 +1,174 @@
+"""Real runs: synthetic layout -> XTuner's own tools/train.py on CPU -> verdict.
+
+Nothing is mocked: the trainer is XTuner's, with mmengine, transformers and the
+tiny random models of the synthetic layout. CUDA and DeepSpeed cannot run here;
+the GPU path is exercised on a GPU machine (docs/GPU-VALIDATION.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import verdict as verdict_mod
+from bench.layout import Layout
+from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
+from tests.conftest import llava_bench, tree_digest
+
+DEMO_ARGS = [
+    "--device", "cpu",
+    "--max-steps", str(DEMO_CRITERIA.max_steps),
+    "--target-loss", str(DEMO_CRITERIA.target_loss),
+    "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
+]  # fmt: skip
+
+
+def only_run_dir(results: Path) -> Path:
+    (run_dir,) = [p for p in results.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_synth_is_deterministic_for_a_seed(synthetic_layout, tmp_path):
+    done = llava_bench("synth", str(tmp_path / "again"))
+    assert done.returncode == 0, done.stderr
+    assert tree_digest(tmp_path / "again", "data", "model") == tree_digest(synthetic_layout, "data", "model")
+
+
+def test_synth_refuses_a_folder_that_holds_a_layout(synthetic_layout):
+    done = llava_bench("synth", str(synthetic_layout))
+    assert done.returncode == 2
+    assert "already holds a layout" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synthetic_layout):
+    """One real training run, shared by the assertions below."""
+    out = tmp_path_factory.mktemp("results")
+    before = tree_digest(synthetic_layout, "data", "model")
+    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(out), *DEMO_ARGS)
+    return done, only_run_dir(out), before
+
+
+def test_run_passes_with_exit_0_and_a_schema_valid_verdict(finished_run):
+    done, run_dir, _ = finished_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    verdict_mod.validate(verdict)
+    assert verdict["status"] == "pass"
+    assert verdict["termination"] == {"kind": "completed", "detail": "", "trainer_exit_code": 0}
+    assert verdict["result"]["steps_completed"] == DEMO_CRITERIA.max_steps
+    assert verdict["recipe"]["precision"] == "fp32" and verdict["recipe"]["device"] == "cpu"
+    assert verdict["recipe"]["xtuner_version"]
+    assert "PASS" in done.stdout and str(run_dir / "verdict.json") in done.stdout
+
+
+def test_the_loss_curve_falls(finished_run):
+    _, run_dir, _ = finished_run
+    curve = json.loads((run_dir / "verdict.json").read_text())["result"]["curve"]
+    losses = [point["loss"] for point in curve]
+    assert len(losses) == DEMO_CRITERIA.max_steps // 10
+    assert losses[-1] < losses[0]
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= len(losses) - 2
+
+
+def test_progress_lines_were_printed(finished_run):
+    done, _, _ = finished_run
+    assert f"step    10/{DEMO_CRITERIA.max_steps} | loss" in done.stdout
+    assert "s/step | ETA" in done.stdout
+
+
+def test_logs_config_and_metrics_are_kept(finished_run):
+    _, run_dir, _ = finished_run
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert "Traceback" not in (run_dir / "logs" / "rank0.stderr.log").read_text()
+    assert "Iter(train)" in (run_dir / "logs" / "rank0.stdout.log").read_text()
+    config = (run_dir / "config.py").read_bytes()
+    assert hashlib.sha256(config).hexdigest() == verdict["recipe"]["config_sha256"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == DEMO_CRITERIA.max_steps // 10
+
+
+def test_the_layout_is_not_modified(finished_run, synthetic_layout):
+    _, _, before = finished_run
+    assert tree_digest(synthetic_layout, "data", "model") == before
+    assert not (synthetic_layout / "results").exists()  # --out was used
+
+
+def test_verdict_recomputes_the_stored_one_exactly(finished_run):
+    _, run_dir, _ = finished_run
+    done = llava_bench("verdict", str(run_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (run_dir / "verdict.json").read_text()
+
+
+def test_stop_on_target_ends_at_the_first_crossing(synthetic_layout, tmp_path):
+    done = llava_bench(
+        "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *DEMO_ARGS, "--stop-on-target", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["termination"]["kind"] == "stopped_on_target"
+    assert verdict["result"]["steps_completed"] == verdict["result"]["first_step_below_target"]
+    assert verdict["result"]["steps_completed"] < DEMO_CRITERIA.max_steps
+
+
+def test_user_config_at_the_root_overrides_the_template(layout_copy, tmp_path):
+    """The seed's way: a config file beside data/ and model/, with relative paths."""
+    rendered = Path(__file__).parent / "data" / "user_config.py"
+    Layout.at(layout_copy).config_override.write_text(rendered.read_text())
+    done = llava_bench(
+        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *DEMO_ARGS, "--max-steps", "20", "--json"
+    )
+    verdict = json.loads(done.stdout)
+    assert verdict["recipe"]["source"] == "user"
+    assert verdict["termination"]["kind"] == "completed", verdict["termination"]
+    assert verdict["result"]["steps_completed"] == 20
+
+
+def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
+    for image in Layout.at(layout_copy).image_folder.rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(out), *DEMO_ARGS, "--json")
+    assert done.returncode == 3
+    verdict = json.loads(done.stdout)
+    assert verdict["status"] == "error"
+    assert verdict["termination"]["kind"] == "crashed"
+    assert "UnidentifiedImageError" in verdict["reason"]
+    assert (only_run_dir(out) / "verdict.json").is_file()
+
+
+def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_layout, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path),
+         "--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    for line in process.stdout:  # wait until training really runs
+        if "step " in line and "loss" in line:
+            break
+        assert time.monotonic() < deadline, "no training step within 180 s"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 3
+    verdict = json.loads((only_run_dir(tmp_path) / "verdict.json").read_text())
+    verdict_mod.validate(verdict)
+    assert verdict["status"] == "aborted"
+    assert "SIGTERM" in verdict["termination"]["detail"]
+    assert verdict["result"]["steps_completed"] >= 10  # the partial curve is kept
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert leftover.stdout == "", "trainer processes outlived the run"
+
+
+def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(blocker / "results"), *DEMO_ARGS)
+    assert done.returncode == 2
+    assert "--out" in done.stderr
