@@ -8,7 +8,7 @@ CONSTRAINTS := constraints/ci.txt
 # dependency of the package because the image installs it from a git commit.
 TRAINING_STACK := torch==2.14.1 torchvision==0.29.1 xtuner==0.2.0
 
-.PHONY: help venv test demo clean-demo
+.PHONY: help venv test test-gpu demo clean-demo
 
 help:
 	@echo "make demo   synthetic layout + real XTuner run on this machine (CPU is fine)"
@@ -29,3 +29,7 @@ demo: $(BIN)/.installed
 
 clean-demo:
 	rm -rf demo
+
+# On a GPU machine whose Python already has the training stack (docs/GPU-VALIDATION.md).
+test-gpu:
+	$(PYTHON) -m pytest -q -s -m gpu tests/test_gpu.py

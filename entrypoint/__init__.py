@@ -1,7 +1,3 @@
 """The front door of llava-bench: CLI, preflight, launch and supervision."""
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("llava-bench")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+__version__ = "0.1.0"  # the one place the version is written; pyproject reads it

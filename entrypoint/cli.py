@@ -66,7 +66,9 @@ def main(
 @app.command()
 def synth(
     directory: Annotated[Path, typer.Argument(help="Empty or new folder to write the synthetic layout into.")],
-    samples: Annotated[int, typer.Option(min=64, help="Image-caption records to generate.")] = DEMO_SAMPLES,
+    samples: Annotated[
+        int, typer.Option(min=512, help="Image-caption records (enough for XTuner's 3 % warm-up to span an iteration).")
+    ] = DEMO_SAMPLES,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same layout.")] = 0,
 ):
     """Write a tiny synthetic layout with the real folder structure (random tiny models)."""

@@ -1,0 +1,44 @@
+"""The GPU path: torchrun + DeepSpeed ZeRO-2 on every visible GPU, NF4 and bf16.
+
+Needs CUDA, so CI (no GPU) deselects it; run it with `make test-gpu` on a GPU
+machine. The layout is the synthetic one; the models are tiny and random.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import verdict as verdict_mod
+from bench.synth import DEMO_PER_DEVICE_BATCH
+from tests.conftest import llava_bench
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("precision", ["nf4", "bf16"])
+def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, precision):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    assert gpus >= 1, "no CUDA GPU visible"
+    done = llava_bench(
+        "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cuda",
+        "--precision", precision, "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps", "60", "--target-loss", "1.0", "--json",
+    )  # fmt: skip
+    print(done.stderr[-3000:])
+    verdict = json.loads(done.stdout)
+    verdict_mod.validate(verdict)
+    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "world_size")}))
+    print(json.dumps(verdict["recipe"]), json.dumps(verdict["topology"]["launch_command"]))
+    assert verdict["status"] == "pass", verdict["reason"]
+    assert verdict["termination"]["kind"] == "completed", verdict["termination"]
+    assert verdict["world_size"] == gpus
+    assert verdict["recipe"]["precision"] == precision
+    assert "--deepspeed" in verdict["topology"]["launch_command"]
+    assert verdict["throughput"]["peak_memory_mib"] > 0
+    losses = [point["loss"] for point in verdict["result"]["curve"]]
+    assert losses[-1] < losses[0]
+    rank_logs = list((tmp_path / verdict["run_id"] / "logs" / "ranks").rglob("stderr.log"))
+    assert len(rank_logs) == gpus, rank_logs
