@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,7 +116,7 @@ class _StreamTail:
     work_dir: Path
     path: Path | None = None
     offset: int = 0
-    partial: str = field(default="")
+    partial: str = ""
 
     def new_records(self) -> list[MetricsRecord]:
         if self.path is None:

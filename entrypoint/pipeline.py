@@ -132,14 +132,16 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     )
     unwritable = check_writable(results_parent)
     problems = [*unwritable, *problems, *check_layout(layout)]
-    if unwritable:
-        return RunResult(verdict_mod.build(replace(context, problems=[p.as_dict() for p in problems]), MetricsStream([], 0)), None)
-    run_dir = results_parent / context.run_id
-    run_dir.mkdir(parents=True)
     if problems:
         invalid = verdict_mod.build(replace(context, problems=[p.as_dict() for p in problems]), MetricsStream([], 0))
+        if unwritable:  # nowhere to write it: the console gets it all
+            return RunResult(invalid, None)
+        run_dir = results_parent / context.run_id
+        run_dir.mkdir(parents=True)
         verdict_mod.write(run_dir, invalid)
         return RunResult(invalid, run_dir)
+    run_dir = results_parent / context.run_id
+    run_dir.mkdir(parents=True)
 
     recipe = (
         from_user_config(layout.config_override, options)

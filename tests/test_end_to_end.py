@@ -173,3 +173,15 @@ def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, 
     done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(blocker / "results"), *DEMO_ARGS)
     assert done.returncode == 2
     assert "--out" in done.stderr
+
+
+def test_a_broken_layout_leaves_an_invalid_verdict_and_exit_2(layout_copy, tmp_path):
+    layout = Layout.at(layout_copy)
+    (layout.llm_dir / "config.json").unlink()
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *DEMO_ARGS)
+    assert done.returncode == 2
+    assert str(layout.llm_dir / "config.json") in done.stderr
+    verdict = json.loads((only_run_dir(tmp_path / "out") / "verdict.json").read_text())
+    verdict_mod.validate(verdict)
+    assert verdict["status"] == "invalid"
+    assert verdict["problems"][0]["path"] == str(layout.llm_dir / "config.json")
