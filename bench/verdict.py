@@ -41,6 +41,7 @@ class RunContext:
     recipe: dict | None = None
     topology: dict | None = None
     timing: dict | None = None
+    interconnect: dict | None = None  # the collective check before training (GPUs only)
     problems: list[dict] = field(default_factory=list)  # preflight refusals: status invalid
 
 
@@ -120,6 +121,7 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
         "recipe": context.recipe,
         "topology": context.topology,
         "timing": context.timing,
+        "interconnect": context.interconnect,
         "problems": context.problems,
     }
 
@@ -180,6 +182,7 @@ def context_from_verdict(verdict: dict) -> RunContext:
         recipe=verdict["recipe"],
         topology=verdict["topology"],
         timing=verdict["timing"],
+        interconnect=verdict["interconnect"],
         problems=verdict["problems"],
     )
 

@@ -38,6 +38,11 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class WorldSizeMeans(str, Enum):
+    nodes = "nodes"
+    processes = "processes"
+
+
 class Device(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -46,6 +51,11 @@ class Device(str, Enum):
 
 RootOption = Annotated[Path, typer.Option("--root", help="The mounted layout (data/, model/, results/).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
+WorldSizeOption = Annotated[
+    Optional[WorldSizeMeans],
+    typer.Option(help="How to read WORLD_SIZE when nothing else says: nodes (the seed's convention) or processes."),
+]
+NprocOption = Annotated[Optional[int], typer.Option(min=1, help="Processes per node (default: visible GPUs).")]
 
 
 def _version_callback(value: bool):
@@ -98,7 +108,7 @@ def validate(root: RootOption = Path("/llava"), as_json: JsonOption = False):
     raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
 
 
-def _report(verdict: dict, run_dir: Path | None, as_json: bool) -> None:
+def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
     if as_json:
         print(verdict_mod.dumps(verdict), end="")
         return
@@ -109,8 +119,8 @@ def _report(verdict: dict, run_dir: Path | None, as_json: bool) -> None:
     speed = (verdict.get("throughput") or {}).get("seconds_per_step") or {}
     if speed.get("median") is not None:
         console.print(f"  {speed['median']:.3f} s/step (median of the steady window)", highlight=False)
-    if run_dir is not None:
-        console.print(f"  verdict: {run_dir / verdict_mod.VERDICT_NAME}", highlight=False)
+    if path is not None:
+        console.print(f"  written: {path}", highlight=False)
 
 
 def _run(request, as_json: bool) -> None:
@@ -121,8 +131,8 @@ def _run(request, as_json: bool) -> None:
     except RuntimeError as error:  # e.g. --device cuda without GPUs
         errors.print(f"[red]invalid:[/] {error}")
         raise typer.Exit(EXIT_CODES["invalid"])
-    _report(result.verdict, result.run_dir, as_json)
-    raise typer.Exit(result.verdict["exit_code"])
+    _report(result.document, result.path, as_json)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -145,9 +155,11 @@ def run(
     eval_image: Annotated[
         Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
     ] = None,
+    world_size_means: WorldSizeOption = None,
+    nproc_per_node: NprocOption = None,
     as_json: JsonOption = False,
 ):
-    """Validate, train with XTuner, and write results/<run_id>/verdict.json."""
+    """Validate, train with XTuner, and write results/<run_id>/verdict.json (node-<rank>.json on other nodes)."""
     from entrypoint.pipeline import RunRequest
 
     request = RunRequest(
@@ -164,8 +176,70 @@ def run(
         ),
         device=device.value,
         global_batch=global_batch,
+        world_size_means=world_size_means.value if world_size_means else None,
+        nproc_per_node=nproc_per_node,
     )
     _run(request, as_json)
+
+
+@app.command()
+def topology(
+    world_size_means: WorldSizeOption = None,
+    nproc_per_node: NprocOption = None,
+    as_json: JsonOption = False,
+):
+    """Show how this node reads the scheduler's environment, and the launch command."""
+    import os
+
+    from entrypoint.pipeline import gpu_inventory
+    from entrypoint.topology import TopologyError, detect
+
+    gpus = gpu_inventory()[0]
+    try:
+        decision = detect(os.environ, gpus, world_size_means.value if world_size_means else None, nproc_per_node)
+    except TopologyError as error:
+        errors.print(f"[red]refused:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_CODES["invalid"])
+    command = [
+        "torchrun", *decision.torchrun_args(), "<xtuner>/tools/train.py", "<results>/<run_id>/config.py",
+        "--work-dir", "<results>/<run_id>/xtuner", "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch",
+    ]  # fmt: skip
+    if as_json:
+        print(json.dumps({**decision.as_dict(), "launch_command": command}, indent=2))
+        return
+    console.print(f"[bold]{decision.source}[/]: node {decision.node_rank} of {decision.nnodes}, "
+                  f"{decision.nproc_per_node} process(es) per node, world size {decision.world_size}", highlight=False)
+    for name, origin in decision.origins.items():
+        console.print(f"  {name:<15} {getattr(decision, name)!s:<20} from {origin}", highlight=False)
+    if decision.world_size_reading:
+        console.print(f"  WORLD_SIZE read as {decision.world_size_reading}", highlight=False)
+    console.print("  launch: " + " ".join(command), highlight=False)
+
+
+@app.command("check-cluster")
+def check_cluster_command(
+    root: RootOption = Path("/llava"),
+    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else CPU processes with gloo.")] = Device.auto,
+    world_size_means: WorldSizeOption = None,
+    nproc_per_node: NprocOption = None,
+    as_json: JsonOption = False,
+):
+    """Rendezvous with every node without training: same fingerprints, one collective over all processes."""
+    from entrypoint.pipeline import RunRequest, check_cluster
+
+    request = RunRequest(
+        root=root, out=None, criteria=Criteria(), recipe=RecipeOptions(), device=device.value,
+        world_size_means=world_size_means.value if world_size_means else None, nproc_per_node=nproc_per_node,
+    )  # fmt: skip
+    report, exit_code = check_cluster(request)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        (console if exit_code == 0 else errors).print(f"{report['status']}: {report['reason']}", highlight=False)
+        allreduce = (report.get("interconnect") or {}).get("allreduce")
+        if allreduce:
+            console.print(f"  all-reduce bus bandwidth {allreduce['bus_bandwidth_gbps']:.1f} GB/s", highlight=False)
+    raise typer.Exit(exit_code)
 
 
 @app.command()

@@ -10,7 +10,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
+from entrypoint.topology import Topology
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
 # The last line of a Python traceback: "pkg.module.SomeError: message".
@@ -40,12 +40,6 @@ def xtuner_train_script() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tools" / "train.py"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
@@ -55,25 +49,8 @@ class LaunchPlan:
     distributed: bool  # torchrun with one process per GPU; else one plain process (CPU)
 
 
-def plan_launch(
-    config: Path,
-    work_dir: Path,
-    logs_dir: Path,
-    cwd: Path,
-    device: str,
-    nproc_per_node: int,
-    master_port: int,
-    cfg_options: list[str] = (),
-) -> LaunchPlan:
-    """The exact command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU.
-
-    ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
-    relative paths (``./data/...``) resolves them there.
-    """
-    train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
-    if cfg_options:
-        train_args += ["--cfg-options", *cfg_options]
-    env = {
+def _environment() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         # The layout holds every file; nothing is ever fetched at run time.
@@ -81,24 +58,43 @@ def plan_launch(
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
-    if device == "cpu":
-        argv = [sys.executable, *train_args, "--launcher", "none"]
-        return LaunchPlan(argv, env, cwd, logs_dir, distributed=False)
+
+
+def torchrun_plan(topology: Topology, program: list[str], logs_dir: Path, cwd: Path) -> LaunchPlan:
+    """torchrun with the topology's explicit arguments; each rank's output in its own files."""
     argv = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
-        "--node_rank", "0",
-        "--nproc_per_node", str(nproc_per_node),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(master_port),
+        *topology.torchrun_args(),
         "--log-dir", str(logs_dir / "ranks"),
         "--redirects", "3",
         "--tee", "3",
-        *train_args,
-        "--deepspeed", "deepspeed_zero2",
-        "--launcher", "pytorch",
+        *program,
     ]  # fmt: skip
-    return LaunchPlan(argv, env, cwd, logs_dir, distributed=True)
+    return LaunchPlan(argv, _environment(), cwd, logs_dir, distributed=True)
+
+
+def training_plan(
+    config: Path,
+    work_dir: Path,
+    logs_dir: Path,
+    cwd: Path,
+    device: str,
+    topology: Topology,
+    cfg_options: list[str] = (),
+) -> LaunchPlan:
+    """The exact training command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU.
+
+    ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
+    relative paths (``./data/...``) resolves them there.
+    """
+    train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
+    if cfg_options:
+        train_args += ["--cfg-options", *cfg_options]
+    if device == "cpu":
+        argv = [sys.executable, *train_args, "--launcher", "none"]
+        return LaunchPlan(argv, _environment(), cwd, logs_dir, distributed=False)
+    program = [*train_args, "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch"]
+    return torchrun_plan(topology, program, logs_dir, cwd)
 
 
 @dataclass
@@ -229,3 +225,18 @@ def supervise(
             "crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
         )
     return Outcome(exit_code, termination, first_record_at, utc_now())
+
+
+def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
+    """Run a short job (the collective check) to its end; None if it outlived the timeout."""
+    plan.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(plan.logs_dir / "launcher.log", "wb") as log:
+        process = subprocess.Popen(
+            plan.argv, cwd=plan.cwd, env=plan.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            return process.wait(timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            _stop_group(process)
+            return None

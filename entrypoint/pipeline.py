@@ -5,10 +5,14 @@ one direction DESIGN §5 fixes, and decides where every file of the run goes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -16,14 +20,19 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import verdict as verdict_mod
-from bench.criteria import Criteria, Termination
+from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.layout import Layout
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
 from entrypoint import __version__
-from entrypoint.launch import free_port, plan_launch, supervise, utc_now
+from entrypoint.agreement import AgreementError, Fingerprint, agree, share_status
+from entrypoint.launch import run_to_end, supervise, torchrun_plan, training_plan, utc_now
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
+from entrypoint.topology import Topology, TopologyError, detect
+
+COLLECTIVE_TIMEOUT_SECONDS = 300
+LOG_TAIL_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -35,34 +44,157 @@ class RunRequest:
     device: str = "auto"  # auto | cuda | cpu
     global_batch: int | None = None
     demo: bool = False
+    world_size_means: str | None = None
+    nproc_per_node: int | None = None
+    env: Mapping[str, str] | None = None  # the scheduler's variables; os.environ when None
 
 
 @dataclass(frozen=True)
 class RunResult:
-    verdict: dict
-    run_dir: Path | None  # None when nothing could be written
+    document: dict  # verdict.json on node 0, node-<rank>.json elsewhere
+    path: Path | None  # where it was written; None when nothing could be written
+    exit_code: int  # the job's status as this node exits with it
 
 
 def new_run_id() -> str:
     return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def detect_device(requested: str) -> tuple[str, int]:
-    """(device, processes per node): one process per visible GPU, or one CPU process."""
+def gpu_inventory() -> tuple[int, str, str | None]:
+    """(visible GPUs, model name or "cpu", driver version or None)."""
     import torch
 
-    gpus = torch.cuda.device_count()
-    if requested == "cpu" or (requested == "auto" and gpus == 0):
-        return "cpu", 1
-    if gpus == 0:
+    count = torch.cuda.device_count()
+    if count == 0:
+        return 0, "cpu", None
+    driver = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - the driver version is provenance, not a requirement
+        pass
+    return count, torch.cuda.get_device_name(0), driver
+
+
+def resolve_device(requested: str, gpus: int) -> str:
+    if requested == "cuda" and gpus == 0:
         raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
-    return "cuda", gpus
+    return "cpu" if requested == "cpu" or gpus == 0 else "cuda"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
+    env = os.environ if request.env is None else request.env
+    try:
+        topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
+    except TopologyError as error:
+        fix = "fix the scheduler's variables or set NNODES, NODE_RANK, ADDR, PORT (llava-bench topology shows the reading)"
+        return detect({}, 0), [Problem("environment", str(error), fix)]
+    if device == "cpu" and topology.world_size > 1:
+        return topology, [
+            Problem(
+                "environment",
+                f"{topology.nnodes} node(s) x {topology.nproc_per_node} process(es) on CPU: "
+                "XTuner trains on CPU only as one process (mmengine needs CUDA for more)",
+                "run on GPUs, or on one node with --nproc-per-node 1",
+            )
+        ]
+    if topology.nnodes == 1 and topology.origins["master_port"].startswith("default"):
+        # Nobody else needs to find this node: a free port lets two runs share a machine.
+        port = free_port()
+        topology = replace(topology, master_port=port, origins={**topology.origins, "master_port": f"free port {port}"})
+    return topology, []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def local_fingerprint(device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, layout: Layout, problems) -> Fingerprint:
+    return Fingerprint(
+        appliance_version=__version__,
+        gpu_model=gpu_model if device == "cuda" else "cpu",
+        gpu_count=gpus if device == "cuda" else 0,
+        driver=driver,
+        recipe_sha256=recipe.sha256 if recipe else "",
+        dataset_sha256=file_sha256(layout.dataset_json) if recipe else None,
+        preflight="ok" if not problems else "invalid",
+    )
+
+
+def check_cluster(request: RunRequest) -> tuple[dict, int]:
+    """Rendezvous with every node without training: fingerprints must agree, and one
+    collective over all processes must succeed (gloo on CPU, NCCL with bus bandwidth
+    on GPUs). Returns (report, exit code); node 0's report holds the placement."""
+    import tempfile
+
+    layout = Layout.at(request.root)
+    gpus, gpu_model, driver = gpu_inventory()
+    device = resolve_device(request.device, gpus)
+    env = os.environ if request.env is None else request.env
+    try:
+        topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
+    except TopologyError as error:
+        return {"status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
+    problems = check_layout(layout)
+    recipe = None if problems else render(layout, replace(request.recipe, device=device), __version__)
+    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, layout, problems)
+    report = {"topology": topology.as_dict(), "fingerprint": asdict(fingerprint), "problems": [p.as_dict() for p in problems]}
+    try:
+        _, fingerprints = agree(topology, fingerprint, new_run_id())
+    except AgreementError as error:
+        return {**report, "status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
+    with tempfile.TemporaryDirectory(prefix="llava-bench-check-") as scratch:
+        result_path = Path(scratch) / "collective.json"
+        plan = torchrun_plan(topology, ["-m", "entrypoint.collective", str(result_path)], Path(scratch) / "logs", Path(scratch))
+        exit_code = run_to_end(plan, COLLECTIVE_TIMEOUT_SECONDS)
+        interconnect = json.loads(result_path.read_text()) if result_path.exists() else None
+        tails = _log_tails(plan.logs_dir) if exit_code != 0 else {}
+    if exit_code != 0:
+        reason = "the collective over all processes " + ("timed out" if exit_code is None else f"failed (exit {exit_code})")
+        return {**report, "status": "error", "reason": reason, "log_tails": tails}, EXIT_CODES["error"]
+    reason = f"{topology.nnodes} node(s) agree; a collective over {topology.world_size} processes succeeded"
+    report = {**report, "status": "ok", "reason": reason, "fingerprints": [asdict(f) for f in fingerprints]}
+    return {**report, "interconnect": interconnect}, 0
+
+
+def _log_tails(logs_dir: Path) -> dict[str, list[str]]:
+    return {
+        str(log.relative_to(logs_dir)): log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        for log in sorted(logs_dir.rglob("*.log"))
+    }
+
+
+def _interconnect(topology: Topology, run_dir: Path, cwd: Path) -> tuple[dict | None, str | None]:
+    """Placement of every process and NCCL bus bandwidth, or the reason it failed."""
+    result_path = run_dir / "collective.json"
+    logs_dir = run_dir / "logs" / f"node-{topology.node_rank}" / "collective"
+    plan = torchrun_plan(topology, ["-m", "entrypoint.collective", str(result_path)], logs_dir, cwd)
+    exit_code = run_to_end(plan, COLLECTIVE_TIMEOUT_SECONDS)
+    if exit_code != 0:
+        return None, (
+            f"the collective check over all {topology.world_size} processes "
+            + ("timed out" if exit_code is None else f"failed (exit {exit_code})")
+            + f"; see {plan.logs_dir}"
+        )
+    return (json.loads(result_path.read_text()) if result_path.exists() else None), None
 
 
 def xtuner_provenance() -> tuple[str, str | None]:
     """Installed XTuner version, and the git commit when pip recorded one (PEP 610)."""
-    import json
-
     distribution = metadata.distribution("xtuner")
     direct_url = distribution.read_text("direct_url.json")
     commit = json.loads(direct_url).get("vcs_info", {}).get("commit_id") if direct_url else None
@@ -118,81 +250,127 @@ def _stop_check(criteria: Criteria, printer: ProgressPrinter):
 def execute(request: RunRequest, console: Console) -> RunResult:
     layout = Layout.at(request.root)
     results_parent = Path(request.out).absolute() if request.out else layout.results_dir
-    device, nproc = detect_device(request.device)
-    accumulative_counts, problems = _batch_problems(request, nproc)
+    gpus, gpu_model, driver = gpu_inventory()
+    device = resolve_device(request.device, gpus)
+    topology, problems = _topology(request, device, gpus)
+    accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
     options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts)
+    unwritable = check_writable(results_parent)
+    problems = [*problems, *unwritable, *batch_problems, *check_layout(layout)]
+
+    recipe = None
+    if not problems:
+        recipe = (
+            from_user_config(layout.config_override, options)
+            if layout.config_override.is_file()
+            else render(layout, options, __version__)
+        )
+    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, layout, problems)
+    run_id = new_run_id()
+    if not any(p.path == "environment" for p in problems):
+        try:
+            run_id, fingerprints = agree(topology, fingerprint, run_id)
+        except AgreementError as error:
+            problems.append(
+                Problem("other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node")
+            )
     context = verdict_mod.RunContext(
-        run_id=new_run_id(),
+        run_id=run_id,
         criteria=request.criteria,
         termination=Termination("unknown"),
         accumulative_counts=options.accumulative_counts,
         per_device_batch=options.per_device_batch,
-        world_size=nproc,
+        world_size=topology.world_size,
         demo=request.demo,
+        topology={**topology.as_dict(), "launch_command": []},
     )
-    unwritable = check_writable(results_parent)
-    problems = [*unwritable, *problems, *check_layout(layout)]
+    run_dir = results_parent / run_id
     if problems:
-        invalid = verdict_mod.build(replace(context, problems=[p.as_dict() for p in problems]), MetricsStream([], 0))
-        if unwritable:  # nowhere to write it: the console gets it all
-            return RunResult(invalid, None)
-        run_dir = results_parent / context.run_id
-        run_dir.mkdir(parents=True)
-        verdict_mod.write(run_dir, invalid)
-        return RunResult(invalid, run_dir)
-    run_dir = results_parent / context.run_id
-    run_dir.mkdir(parents=True)
-
-    recipe = (
-        from_user_config(layout.config_override, options)
-        if layout.config_override.is_file()
-        else render(layout, options, __version__)
-    )
+        context = replace(context, problems=[p.as_dict() for p in problems])
+        if unwritable:  # nowhere to write: the console gets it all
+            invalid = verdict_mod.build(context, MetricsStream([], 0))
+            return RunResult(invalid, None, invalid["exit_code"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.py"
     config_path.write_text(recipe.text)
-    work_dir = run_dir / "xtuner"
-    port = free_port()
-    plan = plan_launch(
-        config_path, work_dir, run_dir / "logs", layout.root, device, nproc, port, recipe.cfg_options
-    )
+    plan = training_plan(
+        config_path, run_dir / "xtuner", run_dir / "logs" / f"node-{topology.node_rank}",
+        layout.root, device, topology, recipe.cfg_options,
+    )  # fmt: skip
     console.print(
-        f"[bold]llava-bench[/] run {context.run_id}: {nproc} x {device}, "
-        f"{options.max_steps} steps, target loss < {request.criteria.target_loss}"
+        f"[bold]llava-bench[/] run {run_id}: {topology.nnodes} node(s) x {topology.nproc_per_node} x {device} "
+        f"(this is node {topology.node_rank}), {options.max_steps} steps, target loss < {request.criteria.target_loss}"
     )
     console.print(f"  results: {run_dir}", highlight=False)
+    context = replace(
+        context,
+        recipe=_recipe_record(recipe, options, topology.world_size),
+        topology={**topology.as_dict(), "launch_command": plan.argv},
+    )
+    if device == "cuda":
+        interconnect, failure = _interconnect(topology, run_dir, layout.root)
+        context = replace(context, interconnect=interconnect)
+        if failure:
+            now = utc_now()
+            context = replace(
+                context,
+                termination=Termination("crashed", failure),
+                timing={"started_at": now, "first_record_at": None, "ended_at": now, "wall_seconds": 0.0},
+            )
+            return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+
     started_at, started = utc_now(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
-    outcome = supervise(plan, work_dir, _stop_check(request.criteria, printer))
-    wall_seconds = time.monotonic() - started
-
-    stream_path = find_stream(work_dir)
-    metrics_copy = run_dir / verdict_mod.METRICS_NAME
-    if stream_path is not None:
-        shutil.copyfile(stream_path, metrics_copy)
-    else:
-        metrics_copy.write_text("")
+    outcome = supervise(plan, run_dir / "xtuner", _stop_check(request.criteria, printer))
     context = replace(
         context,
         termination=outcome.termination,
         trainer_exit_code=outcome.exit_code,
-        recipe=_recipe_record(recipe, options, nproc),
-        topology={
-            "nnodes": 1,
-            "node_rank": 0,
-            "nproc_per_node": nproc,
-            "master_addr": "127.0.0.1",
-            "master_port": port if plan.distributed else None,
-            "source": "single node: one process per visible GPU" if plan.distributed else "single node: one CPU process",
-            "launch_command": plan.argv,
-        },
         timing={
             "started_at": started_at,
             "first_record_at": outcome.first_record_at,
             "ended_at": outcome.ended_at,
-            "wall_seconds": round(wall_seconds, 3),
+            "wall_seconds": round(time.monotonic() - started, 3),
         },
     )
-    final = verdict_mod.build(context, read_stream(metrics_copy))
-    verdict_mod.write(run_dir, final)
-    return RunResult(final, run_dir)
+    metrics_copy = run_dir / verdict_mod.METRICS_NAME
+    stream_path = find_stream(run_dir / "xtuner")
+    if topology.node_rank == 0:
+        if stream_path is not None:
+            shutil.copyfile(stream_path, metrics_copy)
+        else:
+            metrics_copy.write_text("")
+    return _finish(topology, run_dir, context, fingerprint, read_stream(metrics_copy) if topology.node_rank == 0 else MetricsStream([], 0))
 
+
+def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint, stream: MetricsStream) -> RunResult:
+    """Node 0 writes the verdict and tells the others the job's status; they write node-<rank>.json."""
+    if topology.node_rank == 0:
+        verdict = verdict_mod.build(context, stream)
+        path = verdict_mod.write(run_dir, verdict)
+        share_status(topology, verdict["status"])
+        return RunResult(verdict, path, verdict["exit_code"])
+    local = verdict_mod.build(context, stream)
+    job_status = share_status(topology, None)
+    document = {
+        "node_rank": topology.node_rank,
+        "run_id": context.run_id,
+        "status": job_status or "error",
+        "reason": (
+            f"node 0 reported the job's status: {job_status}"
+            if job_status
+            else "node 0 never reported the job's status"
+        ),
+        "exit_code": EXIT_CODES[job_status or "error"],
+        "node_status": local["status"],
+        "node_reason": local["reason"],
+        "problems": context.problems,
+        "termination": local["termination"],
+        "fingerprint": asdict(fingerprint),
+        "log_tails": _log_tails(run_dir / "logs" / f"node-{topology.node_rank}"),
+    }
+    path = run_dir / f"node-{topology.node_rank}.json"
+    verdict_mod.write_atomic(path, json.dumps(document, indent=2) + "\n")
+    return RunResult(document, path, document["exit_code"])

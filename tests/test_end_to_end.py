@@ -87,8 +87,8 @@ def test_progress_lines_were_printed(finished_run):
 def test_logs_config_and_metrics_are_kept(finished_run):
     _, run_dir, _ = finished_run
     verdict = json.loads((run_dir / "verdict.json").read_text())
-    assert "Traceback" not in (run_dir / "logs" / "rank0.stderr.log").read_text()
-    assert "Iter(train)" in (run_dir / "logs" / "rank0.stdout.log").read_text()
+    assert "Traceback" not in (run_dir / "logs" / "node-0" / "rank0.stderr.log").read_text()
+    assert "Iter(train)" in (run_dir / "logs" / "node-0" / "rank0.stdout.log").read_text()
     config = (run_dir / "config.py").read_bytes()
     assert hashlib.sha256(config).hexdigest() == verdict["recipe"]["config_sha256"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == DEMO_CRITERIA.max_steps // 10

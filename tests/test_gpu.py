@@ -30,15 +30,20 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     print(done.stderr[-3000:])
     verdict = json.loads(done.stdout)
     verdict_mod.validate(verdict)
-    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "world_size")}))
+    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "world_size", "interconnect")}))
     print(json.dumps(verdict["recipe"]), json.dumps(verdict["topology"]["launch_command"]))
     assert verdict["status"] == "pass", verdict["reason"]
     assert verdict["termination"]["kind"] == "completed", verdict["termination"]
     assert verdict["world_size"] == gpus
     assert verdict["recipe"]["precision"] == precision
     assert "--deepspeed" in verdict["topology"]["launch_command"]
+    interconnect = verdict["interconnect"]
+    assert interconnect["backend"] == "nccl" and interconnect["world_size"] == gpus
+    assert [p["local_rank"] for p in interconnect["placement"]] == list(range(gpus))
+    if gpus > 1:
+        assert interconnect["allreduce"]["bus_bandwidth_gbps"] > 0
     assert verdict["throughput"]["peak_memory_mib"] > 0
     losses = [point["loss"] for point in verdict["result"]["curve"]]
     assert losses[-1] < losses[0]
-    rank_logs = list((tmp_path / verdict["run_id"] / "logs" / "ranks").rglob("stderr.log"))
+    rank_logs = list((tmp_path / verdict["run_id"] / "logs" / "node-0" / "ranks").rglob("stderr.log"))
     assert len(rank_logs) == gpus, rank_logs

@@ -43,6 +43,7 @@ def context(**changes) -> verdict_mod.RunContext:
         topology={
             "nnodes": 1, "node_rank": 0, "nproc_per_node": 2, "master_addr": "127.0.0.1",
             "master_port": 29500, "source": "single node", "launch_command": ["torchrun"],
+            "world_size": 2, "world_size_reading": None, "origins": {"nnodes": "default: one node"},
         },
         timing={"started_at": "t0", "first_record_at": None, "ended_at": "t1", "wall_seconds": 1.0},
     )  # fmt: skip
@@ -61,6 +62,11 @@ H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
         context(termination=Termination("unknown"), recipe=None, topology=None, timing=None, per_device_batch=None, world_size=None),
         context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
         context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
+        context(interconnect={
+            "backend": "nccl", "world_size": 2,
+            "placement": [{"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)],
+            "allreduce": {"message_bytes": 268435456, "iterations": 20, "seconds_per_allreduce": 0.001, "bus_bandwidth_gbps": 268.4},
+        }),
     ],
 )
 def test_every_kind_of_verdict_validates(ctx):

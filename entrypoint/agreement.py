@@ -1,0 +1,120 @@
+"""Cross-node agreement over a small key-value store hosted by node 0.
+
+Before training, every node publishes its fingerprint; a node whose GPUs, driver,
+recipe, dataset or appliance differ from node 0's makes every node refuse, naming
+it. Node 0 also hands out the job's run id, so all nodes write under one name.
+After training, node 0 publishes the job's status so every node exits with it.
+
+The store listens on master_port + 1, leaving master_port to torchrun's own
+rendezvous (a torchrun agent that reached this store instead would hang).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+from entrypoint.topology import Topology
+
+STORE_PORT_OFFSET = 1
+
+
+class AgreementError(RuntimeError):
+    """The nodes do not describe the same job."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What must be equal on every node for the result to mean one thing."""
+
+    appliance_version: str
+    gpu_model: str  # "cpu" without GPUs
+    gpu_count: int
+    driver: str | None
+    recipe_sha256: str
+    dataset_sha256: str | None
+    preflight: str  # "ok" or "invalid": a node that refuses makes every node refuse
+
+
+def _store(topology: Topology, timeout_seconds: float):
+    from torch.distributed import TCPStore
+
+    return TCPStore(
+        topology.master_addr,
+        topology.master_port + STORE_PORT_OFFSET,
+        world_size=topology.nnodes,
+        is_master=topology.node_rank == 0,
+        timeout=timedelta(seconds=timeout_seconds),
+        wait_for_workers=False,
+    )
+
+
+def _release(store, topology: Topology, key: str, timeout_seconds: float) -> None:
+    """Node 0 keeps the store up until every node has read what it needs."""
+    store.add(key, 1)
+    if topology.node_rank != 0:
+        return
+    deadline = time.monotonic() + timeout_seconds
+    while store.add(key, 0) < topology.nnodes and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def differences(fingerprints: list[Fingerprint]) -> list[str]:
+    """One line per node that differs from node 0, naming the fields."""
+    reference = asdict(fingerprints[0])
+    lines = []
+    for rank, fingerprint in enumerate(fingerprints[1:], start=1):
+        fields = [
+            f"{name} {value!r} (node 0: {reference[name]!r})"
+            for name, value in asdict(fingerprint).items()
+            if value != reference[name]
+        ]
+        if fields:
+            lines.append(f"node {rank} differs: " + "; ".join(fields))
+    return lines
+
+
+def agree(topology: Topology, fingerprint: Fingerprint, run_id: str, timeout_seconds: float = 600) -> tuple[str, list[Fingerprint]]:
+    """(the job's run id, every node's fingerprint) or AgreementError on any difference.
+
+    ``run_id`` is this node's proposal; node 0's wins. A single-node job agrees with
+    itself without any network.
+    """
+    if topology.nnodes == 1:
+        return run_id, [fingerprint]
+    try:
+        store = _store(topology, timeout_seconds)
+        store.set(f"fingerprint/{topology.node_rank}", json.dumps(asdict(fingerprint)))
+        if topology.node_rank == 0:
+            store.set("run_id", run_id)
+        job_run_id = store.get("run_id").decode()
+        fingerprints = [
+            Fingerprint(**json.loads(store.get(f"fingerprint/{rank}"))) for rank in range(topology.nnodes)
+        ]
+        _release(store, topology, "agreed", timeout_seconds)
+    except RuntimeError as error:  # the store's timeouts and connection failures
+        raise AgreementError(
+            f"no agreement with the other nodes through {topology.master_addr}:"
+            f"{topology.master_port + STORE_PORT_OFFSET} within {timeout_seconds:.0f} s ({error}); "
+            "check that every node started and that the port is reachable"
+        ) from None
+    problems = differences(fingerprints)
+    if problems:
+        raise AgreementError("; ".join(problems))
+    return job_run_id, fingerprints
+
+
+def share_status(topology: Topology, status: str | None, timeout_seconds: float = 600) -> str | None:
+    """Node 0 publishes the job's status; the others return it (None if node 0 never says)."""
+    if topology.nnodes == 1:
+        return status
+    try:
+        store = _store(topology, timeout_seconds)
+        if topology.node_rank == 0:
+            store.set("status", status)
+        shared = store.get("status").decode()
+        _release(store, topology, "status_read", timeout_seconds)
+        return shared
+    except RuntimeError:
+        return None

@@ -1,0 +1,34 @@
+"""Fingerprint comparison and the bus-bandwidth formula (nccl-tests' definition)."""
+from __future__ import annotations
+
+import pytest
+
+from entrypoint.agreement import Fingerprint, differences
+from entrypoint.collective import bus_bandwidth_gbps
+
+NODE = Fingerprint("0.1.0", "NVIDIA H200", 8, "580.159.04", "r" * 64, "d" * 64, "ok")
+
+
+def test_equal_nodes_agree():
+    assert differences([NODE, NODE, NODE]) == []
+
+
+def test_each_differing_node_and_field_is_named():
+    other_gpu = Fingerprint(**{**NODE.__dict__, "gpu_model": "NVIDIA H100 80GB HBM3", "gpu_count": 4})
+    refused = Fingerprint(**{**NODE.__dict__, "preflight": "invalid"})
+    lines = differences([NODE, NODE, other_gpu, refused])
+    assert len(lines) == 2
+    assert lines[0].startswith("node 2 differs: gpu_model 'NVIDIA H100 80GB HBM3' (node 0: 'NVIDIA H200'); gpu_count 4")
+    assert lines[1] == "node 3 differs: preflight 'invalid' (node 0: 'ok')"
+
+
+@pytest.mark.parametrize(
+    "size, seconds, ranks, expected",
+    [
+        (2**30, 0.01, 2, 2**30 / 0.01 * 1.0 / 1e9),  # 2(n-1)/n = 1 for two ranks
+        (2**30, 0.01, 8, 2**30 / 0.01 * 1.75 / 1e9),
+        (256 * 2**20, 0.002, 4, 256 * 2**20 / 0.002 * 1.5 / 1e9),
+    ],
+)
+def test_bus_bandwidth_is_algbw_times_2_n_minus_1_over_n(size, seconds, ranks, expected):
+    assert bus_bandwidth_gbps(size, seconds, ranks) == pytest.approx(expected)
