@@ -6,6 +6,7 @@ window used is always stated.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -19,10 +20,24 @@ class Throughput:
     logged_intervals: int
     seconds_per_step_mean: float | None
     seconds_per_step_median: float | None
+    seconds_per_step_p95: float | None
     samples_per_second_per_device: float | None
     samples_per_second: float | None
     data_time_share: float | None
     peak_memory_mib: float | None
+    xtuner_tflops_per_device: float | None  # XTuner's own figure, kept for the seed comparison
+    xtuner_tokens_per_second_per_device: float | None
+    text_tokens_per_sample: float | None  # padded, as XTuner counts them
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def measure(
@@ -34,7 +49,7 @@ def measure(
     timed = [r for r in records if r.time is not None and r.time > 0]
     window = timed[1:] if len(timed) > 1 else timed
     if not window:
-        return Throughput(None, None, 0, None, None, None, None, None, None)
+        return Throughput(None, None, 0, *([None] * 10))
     # ``time`` is seconds per micro-iteration; a step is accumulative_counts of them.
     per_step = [r.time * accumulative_counts for r in window]
     mean = statistics.fmean(per_step)
@@ -47,6 +62,7 @@ def measure(
         logged_intervals=len(window),
         seconds_per_step_mean=mean,
         seconds_per_step_median=statistics.median(per_step),
+        seconds_per_step_p95=p95(per_step),
         samples_per_second_per_device=samples_per_step / mean,
         samples_per_second=samples_per_step * world_size / mean,
         data_time_share=(
@@ -55,4 +71,10 @@ def measure(
             else None
         ),
         peak_memory_mib=max(memories, default=None),
+        xtuner_tflops_per_device=_mean([r.tflops for r in window if r.tflops is not None]),
+        xtuner_tokens_per_second_per_device=_mean([r.tokens_per_sec for r in window if r.tokens_per_sec is not None]),
+        # tokens_per_sec x time = the padded text tokens of one micro-batch on one device
+        text_tokens_per_sample=_mean(
+            [r.tokens_per_sec * r.time / per_device_batch for r in window if r.tokens_per_sec is not None]
+        ),
     )

@@ -10,12 +10,13 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 
+from bench import flops as flops_mod
 from bench import throughput as throughput_mod
 from bench.criteria import EXIT_CODES, Criteria, Judgement, Termination, judge
 from bench.metrics import MetricsStream, read_stream
@@ -24,6 +25,15 @@ SCHEMA_VERSION = 1
 VERDICT_NAME = "verdict.json"
 METRICS_NAME = "metrics.jsonl"
 STEADY_WINDOW_RULE = "all logged intervals but the first (start-up); the only one if there is one"
+# The seed's A100 run (its metrics lines, iterations 360-380): mean s/step at batch 32 per GPU.
+SEED_A100_SECONDS_PER_STEP = 14.258836038907369
+SEED_A100_PER_DEVICE_BATCH = 32
+FLOP_FORMULA = (
+    "per sample, s = padded text tokens + image tokens: frozen LLM forward 2*P_linear*s + 2*s^2*h*L (causal) "
+    "+ 2*h*V*s (LM head); its backward computes input gradients only: 2*P_linear*s + 4*s^2*h*L + 2*h*V*s; "
+    "frozen ViT forward only; projector forward x3 (input and weight gradients); "
+    "hardware FLOPs add one recomputed LLM forward under activation checkpointing; NF4 counts as dense"
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,8 @@ class RunContext:
     topology: dict | None = None
     timing: dict | None = None
     interconnect: dict | None = None  # the collective check before training (GPUs only)
+    environment: dict | None = None  # software and per-node GPU inventory
+    inputs: dict | None = None  # dataset and model identities, model shapes
     problems: list[dict] = field(default_factory=list)  # preflight refusals: status invalid
 
 
@@ -65,11 +77,57 @@ def _judgement_section(judgement: Judgement, skipped_lines: int) -> dict:
     }
 
 
+def _flops_section(context: RunContext, measured, samples_per_step: int) -> dict:
+    """Our FLOP model and MFU; null figures carry the reason."""
+    shapes = (context.inputs or {}).get("model_shapes")
+    gpus = (context.environment or {}).get("gpus") or []
+    peak = flops_mod.peak_tflops(gpus[0]["name"] if gpus else None)
+    section = {
+        "formula": FLOP_FORMULA,
+        "text_tokens_per_sample": measured.text_tokens_per_sample,
+        "image_tokens_per_sample": None,
+        "activation_checkpointing": True,
+        "flops_per_step": None,
+        "hardware_flops_per_step": None,
+        "achieved_tflops_per_device": None,
+        "peak_tflops_per_device": peak,
+        "mfu": None,
+        "hfu": None,
+        "why_null": None,
+    }
+    if shapes is None or measured.text_tokens_per_sample is None or measured.seconds_per_step_mean is None:
+        section["why_null"] = "model shapes or XTuner's token counts were not recorded"
+        return section
+    vit = flops_mod.ViTShape(**shapes["vit"])
+    step = flops_mod.step_flops(
+        samples_per_step, measured.text_tokens_per_sample, flops_mod.LLMShape(**shapes["llm"]), vit
+    )
+    achieved = step.model_flops / measured.seconds_per_step_mean / context.world_size / 1e12
+    section.update(
+        image_tokens_per_sample=vit.patches,
+        flops_per_step=step.model_flops,
+        hardware_flops_per_step=step.hardware_flops,
+        achieved_tflops_per_device=achieved,
+    )
+    if peak is None:
+        section["why_null"] = "no dense bf16/fp16 peak is known for this GPU" if gpus else "not run on a GPU"
+    else:
+        section.update(mfu=achieved / peak, hfu=achieved * step.hardware_flops / step.model_flops / peak)
+    return section
+
+
 def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | None:
     if context.per_device_batch is None or context.world_size is None:
         return None
     measured = throughput_mod.measure(
         stream.records, context.accumulative_counts, context.per_device_batch, context.world_size
+    )
+    samples_per_step = context.per_device_batch * context.accumulative_counts * context.world_size
+    flop_model = _flops_section(context, measured, samples_per_step)
+    tokens_per_sample = (
+        None
+        if flop_model["image_tokens_per_sample"] is None
+        else measured.text_tokens_per_sample + flop_model["image_tokens_per_sample"]
     )
     return {
         "window": {
@@ -81,17 +139,57 @@ def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | No
         "seconds_per_step": {
             "mean": measured.seconds_per_step_mean,
             "median": measured.seconds_per_step_median,
+            "p95": measured.seconds_per_step_p95,
         },
         "samples_per_second_per_device": measured.samples_per_second_per_device,
         "samples_per_second": measured.samples_per_second,
+        "tokens_per_second": (
+            None if tokens_per_sample is None else tokens_per_sample * measured.samples_per_second
+        ),
         "data_time_share": measured.data_time_share,
         "peak_memory_mib": measured.peak_memory_mib,
+        "flops_per_step": flop_model["flops_per_step"],
+        "mfu": flop_model["mfu"],
+        "flop_model": flop_model,
+        "xtuner_reported": {
+            "tflops_per_device": measured.xtuner_tflops_per_device,
+            "tokens_per_second_per_device": measured.xtuner_tokens_per_second_per_device,
+        },
     }
+
+
+def _baseline_section(context: RunContext, throughput: dict | None) -> dict | None:
+    """Per-GPU speed against the seed's A100 run: only for GPU runs of the real model shapes."""
+    on_gpu = (context.recipe or {}).get("device") == "cuda"
+    shapes = (context.inputs or {}).get("model_shapes")
+    real_models = shapes == {"llm": asdict(flops_mod.INTERNLM2_20B), "vit": asdict(flops_mod.CLIP_VIT_L_336)}
+    if context.demo or not (on_gpu and real_models) or not throughput or throughput["samples_per_second_per_device"] is None:
+        return None
+    seed = SEED_A100_PER_DEVICE_BATCH / SEED_A100_SECONDS_PER_STEP
+    return {
+        "seed_a100_seconds_per_step": SEED_A100_SECONDS_PER_STEP,
+        "seed_a100_per_device_batch": SEED_A100_PER_DEVICE_BATCH,
+        "seed_a100_samples_per_second_per_device": seed,
+        "speedup_vs_seed_a100": throughput["samples_per_second_per_device"] / seed,
+    }
+
+
+def _timing_section(context: RunContext, stream: MetricsStream) -> dict | None:
+    """Recorded times plus start-up: launch to the first step, from the first record's
+    arrival minus the iterations its interval spent."""
+    if context.timing is None:
+        return None
+    startup = None
+    first_seconds = context.timing.get("first_record_seconds")
+    if first_seconds is not None and stream.records and stream.records[0].time is not None:
+        startup = max(0.0, first_seconds - stream.records[0].iter * stream.records[0].time)
+    return {**context.timing, "startup_seconds": startup}
 
 
 def build(context: RunContext, stream: MetricsStream) -> dict:
     """The verdict document for one run (or one bare metrics stream)."""
     judgement = judge(stream.records, context.criteria, context.termination, context.accumulative_counts)
+    throughput = _throughput_section(context, stream)
     status, reason = judgement.status, judgement.reason
     if context.problems:
         status = "invalid"
@@ -114,14 +212,17 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
             "trainer_exit_code": context.trainer_exit_code,
         },
         "result": _judgement_section(judgement, stream.skipped_lines),
-        "throughput": _throughput_section(context, stream),
+        "throughput": throughput,
+        "baseline": _baseline_section(context, throughput),
         "accumulative_counts": context.accumulative_counts,
         "per_device_batch": context.per_device_batch,
         "world_size": context.world_size,
         "recipe": context.recipe,
         "topology": context.topology,
-        "timing": context.timing,
+        "timing": _timing_section(context, stream),
         "interconnect": context.interconnect,
+        "environment": context.environment,
+        "inputs": context.inputs,
         "problems": context.problems,
     }
 
@@ -181,10 +282,19 @@ def context_from_verdict(verdict: dict) -> RunContext:
         demo=criteria["demo"],
         recipe=verdict["recipe"],
         topology=verdict["topology"],
-        timing=verdict["timing"],
+        timing=_recorded_timing(verdict["timing"]),
         interconnect=verdict["interconnect"],
+        environment=verdict["environment"],
+        inputs=verdict["inputs"],
         problems=verdict["problems"],
     )
+
+
+def _recorded_timing(timing: dict | None) -> dict | None:
+    """The timing a verdict recorded, without what build derives from it."""
+    if timing is None:
+        return None
+    return {key: value for key, value in timing.items() if key != "startup_seconds"}
 
 
 def recompute(results_dir: Path, criteria: Criteria | None = None) -> dict:

@@ -75,23 +75,28 @@ def differences(fingerprints: list[Fingerprint]) -> list[str]:
     return lines
 
 
-def agree(topology: Topology, fingerprint: Fingerprint, run_id: str, timeout_seconds: float = 600) -> tuple[str, list[Fingerprint]]:
-    """(the job's run id, every node's fingerprint) or AgreementError on any difference.
+def agree(
+    topology: Topology, fingerprint: Fingerprint, run_id: str, inventory: list, timeout_seconds: float = 600
+) -> tuple[str, list[Fingerprint], list[list]]:
+    """(the job's run id, every node's fingerprint, every node's GPU inventory), or
+    AgreementError on any fingerprint difference (inventories hold UUIDs: not compared).
 
     ``run_id`` is this node's proposal; node 0's wins. A single-node job agrees with
     itself without any network.
     """
     if topology.nnodes == 1:
-        return run_id, [fingerprint]
+        return run_id, [fingerprint], [inventory]
     try:
         store = _store(topology, timeout_seconds)
         store.set(f"fingerprint/{topology.node_rank}", json.dumps(asdict(fingerprint)))
+        store.set(f"inventory/{topology.node_rank}", json.dumps(inventory))
         if topology.node_rank == 0:
             store.set("run_id", run_id)
         job_run_id = store.get("run_id").decode()
         fingerprints = [
             Fingerprint(**json.loads(store.get(f"fingerprint/{rank}"))) for rank in range(topology.nnodes)
         ]
+        inventories = [json.loads(store.get(f"inventory/{rank}")) for rank in range(topology.nnodes)]
         _release(store, topology, "agreed", timeout_seconds)
     except RuntimeError as error:  # the store's timeouts and connection failures
         raise AgreementError(
@@ -102,7 +107,7 @@ def agree(topology: Topology, fingerprint: Fingerprint, run_id: str, timeout_sec
     problems = differences(fingerprints)
     if problems:
         raise AgreementError("; ".join(problems))
-    return job_run_id, fingerprints
+    return job_run_id, fingerprints, inventories
 
 
 def share_status(topology: Topology, status: str | None, timeout_seconds: float = 600) -> str | None:

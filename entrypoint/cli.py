@@ -55,6 +55,7 @@ WorldSizeOption = Annotated[
     Optional[WorldSizeMeans],
     typer.Option(help="How to read WORLD_SIZE when nothing else says: nodes (the seed's convention) or processes."),
 ]
+JunitOption = Annotated[Optional[Path], typer.Option(help="Also write the verdict as JUnit XML to this file.")]
 NprocOption = Annotated[Optional[int], typer.Option(min=1, help="Processes per node (default: visible GPUs).")]
 
 
@@ -123,7 +124,7 @@ def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
         console.print(f"  written: {path}", highlight=False)
 
 
-def _run(request, as_json: bool) -> None:
+def _run(request, as_json: bool, junit: Path | None = None) -> None:
     from entrypoint.pipeline import execute
 
     try:
@@ -132,6 +133,10 @@ def _run(request, as_json: bool) -> None:
         errors.print(f"[red]invalid:[/] {error}")
         raise typer.Exit(EXIT_CODES["invalid"])
     _report(result.document, result.path, as_json)
+    if junit is not None:
+        from bench.report import write_junit
+
+        write_junit(result.document, junit)
     raise typer.Exit(result.exit_code)
 
 
@@ -157,6 +162,7 @@ def run(
     ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
+    junit: JunitOption = None,
     as_json: JsonOption = False,
 ):
     """Validate, train with XTuner, and write results/<run_id>/verdict.json (node-<rank>.json on other nodes)."""
@@ -179,7 +185,7 @@ def run(
         world_size_means=world_size_means.value if world_size_means else None,
         nproc_per_node=nproc_per_node,
     )
-    _run(request, as_json)
+    _run(request, as_json, junit)
 
 
 @app.command()
@@ -248,6 +254,7 @@ def verdict(
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")] = None,
     target_loss: Annotated[Optional[float], typer.Option(help="Override the recorded target loss (default 2.3 for a bare stream).")] = None,
     accumulative_counts: Annotated[int, typer.Option(min=1, help="Micro-iterations per step, for a bare stream.")] = 1,
+    junit: JunitOption = None,
     as_json: JsonOption = False,
 ):
     """Recompute the verdict offline from a results folder or a metrics stream."""
@@ -273,7 +280,24 @@ def verdict(
         result = verdict_mod.from_stream(path, criteria, accumulative_counts)
     verdict_mod.validate(result)
     _report(result, None, as_json)
+    if junit is not None:
+        from bench.report import write_junit
+
+        write_junit(result, junit)
     raise typer.Exit(result["exit_code"])
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A results/<run_id> folder holding verdict.json.")]):
+    """(Re)draw report.md and loss.png of a results folder from its verdict."""
+    from bench.report import write_report
+
+    stored = run_dir / verdict_mod.VERDICT_NAME
+    if not stored.is_file():
+        errors.print(f"[red]invalid:[/] {run_dir} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
+        raise typer.Exit(EXIT_CODES["invalid"])
+    path = write_report(run_dir, json.loads(stored.read_text()))
+    console.print(f"written: {path} and {run_dir / 'loss.png'}", highlight=False)
 
 
 @app.command()

@@ -102,6 +102,7 @@ class Outcome:
     exit_code: int | None
     termination: Termination
     first_record_at: str | None
+    first_record_seconds: float | None  # from launch to the first metrics record
     ended_at: str
 
 
@@ -181,7 +182,7 @@ def supervise(
     """Run the plan to its end. ``on_record`` sees each new record; True stops the run (target reached)."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
     tail = _StreamTail(work_dir)
-    first_record_at = None
+    first_record_at = first_record_seconds = None
     stopped_on_target = False
     with ExitStack() as stack, _Signals() as signals:
         if plan.distributed:
@@ -194,11 +195,13 @@ def supervise(
             plan.argv, cwd=plan.cwd, env=plan.env, stdout=stdout, stderr=stderr,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        launched = time.monotonic()
         try:
             while True:
                 exited = process.poll() is not None
                 for record in tail.new_records():
-                    first_record_at = first_record_at or utc_now()
+                    if first_record_at is None:
+                        first_record_at, first_record_seconds = utc_now(), round(time.monotonic() - launched, 3)
                     if not stopped_on_target and on_record(record):
                         stopped_on_target = True
                         _stop_group(process)
@@ -224,7 +227,7 @@ def supervise(
         termination = Termination(
             "crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
         )
-    return Outcome(exit_code, termination, first_record_at, utc_now())
+    return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
 
 
 def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:

@@ -5,7 +5,6 @@ one direction DESIGN §5 fixes, and decides where every file of the run goes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -21,11 +20,14 @@ from rich.console import Console
 
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria, Termination
+from bench.inputs import describe
 from bench.layout import Layout
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
+from bench.report import write_report
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, share_status
+from entrypoint.environment import gpu_inventory_details, software
 from entrypoint.launch import run_to_end, supervise, torchrun_plan, training_plan, utc_now
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
@@ -84,14 +86,6 @@ def resolve_device(requested: str, gpus: int) -> str:
     return "cpu" if requested == "cpu" or gpus == 0 else "cuda"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
     env = os.environ if request.env is None else request.env
     try:
@@ -123,14 +117,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def local_fingerprint(device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, layout: Layout, problems) -> Fingerprint:
+def local_fingerprint(device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, inputs: dict | None, problems) -> Fingerprint:
     return Fingerprint(
         appliance_version=__version__,
         gpu_model=gpu_model if device == "cuda" else "cpu",
         gpu_count=gpus if device == "cuda" else 0,
         driver=driver,
         recipe_sha256=recipe.sha256 if recipe else "",
-        dataset_sha256=file_sha256(layout.dataset_json) if recipe else None,
+        dataset_sha256=inputs["dataset_sha256"] if inputs else None,
         preflight="ok" if not problems else "invalid",
     )
 
@@ -151,10 +145,11 @@ def check_cluster(request: RunRequest) -> tuple[dict, int]:
         return {"status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
     problems = check_layout(layout)
     recipe = None if problems else render(layout, replace(request.recipe, device=device), __version__)
-    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, layout, problems)
+    inputs = None if problems else describe(layout)
+    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
     report = {"topology": topology.as_dict(), "fingerprint": asdict(fingerprint), "problems": [p.as_dict() for p in problems]}
     try:
-        _, fingerprints = agree(topology, fingerprint, new_run_id())
+        _, fingerprints, _ = agree(topology, fingerprint, new_run_id(), gpu_inventory_details())
     except AgreementError as error:
         return {**report, "status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
     with tempfile.TemporaryDirectory(prefix="llava-bench-check-") as scratch:
@@ -265,11 +260,12 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             if layout.config_override.is_file()
             else render(layout, options, __version__)
         )
-    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, layout, problems)
-    run_id = new_run_id()
+    inputs = describe(layout) if recipe else None
+    fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
+    run_id, inventories = new_run_id(), [gpu_inventory_details()]
     if not any(p.path == "environment" for p in problems):
         try:
-            run_id, fingerprints = agree(topology, fingerprint, run_id)
+            run_id, _, inventories = agree(topology, fingerprint, run_id, inventories[0])
         except AgreementError as error:
             problems.append(
                 Problem("other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node")
@@ -283,6 +279,11 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         world_size=topology.world_size,
         demo=request.demo,
         topology={**topology.as_dict(), "launch_command": []},
+        environment={
+            "software": software(),
+            "gpus": [{"node_rank": rank, **gpu} for rank, node_gpus in enumerate(inventories) for gpu in node_gpus],
+        },
+        inputs=inputs,
     )
     run_dir = results_parent / run_id
     if problems:
@@ -317,7 +318,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             context = replace(
                 context,
                 termination=Termination("crashed", failure),
-                timing={"started_at": now, "first_record_at": None, "ended_at": now, "wall_seconds": 0.0},
+                timing={"started_at": now, "first_record_at": None, "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0},
             )
             return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
 
@@ -331,6 +332,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         timing={
             "started_at": started_at,
             "first_record_at": outcome.first_record_at,
+            "first_record_seconds": outcome.first_record_seconds,
             "ended_at": outcome.ended_at,
             "wall_seconds": round(time.monotonic() - started, 3),
         },
@@ -350,6 +352,7 @@ def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint
     if topology.node_rank == 0:
         verdict = verdict_mod.build(context, stream)
         path = verdict_mod.write(run_dir, verdict)
+        write_report(run_dir, verdict)
         share_status(topology, verdict["status"])
         return RunResult(verdict, path, verdict["exit_code"])
     local = verdict_mod.build(context, stream)

@@ -94,6 +94,48 @@ def test_logs_config_and_metrics_are_kept(finished_run):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == DEMO_CRITERIA.max_steps // 10
 
 
+def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synthetic_layout):
+    _, run_dir, _ = finished_run
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert verdict["inputs"]["dataset_sha256"] == hashlib.sha256(Layout.at(synthetic_layout).dataset_json.read_bytes()).hexdigest()
+    assert verdict["inputs"]["dataset_samples"] == 2048
+    assert verdict["inputs"]["model_shapes"]["vit"]["image_size"] == 28
+    assert verdict["environment"]["gpus"] == []  # CPU
+    assert verdict["environment"]["software"]["packages"]["xtuner"] == verdict["recipe"]["xtuner_version"]
+    throughput = verdict["throughput"]
+    assert throughput["seconds_per_step"]["median"] > 0
+    assert throughput["flops_per_step"] > 0 and throughput["flop_model"]["image_tokens_per_sample"] == 4
+    assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
+    assert verdict["baseline"] is None  # a CPU run says nothing against an A100
+    assert 0 < verdict["timing"]["startup_seconds"] < verdict["timing"]["wall_seconds"]
+
+
+def test_report_and_plot_are_written_and_redrawn(finished_run):
+    _, run_dir, _ = finished_run
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith(f"# llava-bench {run_dir.name}: PASS")
+    assert "![loss and seconds per step](loss.png)" in report
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (run_dir / "loss.png").unlink()
+    done = llava_bench("report", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "loss.png").is_file()
+
+
+def test_junit_xml_for_ci_systems(finished_run, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    _, run_dir, _ = finished_run
+    done = llava_bench("verdict", str(run_dir), "--junit", str(tmp_path / "pass.xml"))
+    assert done.returncode == 0
+    suite = ET.parse(tmp_path / "pass.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "0", "0")
+    done = llava_bench("verdict", str(run_dir), "--target-loss", "0.01", "--junit", str(tmp_path / "fail.xml"))
+    assert done.returncode == 1
+    failure = ET.parse(tmp_path / "fail.xml").getroot().find("testcase/failure")
+    assert failure is not None and "never below 0.01" in failure.get("message")
+
+
 def test_the_layout_is_not_modified(finished_run, synthetic_layout):
     _, _, before = finished_run
     assert tree_digest(synthetic_layout, "data", "model") == before

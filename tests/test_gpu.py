@@ -30,7 +30,7 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     print(done.stderr[-3000:])
     verdict = json.loads(done.stdout)
     verdict_mod.validate(verdict)
-    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "world_size", "interconnect")}))
+    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "baseline", "interconnect", "environment", "timing")}))
     print(json.dumps(verdict["recipe"]), json.dumps(verdict["topology"]["launch_command"]))
     assert verdict["status"] == "pass", verdict["reason"]
     assert verdict["termination"]["kind"] == "completed", verdict["termination"]
@@ -42,6 +42,14 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     assert [p["local_rank"] for p in interconnect["placement"]] == list(range(gpus))
     if gpus > 1:
         assert interconnect["allreduce"]["bus_bandwidth_gbps"] > 0
+    inventory = verdict["environment"]["gpus"]
+    assert len(inventory) == gpus and all(g["name"] and g["memory_mib"] > 0 for g in inventory)
+    assert verdict["environment"]["software"]["nccl"]
+    throughput = verdict["throughput"]
+    assert throughput["flops_per_step"] > 0
+    assert (throughput["mfu"] is None) == (throughput["flop_model"]["peak_tflops_per_device"] is None)
+    assert verdict["baseline"] is None  # tiny models: no comparison with the seed's 20B run
+    assert (tmp_path / verdict["run_id"] / "report.md").is_file()
     assert verdict["throughput"]["peak_memory_mib"] > 0
     losses = [point["loss"] for point in verdict["result"]["curve"]]
     assert losses[-1] < losses[0]

@@ -31,6 +31,26 @@ RECIPE = {
 }
 
 
+H200_ENVIRONMENT = {
+    "software": {"python": "3.12.3", "platform": "Linux", "cuda": "13.0", "cudnn": 91300, "nccl": "2.28.9",
+                 "packages": {"torch": "2.11.0", "xtuner": "0.2.0"}, "image": None},
+    "gpus": [
+        {"node_rank": 0, "index": i, "name": "NVIDIA H200", "memory_mib": 143771, "driver": "580.159.04", "uuid": f"GPU-{i}"}
+        for i in (0, 1)
+    ],
+}  # fmt: skip
+REAL_INPUTS = {
+    "dataset_sha256": "d" * 64,
+    "dataset_samples": 558128,
+    "llm": {"config_sha256": "c" * 64, "weight_shards": 21, "architectures": ["InternLM2ForCausalLM"]},
+    "clip": {"config_sha256": "e" * 64, "weight_shards": 1, "architectures": ["CLIPModel"]},
+    "model_shapes": {
+        "llm": {"hidden": 6144, "layers": 48, "heads": 48, "kv_heads": 8, "ffn": 16384, "vocab": 92544},
+        "vit": {"hidden": 1024, "layers": 24, "ffn": 4096, "image_size": 336, "patch": 14},
+    },
+}
+
+
 def context(**changes) -> verdict_mod.RunContext:
     base = dict(
         run_id="r1",
@@ -45,7 +65,10 @@ def context(**changes) -> verdict_mod.RunContext:
             "master_port": 29500, "source": "single node", "launch_command": ["torchrun"],
             "world_size": 2, "world_size_reading": None, "origins": {"nnodes": "default: one node"},
         },
-        timing={"started_at": "t0", "first_record_at": None, "ended_at": "t1", "wall_seconds": 1.0},
+        timing={"started_at": "t0", "first_record_at": "t0", "first_record_seconds": 130.0, "ended_at": "t1",
+                "wall_seconds": 1.0},
+        environment=H200_ENVIRONMENT,
+        inputs=REAL_INPUTS,
     )  # fmt: skip
     return verdict_mod.RunContext(**{**base, **changes})
 

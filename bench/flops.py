@@ -1,0 +1,137 @@
+"""FLOPs of one LLaVA pretraining step, and MFU against the GPU's dense peak.
+
+XTuner's ThroughputHook counts only the padded text tokens (the 576 image tokens are
+inserted later) and assumes weight gradients, which a frozen LLM never computes.
+This model counts what the step needs (a matmul of m x k by k x n is 2mkn FLOPs;
+NF4 matmuls count as the dense matmuls they stand for):
+
+- frozen LLM, per token of the full sequence (text + image tokens):
+  forward 2 x (linear parameters) + causal attention 2 x s x h per layer;
+  backward only for input gradients: the same linear FLOPs again, and twice the
+  attention FLOPs (gradients of Q, K and V); the LM head likewise;
+- frozen CLIP ViT: forward only (nothing upstream needs its gradients);
+- trained projector: forward, plus input and weight gradients (3 x forward);
+- activation checkpointing recomputes the LLM forward once more: counted in
+  ``hardware_flops``, not in the model FLOPs MFU is based on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        head_dim = self.hidden // self.heads
+        qkv = self.hidden * (self.hidden + 2 * self.kv_heads * head_dim)
+        out = self.hidden * self.hidden
+        mlp = 3 * self.hidden * self.ffn  # gate, up, down
+        return qkv + out + mlp
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    hidden: int
+    layers: int
+    ffn: int
+    image_size: int
+    patch: int
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def tokens(self) -> int:
+        return self.patches + 1  # CLS; XTuner drops it before the projector
+
+
+INTERNLM2_20B = LLMShape(hidden=6144, layers=48, heads=48, kv_heads=8, ffn=16384, vocab=92544)
+CLIP_VIT_L_336 = ViTShape(hidden=1024, layers=24, ffn=4096, image_size=336, patch=14)
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    model_flops: float  # what the step needs; MFU divides these
+    hardware_flops: float  # plus the recomputed forward under activation checkpointing
+    sequence_length: float  # per sample: padded text tokens + image tokens
+
+
+def vit_forward_flops(vit: ViTShape) -> float:
+    """One image through the ViT: patch embedding, then every layer."""
+    tokens = vit.tokens
+    patch_embedding = 2 * (3 * vit.patch * vit.patch) * vit.hidden * vit.patches
+    linear = 2 * (4 * vit.hidden * vit.hidden + 2 * vit.hidden * vit.ffn) * tokens
+    attention = 4 * tokens * tokens * vit.hidden  # scores and weighted sum, not causal
+    return patch_embedding + vit.layers * (linear + attention)
+
+
+def projector_forward_flops(vit: ViTShape, llm: LLMShape) -> float:
+    """Linear(vit, llm) - GELU - Linear(llm, llm) over the image tokens of one image."""
+    return 2 * (vit.hidden * llm.hidden + llm.hidden * llm.hidden) * vit.patches
+
+
+def llm_forward_flops(llm: LLMShape, sequence: float) -> tuple[float, float, float]:
+    """(linear, attention, LM head) FLOPs of one sample's forward."""
+    linear = 2 * llm.linear_params_per_layer * sequence * llm.layers
+    attention = 2 * sequence * sequence * llm.hidden * llm.layers  # causal: half of 4 s^2 h
+    head = 2 * llm.hidden * llm.vocab * sequence
+    return linear, attention, head
+
+
+def step_flops(
+    samples: int,
+    text_tokens_per_sample: float,
+    llm: LLMShape = INTERNLM2_20B,
+    vit: ViTShape = CLIP_VIT_L_336,
+    activation_checkpointing: bool = True,
+) -> StepFlops:
+    """FLOPs of one optimizer step over ``samples`` samples (one image each)."""
+    sequence = text_tokens_per_sample + vit.patches
+    linear, attention, head = llm_forward_flops(llm, sequence)
+    llm_forward = linear + attention + head
+    llm_backward = linear + 2 * attention + head  # input gradients only
+    per_sample = (
+        llm_forward
+        + llm_backward
+        + vit_forward_flops(vit)
+        + 3 * projector_forward_flops(vit, llm)
+    )
+    recompute = llm_forward if activation_checkpointing else 0.0
+    return StepFlops(samples * per_sample, samples * (per_sample + recompute), sequence)
+
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity).
+# Matched in order against the GPU's name, so the more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H100", 989.0),  # SXM / HBM3
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 70.0),
+    ("B200", 2250.0),
+)
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    for fragment, peak in PEAK_TFLOPS:
+        if fragment in gpu_name:
+            return peak
+    return None

@@ -1,0 +1,62 @@
+"""What the run was fed: dataset and model identities, and the model shapes the FLOP
+model needs. Recorded in the verdict so the figures can be recomputed and compared."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.flops import LLMShape, ViTShape
+from bench.layout import Layout
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def llm_shape(config: dict) -> LLMShape:
+    return LLMShape(
+        hidden=config["hidden_size"],
+        layers=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        ffn=config["intermediate_size"],
+        vocab=config["vocab_size"],
+    )
+
+
+def vit_shape(config: dict) -> ViTShape:
+    vision = config.get("vision_config", config)  # a full CLIP config nests the vision tower
+    return ViTShape(
+        hidden=vision["hidden_size"],
+        layers=vision["num_hidden_layers"],
+        ffn=vision["intermediate_size"],
+        image_size=vision["image_size"],
+        patch=vision["patch_size"],
+    )
+
+
+def _model(folder: Path) -> tuple[dict, dict]:
+    raw = (folder / "config.json").read_bytes()
+    index = folder / "model.safetensors.index.json"
+    shards = (
+        len(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else len(list(folder.glob("*.safetensors"))) or len(list(folder.glob("pytorch_model*.bin")))
+    )
+    return {"config_sha256": _sha256(raw), "weight_shards": shards}, json.loads(raw)
+
+
+def describe(layout: Layout) -> dict:
+    """Identities and shapes of a layout that passed preflight (reads the dataset JSON once)."""
+    raw = layout.dataset_json.read_bytes()
+    llm, llm_config = _model(layout.llm_dir)
+    clip, clip_config = _model(layout.clip_dir)
+    return {
+        "dataset_sha256": _sha256(raw),
+        "dataset_samples": len(json.loads(raw)),
+        "llm": {**llm, "architectures": llm_config.get("architectures", [])},
+        "clip": {**clip, "architectures": clip_config.get("architectures", [])},
+        "model_shapes": {"llm": asdict(llm_shape(llm_config)), "vit": asdict(vit_shape(clip_config))},
+    }

@@ -1,0 +1,150 @@
+"""Human-readable outputs of a verdict: report.md, loss.png and JUnit XML.
+
+All three are derived from verdict.json (and the copied metrics stream for the
+speed plot), so they can be redrawn at any time with ``llava-bench report``.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from bench.metrics import read_stream
+
+REPORT_NAME = "report.md"
+PLOT_NAME = "loss.png"
+
+
+def _figure(value, digits: int = 3, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def _scientific(value) -> str:
+    return "n/a" if value is None else f"{value:.4e}"
+
+
+def plot(verdict: dict, metrics_path: Path, out: Path) -> bool:
+    """Loss against steps with the target line, and seconds per step; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = verdict["result"]["curve"]
+    accumulative_counts = verdict["accumulative_counts"]
+    timed = [r for r in read_stream(metrics_path).records if r.time] if metrics_path.exists() else []
+    figure, (losses, speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    losses.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".", label="logged loss")
+    losses.axhline(verdict["criteria"]["target_loss"], color="red", linestyle="--", label="target")
+    crossing = verdict["result"]["first_step_below_target"]
+    if crossing is not None:
+        losses.axvline(crossing, color="green", linestyle=":", label=f"first below target (step {crossing})")
+    losses.set_ylabel("loss")
+    losses.set_title(f"{verdict['run_id']}: {verdict['status']}")
+    losses.legend()
+    speed.plot([r.step(accumulative_counts) for r in timed], [r.time * accumulative_counts for r in timed], marker=".")
+    speed.set_ylabel("seconds per step")
+    speed.set_xlabel("optimizer step")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def markdown(verdict: dict, plotted: bool) -> str:
+    criteria, result = verdict["criteria"], verdict["result"]
+    throughput = verdict["throughput"] or {}
+    flop_model = throughput.get("flop_model") or {}
+    speed = throughput.get("seconds_per_step") or {}
+    window = throughput.get("window") or {}
+    lines = [
+        f"# llava-bench {verdict['run_id']}: {verdict['status'].upper()}",
+        "",
+        verdict["reason"],
+        "",
+        f"Criteria: logged loss below {criteria['target_loss']} within {criteria['max_steps']} optimizer steps"
+        + (" (stop on target)" if criteria["stop_on_target"] else "")
+        + (" (demo criteria for the synthetic layout; nothing about hardware)" if criteria["demo"] else "")
+        + ".",
+        "",
+        "## Loss",
+        "",
+        "| steps completed | first step below target | final loss | minimum loss | stayed below after crossing |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {result['steps_completed']} | {_figure(result['first_step_below_target'])} | {_figure(result['final_loss'], 4)} "
+        f"| {_figure(result['min_loss'], 4)} | {_figure(result['stayed_below_after_crossing'])} |",
+        "",
+        f"![loss and seconds per step]({PLOT_NAME})" if plotted else "(loss.png not drawn: matplotlib is not installed)",
+        "",
+    ]
+    if throughput:
+        lines += [
+            f"## Throughput (steps {window.get('first_step')}-{window.get('last_step')}: {window.get('rule')})",
+            "",
+            "| figure | value |",
+            "| --- | --- |",
+            f"| seconds per step, mean / median / p95 | {_figure(speed.get('mean'))} / {_figure(speed.get('median'))} / {_figure(speed.get('p95'))} |",
+            f"| samples/s per device / cluster | {_figure(throughput['samples_per_second_per_device'], 2)} / {_figure(throughput['samples_per_second'], 2)} |",
+            f"| tokens/s incl. image tokens (cluster) | {_figure(throughput['tokens_per_second'], 1)} |",
+            f"| data loading share of a step | {_figure(throughput['data_time_share'], 3)} |",
+            f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
+            f"| model FLOPs per step | {_scientific(throughput['flops_per_step'])} |",
+            f"| achieved TFLOP/s per device | {_figure(flop_model.get('achieved_tflops_per_device'), 1)} |",
+            f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | {_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",
+            f"| XTuner's own tflops / tokens_per_sec per device (text only) | {_figure(throughput['xtuner_reported']['tflops_per_device'], 1)} / {_figure(throughput['xtuner_reported']['tokens_per_second_per_device'], 1)} |",
+            "",
+            f"FLOP model: {flop_model.get('formula')}."
+            + (f" MFU is null: {flop_model['why_null']}." if flop_model.get("why_null") else ""),
+            "",
+        ]
+    baseline = verdict.get("baseline")
+    if baseline:
+        lines += [
+            "## Against the seed's A100 run",
+            "",
+            f"{baseline['speedup_vs_seed_a100']:.2f} x the seed's A100 samples per second per GPU "
+            f"({baseline['seed_a100_seconds_per_step']:.2f} s/step at batch {baseline['seed_a100_per_device_batch']}): "
+            "a per-GPU speed ratio.",
+            "",
+        ]
+    recipe, topology = verdict.get("recipe"), verdict.get("topology")
+    if recipe:
+        lines += ["## Recipe", "", f"`config.py` sha256 `{recipe['config_sha256']}`, XTuner {recipe['xtuner_version']}, "
+                  f"{recipe['precision']}, global batch {recipe['global_batch']}, seed {recipe['seed']}. Changes from the pinned config:", ""]  # fmt: skip
+        lines += [f"- {change}" for change in recipe["deviations"]] + [""]
+    if topology:
+        lines += ["## Topology", "", f"{topology['nnodes']} node(s) x {topology['nproc_per_node']} process(es), "
+                  f"source: {topology['source']}.", ""]  # fmt: skip
+    for problem in verdict["problems"]:
+        lines.append(f"- **{problem['path']}**: {problem['problem']} Fix: {problem['fix']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: Path, verdict: dict) -> Path:
+    plotted = plot(verdict, run_dir / "metrics.jsonl", run_dir / PLOT_NAME)
+    path = run_dir / REPORT_NAME
+    path.write_text(markdown(verdict, plotted))
+    return path
+
+
+def write_junit(verdict: dict, path: Path) -> None:
+    """One test case, "loss below target within max_steps", for CI systems that read JUnit XML."""
+    status = verdict["status"]
+    suite = ET.Element("testsuite", name="llava-bench", tests="1",
+                       failures=str(int(status == "fail")), errors=str(int(status not in ("pass", "fail"))))  # fmt: skip
+    properties = ET.SubElement(suite, "properties")
+    median = ((verdict.get("throughput") or {}).get("seconds_per_step") or {}).get("median")
+    for name, value in (("status", status), ("run_id", verdict["run_id"]), ("seconds_per_step_median", median)):
+        ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
+    case = ET.SubElement(
+        suite, "testcase", classname="llava-bench",
+        name=f"loss below {verdict['criteria']['target_loss']} within {verdict['criteria']['max_steps']} steps",
+    )  # fmt: skip
+    if status == "fail":
+        ET.SubElement(case, "failure", message=verdict["reason"])
+    elif status != "pass":
+        ET.SubElement(case, "error", message=verdict["reason"], type=status)
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
