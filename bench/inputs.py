@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.flops import LLMShape, ViTShape
-from bench.layout import Layout
+from bench.layout import SOURCE_RECORD_NAME, Layout
 
 
 def _sha256(data: bytes) -> str:
@@ -59,4 +59,10 @@ def describe(layout: Layout) -> dict:
         "llm": {**llm, "architectures": llm_config.get("architectures", [])},
         "clip": {**clip, "architectures": clip_config.get("architectures", [])},
         "model_shapes": {"llm": asdict(llm_shape(llm_config)), "vit": asdict(vit_shape(clip_config))},
+        # The hub commits `llava-bench prepare` resolved, where it downloaded the files.
+        "sources": [
+            json.loads(record.read_text())
+            for record in (folder / SOURCE_RECORD_NAME for folder in (layout.llm_dir, layout.clip_dir, layout.pretrain_dir))
+            if record.is_file()
+        ],
     }

@@ -93,6 +93,53 @@ def synth(
     console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
 
 
+class Part(str, Enum):
+    models = "models"
+    dataset = "dataset"
+
+
+@app.command()
+def prepare(
+    root: Annotated[Path, typer.Option("--root", help="Where to lay out data/ and model/ (created if missing).")] = Path("llava"),
+    only: Annotated[Optional[Part], typer.Option(help="Only the models or only the dataset.")] = None,
+    revision: Annotated[
+        Optional[list[str]], typer.Option(help="Pin a repo: REPO=REVISION (e.g. internlm/internlm2-chat-20b=<commit>); repeatable.")
+    ] = None,
+):
+    """Download the models and LLaVA-Pretrain from the hub (HF_ENDPOINT, HF_TOKEN honoured), unpack, validate."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from entrypoint.prepare import PrepareError
+    from entrypoint.prepare import prepare as prepare_layout
+
+    pins = {}
+    for pin in revision or []:
+        repo, separator, rev = pin.partition("=")
+        if not separator or not rev:
+            errors.print(f"[red]invalid:[/] --revision {pin!r}: write REPO=REVISION")
+            raise typer.Exit(EXIT_CODES["invalid"])
+        pins[repo] = rev
+    with Progress("unpacking images.zip", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
+        task = bar.add_task("unpack", total=None)
+        try:
+            done = prepare_layout(
+                root, only.value if only else None, pins,
+                say=lambda line: console.print(line, highlight=False),
+                progress=lambda completed, total: bar.update(task, completed=completed, total=total),
+            )  # fmt: skip
+        except PrepareError as error:
+            errors.print(f"[red]prepare stopped:[/] {error}", highlight=False)
+            raise typer.Exit(EXIT_CODES["invalid"])
+    for line in done:
+        console.print(f"  done: {line}", highlight=False)
+    problems = check_layout(Layout.at(root))
+    for problem in problems:
+        errors.print(f"  left: {problem.path}: {problem.problem}\n    fix: {problem.fix}", highlight=False)
+    if not problems:
+        console.print(f"[green]valid layout[/] {Layout.at(root).root}", highlight=False)
+    raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
+
+
 @app.command()
 def validate(root: RootOption = Path("/llava"), as_json: JsonOption = False):
     """Check the layout in seconds, before any model is loaded; list every problem."""

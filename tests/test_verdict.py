@@ -48,6 +48,8 @@ REAL_INPUTS = {
         "llm": {"hidden": 6144, "layers": 48, "heads": 48, "kv_heads": 8, "ffn": 16384, "vocab": 92544},
         "vit": {"hidden": 1024, "layers": 24, "ffn": 4096, "image_size": 336, "patch": 14},
     },
+    "sources": [{"repo_id": "internlm/internlm2-chat-20b", "repo_type": "model", "revision_requested": "main",
+                 "commit": "f" * 40, "endpoint": "https://huggingface.co", "files": ["config.json"]}],
 }
 
 
