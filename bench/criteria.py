@@ -15,6 +15,7 @@ EXIT_CODES = {"pass": 0, "fail": 1, "invalid": 2, "error": 3, "aborted": 3}
 TERMINATIONS = (
     "completed",  # the trainer ran all its iterations and exited 0
     "stopped_on_target",  # the appliance stopped it at the first crossing (--stop-on-target)
+    "stopped_nonfinite_loss",  # the appliance stopped it at a NaN/inf loss (the verdict is fail)
     "crashed",  # the trainer exited non-zero
     "stalled",  # the watchdog stopped it
     "aborted",  # a signal from outside stopped it

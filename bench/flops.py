@@ -16,7 +16,7 @@ NF4 matmuls count as the dense matmuls they stand for):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class ViTShape:
 
 INTERNLM2_20B = LLMShape(hidden=6144, layers=48, heads=48, kv_heads=8, ffn=16384, vocab=92544)
 CLIP_VIT_L_336 = ViTShape(hidden=1024, layers=24, ffn=4096, image_size=336, patch=14)
+
+
+def are_real_shapes(model_shapes: dict | None) -> bool:
+    """Whether recorded model shapes (inputs.model_shapes) are InternLM2-20B and ViT-L/14-336."""
+    return model_shapes == {"llm": asdict(INTERNLM2_20B), "vit": asdict(CLIP_VIT_L_336)}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 LLM_DIRNAME = "internlm2-chat-20b"
 CLIP_DIRNAME = "clip-vit-large-patch14-336"
 DATASET_JSON_NAME = "blip_laion_cc_sbu_558k.json"
+# Written by `llava-bench synth` at the root: deep checks then accept its tiny CLIP geometry.
+SYNTHETIC_MARKER_NAME = "llava-bench-synthetic.json"
 # Written by `llava-bench prepare` next to the files of each hub repo it downloaded.
 SOURCE_RECORD_NAME = ".llava-bench-source.json"
 CONFIG_OVERRIDE_NAME = "llava_internlm2_chat_20b_clip_vit_large_p14_336_e1_gpu8_pretrain.py"

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.criteria import Criteria
-from bench.layout import Layout
+from dataclasses import asdict
+
+from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -262,4 +264,5 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
         _write_clip(layout.clip_dir, spec)
     finally:
         torch.set_num_threads(threads)
+    (layout.root / SYNTHETIC_MARKER_NAME).write_text(json.dumps({"synthetic": True, **asdict(spec)}, indent=2) + "\n")
     return layout

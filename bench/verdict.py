@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -161,8 +161,7 @@ def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | No
 def _baseline_section(context: RunContext, throughput: dict | None) -> dict | None:
     """Per-GPU speed against the seed's A100 run: only for GPU runs of the real model shapes."""
     on_gpu = (context.recipe or {}).get("device") == "cuda"
-    shapes = (context.inputs or {}).get("model_shapes")
-    real_models = shapes == {"llm": asdict(flops_mod.INTERNLM2_20B), "vit": asdict(flops_mod.CLIP_VIT_L_336)}
+    real_models = flops_mod.are_real_shapes((context.inputs or {}).get("model_shapes"))
     if context.demo or not (on_gpu and real_models) or not throughput or throughput["samples_per_second_per_device"] is None:
         return None
     seed = SEED_A100_PER_DEVICE_BATCH / SEED_A100_SECONDS_PER_STEP

@@ -141,10 +141,17 @@ def prepare(
 
 
 @app.command()
-def validate(root: RootOption = Path("/llava"), as_json: JsonOption = False):
-    """Check the layout in seconds, before any model is loaded; list every problem."""
+def validate(
+    root: RootOption = Path("/llava"),
+    deep: Annotated[bool, typer.Option(help="Also check every record, decode every image, check model indexes and shapes.")] = False,
+    sample: Annotated[Optional[int], typer.Option(min=1, help="With --deep: decode only this many images (a seeded sample).")] = None,
+    as_json: JsonOption = False,
+):
+    """Check the layout before any model is loaded (seconds; --deep: minutes); list every problem."""
     layout = Layout.at(root)
     problems = check_layout(layout)
+    if deep and not problems:
+        problems = _deep_with_progress(layout, sample)
     if as_json:
         print(json.dumps({"root": str(layout.root), "valid": not problems, "problems": [p.as_dict() for p in problems]}, indent=2))
     elif problems:
@@ -154,6 +161,16 @@ def validate(root: RootOption = Path("/llava"), as_json: JsonOption = False):
     else:
         console.print(f"[green]valid layout[/] {layout.root}", highlight=False)
     raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
+
+
+def _deep_with_progress(layout: Layout, sample: int | None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from entrypoint.deep import deep_problems
+
+    with Progress("decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
+        task = bar.add_task("decode", total=None)
+        return deep_problems(layout, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
@@ -209,10 +226,14 @@ def run(
     ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
+    image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
+    startup_timeout: Annotated[float, typer.Option(min=1, help="Seconds from launch to the first training step before the run counts as stalled.")] = 3600,
+    stall_timeout: Annotated[float, typer.Option(min=1, help="Seconds without new metrics, once training runs, before the run counts as stalled.")] = 1800,
     junit: JunitOption = None,
     as_json: JsonOption = False,
 ):
     """Validate, train with XTuner, and write results/<run_id>/verdict.json (node-<rank>.json on other nodes)."""
+    from entrypoint.launch import Watchdog
     from entrypoint.pipeline import RunRequest
 
     request = RunRequest(
@@ -231,6 +252,8 @@ def run(
         global_batch=global_batch,
         world_size_means=world_size_means.value if world_size_means else None,
         nproc_per_node=nproc_per_node,
+        image_sample=image_sample or None,
+        watchdog=Watchdog(startup_seconds=startup_timeout, stall_seconds=stall_timeout),
     )
     _run(request, as_json, junit)
 

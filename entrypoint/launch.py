@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
+from entrypoint.diagnose import diagnose, last_lines
 from entrypoint.topology import Topology
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
-# The last line of a Python traceback: "pkg.module.SomeError: message".
-ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
+LOG_CAP_BYTES = 200 * 2**20  # per captured stream; a runaway rank cannot fill the disk
+LOG_TAIL_BYTES = 2**20  # kept from the end of a stream that went over the cap
 
 
 def utc_now() -> str:
@@ -129,16 +129,6 @@ class _StreamTail:
         return [record for record in map(parse_line, lines) if record is not None]
 
 
-def last_error_line(logs_dir: Path) -> str:
-    """The last exception line any rank wrote, to name the cause of a crash."""
-    found = ""
-    for log in sorted(logs_dir.rglob("*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if ERROR_LINE.match(line):
-                found = f"{line.strip()} ({log.relative_to(logs_dir)})"
-    return found
-
-
 class _Signals:
     """Turns SIGINT/SIGTERM into a flag the supervision loop acts on."""
 
@@ -160,10 +150,11 @@ class _Signals:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the whole group, SIGKILL after the grace period."""
+    """SIGTERM to the whole group (and SIGCONT, in case it was stopped), SIGKILL after the grace period."""
     for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)
+            os.killpg(process.pid, signal.SIGCONT)
         except ProcessLookupError:
             return
         try:
@@ -173,73 +164,119 @@ def _stop_group(process: subprocess.Popen) -> None:
             continue
 
 
+class CappedLog(threading.Thread):
+    """Copies a pipe to a file up to a cap; past it, keeps only the last LOG_TAIL_BYTES
+    and says how much was dropped."""
+
+    def __init__(self, pipe, path: Path, cap: int = LOG_CAP_BYTES):
+        super().__init__(daemon=True)
+        self.pipe, self.path, self.cap = pipe, path, cap
+
+    def run(self) -> None:
+        written = dropped = 0
+        tail = bytearray()
+        with open(self.path, "wb") as sink:
+            for chunk in iter(lambda: self.pipe.read1(1 << 16), b""):
+                room = max(self.cap - written, 0)
+                sink.write(chunk[:room])
+                written += min(room, len(chunk))
+                if len(chunk) > room:
+                    tail += chunk[room:]
+                    dropped += max(len(tail) - LOG_TAIL_BYTES, 0)
+                    del tail[: max(len(tail) - LOG_TAIL_BYTES, 0)]
+                sink.flush()
+            if tail or dropped:
+                sink.write(f"\n[llava-bench: log capped at {self.cap} bytes; {dropped} bytes dropped; the last {len(tail)} follow]\n".encode())
+                sink.write(bytes(tail))
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    """A run that shows no progress is stopped rather than left to hold the cluster."""
+
+    startup_seconds: float = 3600.0  # launch to the first metrics record
+    stall_seconds: float = 1800.0  # between metrics records once training runs
+
+
 def supervise(
     plan: LaunchPlan,
     work_dir: Path,
-    on_record: Callable[[MetricsRecord], bool],
+    on_record: Callable[[MetricsRecord], Termination | None],
+    watchdog: Watchdog = Watchdog(),
     poll_seconds: float = 1.0,
 ) -> Outcome:
-    """Run the plan to its end. ``on_record`` sees each new record; True stops the run (target reached)."""
+    """Run the plan to its end. ``on_record`` sees each new record; a Termination it
+    returns stops the run with that termination (target reached, non-finite loss)."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
     tail = _StreamTail(work_dir)
     first_record_at = first_record_seconds = None
-    stopped_on_target = False
-    with ExitStack() as stack, _Signals() as signals:
-        if plan.distributed:
-            stdout = stack.enter_context(open(plan.logs_dir / "launcher.log", "wb"))
-            stderr = subprocess.STDOUT
-        else:
-            stdout = stack.enter_context(open(plan.logs_dir / "rank0.stdout.log", "wb"))
-            stderr = stack.enter_context(open(plan.logs_dir / "rank0.stderr.log", "wb"))
-        process = subprocess.Popen(
-            plan.argv, cwd=plan.cwd, env=plan.env, stdout=stdout, stderr=stderr,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        launched = time.monotonic()
+    stop: Termination | None = None
+    process = subprocess.Popen(
+        plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if plan.distributed else subprocess.PIPE,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    pumps = [CappedLog(process.stdout, plan.logs_dir / ("launcher.log" if plan.distributed else "rank0.stdout.log"))]
+    if not plan.distributed:
+        pumps.append(CappedLog(process.stderr, plan.logs_dir / "rank0.stderr.log"))
+    for pump in pumps:
+        pump.start()
+    launched = last_progress = time.monotonic()
+    last_step = 0
+    with _Signals() as signals:
         try:
-            while True:
+            while stop is None:
                 exited = process.poll() is not None
                 for record in tail.new_records():
+                    last_progress, last_step = time.monotonic(), record.iter
                     if first_record_at is None:
-                        first_record_at, first_record_seconds = utc_now(), round(time.monotonic() - launched, 3)
-                    if not stopped_on_target and on_record(record):
-                        stopped_on_target = True
-                        _stop_group(process)
-                if exited or stopped_on_target:
+                        first_record_at, first_record_seconds = utc_now(), round(last_progress - launched, 3)
+                    stop = stop or on_record(record)
+                if exited or stop:
                     break
                 if signals.received is not None:
-                    _stop_group(process)
+                    name = signal.Signals(signals.received).name
+                    stop = Termination("aborted", f"{name} received; the trainer's process group was stopped")
                     break
-                time.sleep(poll_seconds)
+                silent = time.monotonic() - last_progress
+                if first_record_at is None and silent > watchdog.startup_seconds:
+                    stop = Termination("stalled", f"no training step within {watchdog.startup_seconds:.0f} s of launch")
+                elif first_record_at is not None and silent > watchdog.stall_seconds:
+                    stop = Termination("stalled", f"no new metrics for {watchdog.stall_seconds:.0f} s after iteration {last_step}")
+                if stop is None:
+                    time.sleep(poll_seconds)
         finally:
             if process.poll() is None:
                 _stop_group(process)
         exit_code = process.wait()
-    if signals.received is not None and not stopped_on_target:
-        name = signal.Signals(signals.received).name
-        termination = Termination("aborted", f"{name} received; the trainer's process group was stopped")
-    elif stopped_on_target:
-        termination = Termination("stopped_on_target", "ended by the appliance at the first crossing")
+    for pump in pumps:
+        pump.join()
+    if stop is not None and stop.kind == "stalled":
+        lines = last_lines(plan.logs_dir)
+        stop = Termination("stalled", stop.detail + (f"; last lines: {lines}" if lines else ""))
+    if stop is not None:
+        termination = stop
     elif exit_code == 0:
         termination = Termination("completed")
     else:
-        cause = last_error_line(plan.logs_dir)
-        termination = Termination(
-            "crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
-        )
+        cause = diagnose(plan.logs_dir)
+        termination = Termination("crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else ""))
     return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
 
 
 def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
     """Run a short job (the collective check) to its end; None if it outlived the timeout."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
-    with open(plan.logs_dir / "launcher.log", "wb") as log:
-        process = subprocess.Popen(
-            plan.argv, cwd=plan.cwd, env=plan.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        try:
-            return process.wait(timeout=timeout_seconds)
-        except subprocess.TimeoutExpired:
-            _stop_group(process)
-            return None
+    process = subprocess.Popen(
+        plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    pump = CappedLog(process.stdout, plan.logs_dir / "launcher.log")
+    pump.start()
+    try:
+        return process.wait(timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+        _stop_group(process)
+        return None
+    finally:
+        pump.join()

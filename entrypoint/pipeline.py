@@ -20,6 +20,7 @@ from rich.console import Console
 
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria, Termination
+from bench.flops import are_real_shapes
 from bench.inputs import describe
 from bench.layout import Layout
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
@@ -27,8 +28,9 @@ from bench.report import write_report
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, share_status
+from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.environment import gpu_inventory_details, software
-from entrypoint.launch import run_to_end, supervise, torchrun_plan, training_plan, utc_now
+from entrypoint.launch import Watchdog, run_to_end, supervise, torchrun_plan, training_plan, utc_now
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
 from entrypoint.topology import Topology, TopologyError, detect
@@ -49,6 +51,8 @@ class RunRequest:
     world_size_means: str | None = None
     nproc_per_node: int | None = None
     env: Mapping[str, str] | None = None  # the scheduler's variables; os.environ when None
+    image_sample: int | None = 1000  # images decoded before training; None: every image
+    watchdog: Watchdog = Watchdog()
 
 
 @dataclass(frozen=True)
@@ -235,9 +239,15 @@ def _recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: i
 
 
 def _stop_check(criteria: Criteria, printer: ProgressPrinter):
-    def on_record(record: MetricsRecord) -> bool:
+    """Print each record; stop at a non-finite loss (the verdict is fail) or, if asked, at the target."""
+
+    def on_record(record: MetricsRecord) -> Termination | None:
         printer(record)
-        return criteria.stop_on_target and is_finite(record.loss) and record.loss < criteria.target_loss
+        if not is_finite(record.loss):
+            return Termination("stopped_nonfinite_loss", f"loss {record.loss} at iteration {record.iter}")
+        if criteria.stop_on_target and record.loss < criteria.target_loss:
+            return Termination("stopped_on_target", "ended by the appliance at the first crossing")
+        return None
 
     return on_record
 
@@ -252,6 +262,13 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts)
     unwritable = check_writable(results_parent)
     problems = [*problems, *unwritable, *batch_problems, *check_layout(layout)]
+    if not problems:
+        problems = deep_problems(layout, request.image_sample) + disk_problems(results_parent)
+    inventory = gpu_inventory_details() if device == "cuda" else []
+    inputs = describe(layout) if not problems else None
+    if inputs is not None:
+        real_shapes = are_real_shapes(inputs["model_shapes"])
+        problems += gpu_problems(inventory, options.precision, options.per_device_batch, real_shapes)
 
     recipe = None
     if not problems:
@@ -260,9 +277,8 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             if layout.config_override.is_file()
             else render(layout, options, __version__)
         )
-    inputs = describe(layout) if recipe else None
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
-    run_id, inventories = new_run_id(), [gpu_inventory_details()]
+    run_id, inventories = new_run_id(), [inventory]
     if not any(p.path == "environment" for p in problems):
         try:
             run_id, _, inventories = agree(topology, fingerprint, run_id, inventories[0])
@@ -324,7 +340,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
 
     started_at, started = utc_now(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
-    outcome = supervise(plan, run_dir / "xtuner", _stop_check(request.criteria, printer))
+    outcome = supervise(plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog)
     context = replace(
         context,
         termination=outcome.termination,

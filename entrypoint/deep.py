@@ -1,0 +1,260 @@
+"""Deep preflight: everything that can be known before loading 40 GB of weights.
+
+Record shapes, duplicate ids, every referenced image (opened and decoded, in
+parallel), model folders against their own index and config, the CLIP geometry the
+recipe assumes. Like the layout checks, it lists all problems and writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench.layout import SYNTHETIC_MARKER_NAME, Layout
+from entrypoint.preflight import Problem
+
+LLM_ARCHITECTURES = {
+    "InternLM2ForCausalLM",  # the real model
+    "LlamaForCausalLM",  # Llama-shaped stand-ins (the synthetic layout)
+}
+CLIP_IMAGE_SIZE, CLIP_PATCH = 336, 14  # max_length = 2048 - (336/14)^2 assumes these
+EXAMPLES = 3  # offending records named per kind of problem
+MIN_SHARD_FRACTION = 0.5  # a shard smaller than half its share of the index's total is truncated
+
+
+def record_problems(records: list, json_path: Path) -> list[Problem]:
+    """Shape of every record: id, image, human/gpt turns, exactly one <image>; unique ids."""
+    kinds: dict[str, list[str]] = {}
+
+    def note(kind: str, index: int, record) -> None:
+        name = record.get("id") if isinstance(record, dict) else None
+        kinds.setdefault(kind, []).append(f"#{index}" + (f" (id {name})" if name else ""))
+
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            note("is not an object", index, record)
+            continue
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            note("has no string id", index, record)
+        if not isinstance(record.get("image"), str) or not record["image"]:
+            note("has no image path", index, record)
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or len(turns) < 2 or not all(
+            isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in turns
+        ):
+            note("has no list of human/gpt turns with string values", index, record)
+            continue
+        if turns[0]["from"] != "human" or not any(t["from"] == "gpt" for t in turns):
+            note("does not start with a human turn followed by a gpt answer", index, record)
+        if sum(t["value"].count("<image>") for t in turns if t["from"] == "human") != 1:
+            note("does not hold exactly one <image> in its human turns", index, record)
+    counts = Counter(r.get("id") for r in records if isinstance(r, dict) and isinstance(r.get("id"), str))
+    duplicates = [name for name, count in counts.items() if count > 1]
+    problems = [
+        Problem(
+            str(json_path),
+            f"{len(where)} record(s) {kind}: {', '.join(where[:EXAMPLES])}" + (" ..." if len(where) > EXAMPLES else ""),
+            "the JSON is not LLaVA-Pretrain's: download blip_laion_cc_sbu_558k.json again",
+        )
+        for kind, where in kinds.items()
+    ]
+    if duplicates:
+        problems.append(
+            Problem(
+                str(json_path),
+                f"{len(duplicates)} duplicate id(s): {', '.join(duplicates[:EXAMPLES])}",
+                "each sample must appear once: download the JSON again",
+            )
+        )
+    return problems
+
+
+def _decode(path: str) -> str | None:
+    """None if the image opens and decodes fully, else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except Exception as error:  # noqa: BLE001 - any decoder failure is the finding
+        return f"does not decode ({type(error).__name__})"
+
+
+def image_problems(
+    records: list, image_folder: Path, sample: int | None, seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Problem]:  # fmt: skip
+    """Open and decode every referenced image (or a seeded sample), on every core."""
+    names = sorted({r["image"] for r in records if isinstance(r, dict) and isinstance(r.get("image"), str)})
+    if sample is not None and sample < len(names):
+        names = random.Random(seed).sample(names, sample)
+    failures: dict[str, list[str]] = {}
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        paths = [str(image_folder / name) for name in names]
+        for done, (name, failure) in enumerate(zip(names, pool.map(_decode, paths, chunksize=64)), start=1):
+            if failure:
+                failures.setdefault(failure, []).append(name)
+            if progress:
+                progress(done, len(names))
+    checked = f"of {len(names)} checked" + (" (a sample)" if sample is not None and sample < len(names) else "")
+    return [
+        Problem(
+            str(image_folder),
+            f"{len(bad)} image(s) {failure} {checked}: {', '.join(bad[:EXAMPLES])}" + (" ..." if len(bad) > EXAMPLES else ""),
+            "unzip images.zip again (llava-bench prepare skips the intact ones)",
+        )
+        for failure, bad in failures.items()
+    ]
+
+
+def _config(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the layout checks already name a missing config
+
+
+def llm_problems(folder: Path) -> list[Problem]:
+    """Architecture, remote code named by auto_map, every shard of the index with a plausible size."""
+    config = _config(folder)
+    if config is None:
+        return []
+    problems = []
+    architectures = set(config.get("architectures") or [])
+    if not architectures & LLM_ARCHITECTURES:
+        problems.append(
+            Problem(
+                str(folder / "config.json"),
+                f"architectures {sorted(architectures)} is not InternLM2 (or a Llama-shaped stand-in)",
+                "put internlm/internlm2-chat-20b in this folder",
+            )
+        )
+    for reference in (config.get("auto_map") or {}).values():
+        module = (reference[0] if isinstance(reference, list) else reference).split(".")[0]
+        if not (folder / f"{module}.py").is_file():
+            problems.append(
+                Problem(str(folder / f"{module}.py"), "remote code named by auto_map is missing", "download the model folder again")
+            )
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return [*problems, Problem(str(index_path), "the index does not parse", "download the model folder again")]
+        total = (index.get("metadata") or {}).get("total_size")
+        for shard in shards:
+            path = folder / shard
+            if not path.is_file():
+                problems.append(Problem(str(path), "a shard named by the index is missing", "download the model folder again"))
+            elif total and path.stat().st_size < MIN_SHARD_FRACTION * total / len(shards):
+                problems.append(
+                    Problem(
+                        str(path),
+                        f"shard is {path.stat().st_size} bytes, implausibly small for {total} bytes in {len(shards)} shards (truncated?)",
+                        "download this shard again",
+                    )
+                )
+    return problems
+
+
+def clip_problems(folder: Path, synthetic: bool) -> list[Problem]:
+    """The vision tower and its preprocessor must agree, and be ViT-L/14 at 336 px."""
+    config = _config(folder)
+    if config is None:
+        return []
+    vision = config.get("vision_config", config)
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    problems = []
+    try:
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        preprocessor = None
+    crop = (preprocessor or {}).get("crop_size")
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    if preprocessor is not None and crop != size:
+        problems.append(
+            Problem(
+                str(folder / "preprocessor_config.json"),
+                f"crops {crop} px but the vision tower takes {size} px",
+                "download openai/clip-vit-large-patch14-336 again",
+            )
+        )
+    if not synthetic and (size, patch) != (CLIP_IMAGE_SIZE, CLIP_PATCH):
+        problems.append(
+            Problem(
+                str(folder / "config.json"),
+                f"image size {size}, patch {patch}: the recipe needs CLIP ViT-L/14 at 336 px (576 image tokens)",
+                "put openai/clip-vit-large-patch14-336 in this folder",
+            )
+        )
+    return problems
+
+
+def deep_problems(layout: Layout, sample: int | None = None, progress=None) -> list[Problem]:
+    """All deep problems of a layout that passed the layout checks."""
+    records = json.loads(layout.dataset_json.read_bytes())
+    synthetic = (layout.root / SYNTHETIC_MARKER_NAME).is_file()
+    return [
+        *record_problems(records, layout.dataset_json),
+        *image_problems(records, layout.image_folder, sample, progress=progress),
+        *llm_problems(layout.llm_dir),
+        *clip_problems(layout.clip_dir, synthetic),
+    ]
+
+
+# Measured peak memory per GPU at batch 32 on the real shapes (DESIGN §7: NF4 49451 MiB,
+# bf16 75949 MiB on H200), plus headroom for the allocator.
+REQUIRED_MIB = {"nf4": 52_000, "bf16": 78_000}
+MIN_DRIVER = (450, 80)  # CUDA 11.8 runs on drivers >= 450.80.02 (forward compatibility)
+MIN_RESULTS_FREE_BYTES = 2 * 10**9
+
+
+def gpu_problems(gpus: list[dict], precision: str, per_device_batch: int, real_shapes: bool) -> list[Problem]:
+    """Enough memory for the chosen precision at the recipe's batch, and a driver for CUDA 11.8."""
+    problems = []
+    required = REQUIRED_MIB.get(precision)
+    if real_shapes and required and per_device_batch >= 32:
+        small = [g for g in gpus if g["memory_mib"] < required]
+        if small:
+            problems.append(
+                Problem(
+                    f"GPU {small[0]['index']} ({small[0]['name']})",
+                    f"{small[0]['memory_mib']} MiB, but {precision} at batch {per_device_batch} needs about {required} MiB",
+                    "use --precision nf4, or a smaller --per-device-batch with --global-batch to keep the global batch",
+                )
+            )
+    for gpu in gpus[:1]:
+        driver = gpu.get("driver")
+        if driver:
+            major_minor = tuple(int(part) for part in driver.split(".")[:2] if part.isdigit())
+            if major_minor and major_minor < MIN_DRIVER:
+                problems.append(
+                    Problem(f"driver {driver}", "too old for the image's CUDA 11.8 (needs >= 450.80.02)", "update the NVIDIA driver")
+                )
+    return problems
+
+
+def disk_problems(results_parent: Path) -> list[Problem]:
+    import shutil
+
+    probe = results_parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < MIN_RESULTS_FREE_BYTES:
+        return [
+            Problem(
+                str(results_parent),
+                f"{free / 1e9:.2f} GB free; a run's logs and results need up to {MIN_RESULTS_FREE_BYTES / 1e9:.0f} GB",
+                "free space there or pass --out to a roomier folder",
+            )
+        ]
+    return []

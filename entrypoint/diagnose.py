@@ -1,0 +1,80 @@
+"""Turn the captured logs of a failed run into a reason a person can act on.
+
+Recognises the failures that end long multi-node runs (out of memory, NCCL
+timeouts and errors, killed ranks), names the first failing rank as torchrun
+reports it, and adds a hint. Reads only the files under ``logs/``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# The last line of a Python traceback: "pkg.module.SomeError: message".
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
+# torchrun's ChildFailedError summary: "Root Cause (first observed failure): ... rank : 3 (local_rank: 1)"
+FIRST_FAILURE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.S)
+KNOWN_FAILURES = (
+    (
+        re.compile(r"CUDA out of memory|OutOfMemoryError"),
+        "out of GPU memory",
+        "use --precision nf4, or a smaller --per-device-batch with --global-batch to keep the global batch",
+    ),
+    (
+        re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}(timed out|[Tt]imeout)"),
+        "an NCCL collective timed out",
+        "check that every node started and that nodes reach each other on the interface NCCL uses "
+        "(NCCL_SOCKET_IFNAME, NCCL_IB_HCA); run llava-bench check-cluster",
+    ),
+    (
+        re.compile(r"NCCL error|ncclSystemError|ncclInternalError|ncclUnhandledCudaError|ncclRemoteError"),
+        "NCCL failed",
+        "check the network interface variables (NCCL_SOCKET_IFNAME, NCCL_IB_*) and run llava-bench check-cluster",
+    ),
+    (
+        re.compile(r"exitcode\s*:\s*-9|Signal 9 \(SIGKILL\)"),
+        "a rank was killed (SIGKILL)",
+        "often the host ran out of memory: check the container's memory limit and dmesg",
+    ),
+)
+
+
+def _logs(logs_dir: Path) -> list[Path]:
+    return sorted(logs_dir.rglob("*.log")) if logs_dir.is_dir() else []
+
+
+def last_error_line(logs_dir: Path) -> str:
+    """The last exception line any rank wrote, with the file it is in."""
+    found = ""
+    for log in _logs(logs_dir):
+        for line in log.read_text(errors="replace").splitlines():
+            if ERROR_LINE.match(line.strip()):
+                found = f"{line.strip()} ({log.relative_to(logs_dir)})"
+    return found
+
+
+def last_lines(logs_dir: Path) -> str:
+    """The last non-empty line of each log, for a run that went silent."""
+    parts = []
+    for log in _logs(logs_dir):
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            parts.append(f"{log.relative_to(logs_dir)}: {lines[-1][-200:]}")
+    return "; ".join(parts)
+
+
+def diagnose(logs_dir: Path) -> str:
+    """First failing rank, the cause and a hint; the last exception line when nothing is known."""
+    texts = {log: log.read_text(errors="replace") for log in _logs(logs_dir)}
+    everything = "\n".join(texts.values())
+    parts = []
+    first = FIRST_FAILURE.search(everything)
+    if first:
+        parts.append(f"rank {first.group(1)} (local rank {first.group(2)}) failed first")
+    for pattern, what, hint in KNOWN_FAILURES:
+        if pattern.search(everything):
+            parts.append(f"{what}; hint: {hint}")
+            break
+    cause = last_error_line(logs_dir)
+    if cause:
+        parts.append(cause)
+    return "; ".join(parts)

@@ -1,0 +1,116 @@
+"""Supervision of a real run: watchdog, non-finite loss, capped logs, failure diagnosis.
+
+The runs are real XTuner runs on CPU. The diagnosis cases read log files written
+the way torchrun and PyTorch write them (tests/data/logs): out-of-memory and NCCL
+timeouts cannot happen on this machine, so their text is recorded, not produced.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import verdict as verdict_mod
+from bench.layout import Layout
+from bench.synth import DEMO_PER_DEVICE_BATCH
+from entrypoint.diagnose import diagnose
+from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
+from tests.conftest import DATA, llava_bench
+
+CPU = ["--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH)]
+
+
+def verdict_of(out: Path) -> dict:
+    (path,) = out.glob("*/verdict.json")
+    verdict = json.loads(path.read_text())
+    verdict_mod.validate(verdict)
+    return verdict
+
+
+def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tmp_path):
+    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU, "--startup-timeout", "3")
+    assert done.returncode == 3
+    verdict = verdict_of(tmp_path)
+    assert (verdict["status"], verdict["termination"]["kind"]) == ("error", "stalled")
+    assert "no training step within 3 s of launch" in verdict["reason"]
+    assert "last lines: rank0.std" in verdict["reason"]
+
+
+def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(synthetic_layout, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU,
+         "--max-steps", "100000", "--stall-timeout", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in process.stdout:
+        if "step " in line and "loss" in line:
+            break
+    trainer = subprocess.run(["pgrep", "-f", f"train.py {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert trainer, "trainer process not found"
+    for pid in trainer:
+        subprocess.run(["kill", "-STOP", pid])  # the trainer hangs, as a rank stuck in a collective would
+    started = time.monotonic()
+    process.wait(timeout=120)
+    assert process.returncode == 3
+    assert time.monotonic() - started < 60
+    verdict = verdict_of(tmp_path)
+    assert verdict["termination"]["kind"] == "stalled"
+    assert "no new metrics for 8 s after iteration" in verdict["reason"]
+    assert verdict["result"]["steps_completed"] >= 10
+
+
+def test_a_non_finite_loss_stops_the_run_early_as_fail(layout_copy, tmp_path):
+    config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 1e30")  # the weights blow up
+    Layout.at(layout_copy).config_override.write_text(config)
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "100000", "--json")
+    assert done.returncode == 1, done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["status"] == "fail"
+    assert verdict["termination"]["kind"] == "stopped_nonfinite_loss"
+    assert "non-finite loss" in verdict["reason"]
+    assert verdict["result"]["steps_completed"] < 1000
+    assert any(not point["finite"] for point in verdict["result"]["curve"])
+
+
+def test_logs_are_capped_and_keep_their_tail(tmp_path):
+    script = "import sys; sys.stdout.write('x' * 3_000_000); sys.stdout.write('THE END')"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    pump = CappedLog(child.stdout, tmp_path / "rank.log", cap=1_000_000)
+    pump.start()
+    child.wait()
+    pump.join()
+    text = (tmp_path / "rank.log").read_bytes()
+    assert len(text) < 1_000_000 + LOG_TAIL_BYTES + 200
+    assert text.startswith(b"x" * 1000)
+    assert b"log capped at 1000000 bytes" in text
+    assert text.endswith(b"THE END")
+
+
+def test_out_of_memory_names_the_first_failing_rank_and_hints():
+    reason = diagnose(DATA / "logs" / "oom")
+    assert reason.startswith("rank 9 (local rank 1) failed first; out of GPU memory; hint: use --precision nf4")
+    assert "torch.OutOfMemoryError: CUDA out of memory" in reason
+
+
+def test_nccl_timeout_points_at_the_network_variables():
+    reason = diagnose(DATA / "logs" / "nccl")
+    assert reason.startswith("rank 0 (local rank 0) failed first; an NCCL collective timed out")
+    assert "NCCL_SOCKET_IFNAME" in reason and "check-cluster" in reason
+
+
+def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU,
+         "--max-steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in process.stdout:
+        if "step " in line:
+            break
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert process.returncode == 3
+    assert "SIGINT" in verdict_of(tmp_path)["termination"]["detail"]
