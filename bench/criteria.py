@@ -120,6 +120,8 @@ def judge(
         return judgement("error", f"training {termination.kind} at step {last_step}{detail}")
     if non_finite is not None:
         return judgement("fail", f"non-finite loss ({non_finite.loss}) at step {non_finite.step}")
+    if termination.kind == "stopped_nonfinite_loss":  # seen by the appliance, even if outside the curve
+        return judgement("fail", f"non-finite loss: {termination.detail or 'the appliance stopped the run'}")
     if crossing is not None:
         return judgement(
             "pass",

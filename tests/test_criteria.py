@@ -126,3 +126,11 @@ def test_stop_on_target_ends_the_curve_at_the_first_crossing():
     assert judgement.status == "pass"
     assert [p.step for p in judgement.curve] == [10, 20]
     assert judgement.steps_completed == 20
+
+
+def test_a_run_stopped_for_a_non_finite_loss_fails_even_if_the_curve_misses_it():
+    # accumulation 16: the NaN at iteration 5 belongs to step 1, logged before any crossing record
+    records = stream((5, math.nan), (32, 1.0))
+    judgement = judge(records, Criteria(target_loss=2.3, max_steps=2), Termination("stopped_nonfinite_loss", "loss nan at iteration 5"), 16)
+    assert judgement.status == "fail"
+    assert "non-finite" in judgement.reason

@@ -1,0 +1,142 @@
+"""The bad-input suite: broken layouts and environments made from the synthetic layout.
+
+For each: the exit code, a message that names the problem, and proof that not one
+byte under data/ or model/ changed. Layout cases go through `validate --deep`;
+environment and argument cases through `run`, which refuses before training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bench.layout import SYNTHETIC_MARKER_NAME, Layout
+from tests.conftest import llava_bench, tree_digest
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def edit_records(layout: Layout, change) -> None:
+    edit_json(layout.dataset_json, change)
+
+
+def first_image(layout: Layout) -> Path:
+    return layout.image_folder / json.loads(layout.dataset_json.read_text())[0]["image"]
+
+
+def shard_index(layout: Layout, shards: list[str], total: int) -> None:
+    (layout.llm_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": {f"w{i}": s for i, s in enumerate(shards)}})
+    )
+
+
+def zip_images(layout: Layout) -> None:
+    with zipfile.ZipFile(layout.images_zip, "w") as archive:
+        for path in layout.image_folder.rglob("*.jpg"):
+            archive.write(path, path.relative_to(layout.image_folder))
+    shutil.rmtree(layout.image_folder)
+
+
+# name: (break the layout, words the message must hold)
+DEEP_CASES = {
+    "record without id": (lambda l: edit_records(l, lambda r: r[3].pop("id")), "has no string id"),
+    "record without image": (lambda l: edit_records(l, lambda r: r[4].update(image=None)), "has no image path"),
+    "conversations not a list": (lambda l: edit_records(l, lambda r: r[5].update(conversations="hi")), "human/gpt turns"),
+    "two <image> tokens": (
+        lambda l: edit_records(l, lambda r: r[6]["conversations"][0].update(value="<image>\n<image>")),
+        "exactly one <image>",
+    ),
+    "no <image> token": (
+        lambda l: edit_records(l, lambda r: r[7]["conversations"][0].update(value="describe")), "exactly one <image>"
+    ),
+    "gpt turn first": (lambda l: edit_records(l, lambda r: r[8]["conversations"].reverse()), "start with a human turn"),
+    "duplicate ids": (lambda l: edit_records(l, lambda r: r[9].update(id=r[10]["id"])), "duplicate id"),
+    "missing image": (lambda l: first_image(l).unlink(), "image(s) missing"),
+    "truncated jpeg": (lambda l: first_image(l).write_bytes(first_image(l).read_bytes()[:200]), "does not decode"),
+    "text file named .jpg": (lambda l: first_image(l).write_text("not an image"), "does not decode"),
+    "wrong LLM architecture": (
+        lambda l: edit_json(l.llm_dir / "config.json", lambda c: c.update(architectures=["BertModel"])), "not InternLM2"
+    ),
+    "remote code missing": (
+        lambda l: edit_json(
+            l.llm_dir / "config.json", lambda c: c.update(auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"})
+        ),
+        "configuration_internlm2.py",
+    ),
+    "index names a missing shard": (
+        lambda l: shard_index(l, ["model.safetensors", "model-00002-of-00002.safetensors"], 900_000),
+        "shard named by the index is missing",
+    ),
+    "truncated shard": (lambda l: shard_index(l, ["model.safetensors"], 50_000_000), "implausibly small"),
+    "index does not parse": (
+        lambda l: (l.llm_dir / "model.safetensors.index.json").write_text("{"), "the index does not parse"
+    ),
+    "CLIP of another size": (lambda l: (l.root / SYNTHETIC_MARKER_NAME).unlink(), "needs CLIP ViT-L/14 at 336 px"),
+    "preprocessor disagrees with the tower": (
+        lambda l: edit_json(l.clip_dir / "preprocessor_config.json", lambda c: c.update(crop_size={"height": 32, "width": 32})),
+        "crops 32 px but the vision tower takes 28 px",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEP_CASES))
+def test_deep_validate_names_each_problem_and_changes_nothing(layout_copy, name):
+    breaks, words = DEEP_CASES[name]
+    breaks(Layout.at(layout_copy))
+    before = tree_digest(layout_copy, "data", "model")
+    done = llava_bench("validate", "--root", str(layout_copy), "--deep", "--json")
+    assert done.returncode == 2, done.stdout
+    problems = json.loads(done.stdout)["problems"]
+    assert any(words in f"{p['path']}: {p['problem']}" for p in problems), problems
+    assert all(p["path"] and p["fix"] for p in problems)
+    assert tree_digest(layout_copy, "data", "model") == before
+
+
+RUN = ["--device", "cpu", "--per-device-batch", "8", "--max-steps", "20"]
+# name: (break the layout, extra run arguments, extra environment, words in stderr)
+RUN_CASES = {
+    "images.zip not unpacked": (zip_images, [], {}, "unzip"),
+    "empty LLM folder": (lambda l: [p.unlink() for p in l.llm_dir.iterdir()], [], {}, "no config.json"),
+    "truncated dataset JSON": (
+        lambda l: l.dataset_json.write_bytes(l.dataset_json.read_bytes()[:500]), [], {}, "does not parse"
+    ),
+    "dataset JSON not a list": (lambda l: l.dataset_json.write_text("{}"), [], {}, "no records"),
+    "override config points nowhere": (
+        lambda l: l.config_override.write_text("data_path = '/nowhere/blip.json'\n"), [], {}, "/nowhere/blip.json"
+    ),
+    "a corrupt image is caught before training": (
+        lambda l: first_image(l).write_text("broken"), ["--image-sample", "0"], {}, "does not decode"
+    ),
+    "results folder unwritable": (lambda l: (l.root / "results").write_text("a file, not a folder"), [], {}, "--out"),
+    "GPUs required but none": (lambda l: None, ["--device", "cuda"], {}, "no CUDA GPU is visible"),
+    "non-numeric NNODES": (lambda l: None, [], {"NNODES": "two"}, "NNODES='two'"),
+    "several nodes, no master address": (lambda l: None, [], {"WORLD_SIZE": "2", "RANK": "1"}, "no master address"),
+    "node rank out of range": (lambda l: None, [], {"NNODES": "2", "NODE_RANK": "5", "ADDR": "h"}, "not below the node count"),
+    "global batch not a multiple": (lambda l: None, ["--global-batch", "12"], {}, "not a multiple"),
+    "per-device batch zero": (lambda l: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_run_refuses_before_training_and_changes_nothing(layout_copy, name):
+    breaks, arguments, environment, words = RUN_CASES[name]
+    breaks(Layout.at(layout_copy))
+    before = tree_digest(layout_copy, "data", "model")
+    env = {**os.environ, **environment}
+    done = llava_bench("run", "--root", str(layout_copy), *RUN, *arguments, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr, done.stderr
+    assert tree_digest(layout_copy, "data", "model") == before
+    assert not list(layout_copy.rglob("xtuner"))  # no trainer was started
+
+
+def test_the_suite_holds_at_least_25_cases():
+    assert len(DEEP_CASES) + len(RUN_CASES) >= 25
