@@ -174,15 +174,16 @@ def test_user_config_at_the_root_overrides_the_template(layout_copy, tmp_path):
 
 
 def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
-    for image in Layout.at(layout_copy).image_folder.rglob("*.jpg"):
-        image.write_bytes(b"not a jpeg")
+    """A config error only the trainer finds (preflight cannot): the optimizer refuses a text LR."""
+    config = (Path(__file__).parent / "data" / "user_config.py").read_text().replace("lr = 1e-3", "lr = 'fast'")
+    Layout.at(layout_copy).config_override.write_text(config)
     out = tmp_path / "out"
     done = llava_bench("run", "--root", str(layout_copy), "--out", str(out), *DEMO_ARGS, "--json")
     assert done.returncode == 3
     verdict = json.loads(done.stdout)
     assert verdict["status"] == "error"
     assert verdict["termination"]["kind"] == "crashed"
-    assert "UnidentifiedImageError" in verdict["reason"]
+    assert "TypeError" in verdict["reason"] and "rank0.stderr.log" in verdict["reason"]
     assert (only_run_dir(out) / "verdict.json").is_file()
 
 
