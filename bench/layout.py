@@ -11,7 +11,8 @@ from pathlib import Path
 LLM_DIRNAME = "internlm2-chat-20b"
 CLIP_DIRNAME = "clip-vit-large-patch14-336"
 DATASET_JSON_NAME = "blip_laion_cc_sbu_558k.json"
-# Written by `llava-bench synth` at the root: deep checks then accept its tiny CLIP geometry.
+# Written by `llava-bench synth` into its CLIP folder (so it travels with the model, e.g.
+# through a hub): deep checks then accept that folder's tiny geometry.
 SYNTHETIC_MARKER_NAME = "llava-bench-synthetic.json"
 # Written by `llava-bench prepare` next to the files of each hub repo it downloaded.
 SOURCE_RECORD_NAME = ".llava-bench-source.json"

@@ -100,8 +100,8 @@ def markdown(verdict: dict, plotted: bool) -> str:
             + (f" MFU is null: {flop_model['why_null']}." if flop_model.get("why_null") else ""),
             "",
         ]
-    baseline = verdict.get("baseline")
-    if baseline:
+    baseline = verdict["baseline"]
+    if baseline["speedup_vs_seed_a100"] is not None:
         lines += [
             "## Against the seed's A100 run",
             "",

@@ -264,5 +264,5 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
         _write_clip(layout.clip_dir, spec)
     finally:
         torch.set_num_threads(threads)
-    (layout.root / SYNTHETIC_MARKER_NAME).write_text(json.dumps({"synthetic": True, **asdict(spec)}, indent=2) + "\n")
+    (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(json.dumps({"synthetic": True, **asdict(spec)}, indent=2) + "\n")
     return layout

@@ -158,19 +158,27 @@ def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | No
     }
 
 
-def _baseline_section(context: RunContext, throughput: dict | None) -> dict | None:
+def _baseline_section(context: RunContext, throughput: dict | None) -> dict:
     """Per-GPU speed against the seed's A100 run: only for GPU runs of the real model shapes."""
-    on_gpu = (context.recipe or {}).get("device") == "cuda"
-    real_models = flops_mod.are_real_shapes((context.inputs or {}).get("model_shapes"))
-    if context.demo or not (on_gpu and real_models) or not throughput or throughput["samples_per_second_per_device"] is None:
-        return None
     seed = SEED_A100_PER_DEVICE_BATCH / SEED_A100_SECONDS_PER_STEP
-    return {
+    section = {
         "seed_a100_seconds_per_step": SEED_A100_SECONDS_PER_STEP,
         "seed_a100_per_device_batch": SEED_A100_PER_DEVICE_BATCH,
         "seed_a100_samples_per_second_per_device": seed,
-        "speedup_vs_seed_a100": throughput["samples_per_second_per_device"] / seed,
+        "speedup_vs_seed_a100": None,
+        "why_null": None,
     }
+    if context.demo:
+        section["why_null"] = "a demo run of tiny models"
+    elif (context.recipe or {}).get("device") != "cuda":
+        section["why_null"] = "not run on GPUs"
+    elif not flops_mod.are_real_shapes((context.inputs or {}).get("model_shapes")):
+        section["why_null"] = "the models are not InternLM2-20B and CLIP ViT-L/14-336"
+    elif not throughput or throughput["samples_per_second_per_device"] is None:
+        section["why_null"] = "no throughput was measured"
+    else:
+        section["speedup_vs_seed_a100"] = throughput["samples_per_second_per_device"] / seed
+    return section
 
 
 def _timing_section(context: RunContext, stream: MetricsStream) -> dict | None:

@@ -201,7 +201,7 @@ def clip_problems(folder: Path, synthetic: bool) -> list[Problem]:
 def deep_problems(layout: Layout, sample: int | None = None, progress=None) -> list[Problem]:
     """All deep problems of a layout that passed the layout checks."""
     records = json.loads(layout.dataset_json.read_bytes())
-    synthetic = (layout.root / SYNTHETIC_MARKER_NAME).is_file()
+    synthetic = (layout.clip_dir / SYNTHETIC_MARKER_NAME).is_file()
     return [
         *record_problems(records, layout.dataset_json),
         *image_problems(records, layout.image_folder, sample, progress=progress),

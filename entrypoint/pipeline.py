@@ -252,10 +252,22 @@ def _stop_check(criteria: Criteria, printer: ProgressPrinter):
     return on_record
 
 
-def execute(request: RunRequest, console: Console) -> RunResult:
-    layout = Layout.at(request.root)
-    results_parent = Path(request.out).absolute() if request.out else layout.results_dir
-    gpus, gpu_model, driver = gpu_inventory()
+@dataclass
+class _Preflight:
+    """Everything decided before anything is launched."""
+
+    device: str
+    topology: Topology
+    options: RecipeOptions
+    problems: list[Problem]
+    unwritable: bool
+    inventory: list[dict]
+    inputs: dict | None
+    recipe: RenderedRecipe | None
+
+
+def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int) -> _Preflight:
+    """Topology, batch, layout (plain, then deep), disk and GPU checks; the recipe if all pass."""
     device = resolve_device(request.device, gpus)
     topology, problems = _topology(request, device, gpus)
     accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
@@ -269,7 +281,6 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
         problems += gpu_problems(inventory, options.precision, options.per_device_batch, real_shapes)
-
     recipe = None
     if not problems:
         recipe = (
@@ -277,6 +288,16 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             if layout.config_override.is_file()
             else render(layout, options, __version__)
         )
+    return _Preflight(device, topology, options, problems, bool(unwritable), inventory, inputs, recipe)
+
+
+def execute(request: RunRequest, console: Console) -> RunResult:
+    layout = Layout.at(request.root)
+    results_parent = Path(request.out).absolute() if request.out else layout.results_dir
+    gpus, gpu_model, driver = gpu_inventory()
+    checked = _preflight(request, layout, results_parent, gpus)
+    device, topology, options, problems = checked.device, checked.topology, checked.options, checked.problems
+    recipe, inputs, inventory, unwritable = checked.recipe, checked.inputs, checked.inventory, checked.unwritable
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
     run_id, inventories = new_run_id(), [inventory]
     if not any(p.path == "environment" for p in problems):

@@ -79,7 +79,7 @@ DEEP_CASES = {
     "index does not parse": (
         lambda l: (l.llm_dir / "model.safetensors.index.json").write_text("{"), "the index does not parse"
     ),
-    "CLIP of another size": (lambda l: (l.root / SYNTHETIC_MARKER_NAME).unlink(), "needs CLIP ViT-L/14 at 336 px"),
+    "CLIP of another size": (lambda l: (l.clip_dir / SYNTHETIC_MARKER_NAME).unlink(), "needs CLIP ViT-L/14 at 336 px"),
     "preprocessor disagrees with the tower": (
         lambda l: edit_json(l.clip_dir / "preprocessor_config.json", lambda c: c.update(crop_size={"height": 32, "width": 32})),
         "crops 32 px but the vision tower takes 28 px",

@@ -106,7 +106,8 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     assert throughput["seconds_per_step"]["median"] > 0
     assert throughput["flops_per_step"] > 0 and throughput["flop_model"]["image_tokens_per_sample"] == 4
     assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
-    assert verdict["baseline"] is None  # a CPU run says nothing against an A100
+    assert verdict["baseline"]["speedup_vs_seed_a100"] is None  # a CPU run says nothing against an A100
+    assert verdict["baseline"]["why_null"] == "not run on GPUs"
     assert 0 < verdict["timing"]["startup_seconds"] < verdict["timing"]["wall_seconds"]
 
 

@@ -48,7 +48,8 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     throughput = verdict["throughput"]
     assert throughput["flops_per_step"] > 0
     assert (throughput["mfu"] is None) == (throughput["flop_model"]["peak_tflops_per_device"] is None)
-    assert verdict["baseline"] is None  # tiny models: no comparison with the seed's 20B run
+    assert verdict["baseline"]["speedup_vs_seed_a100"] is None  # tiny models: no comparison with the seed's 20B run
+    assert "not InternLM2-20B" in verdict["baseline"]["why_null"]
     assert (tmp_path / verdict["run_id"] / "report.md").is_file()
     assert verdict["throughput"]["peak_memory_mib"] > 0
     losses = [point["loss"] for point in verdict["result"]["curve"]]

@@ -58,7 +58,7 @@ def test_prepare_makes_a_valid_layout_with_only_the_needed_files(hub_root, synth
         done = prepare(target, hub.endpoint, tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid layout" in done.stdout
-    assert llava_bench("validate", "--root", str(target)).returncode == 0
+    assert llava_bench("validate", "--root", str(target), "--deep").returncode == 0
     layout = Layout.at(target)
     assert not list(target.rglob("tf_model.h5")) and not list(target.rglob("flax_model.msgpack"))
     assert not (layout.pretrain_dir / "blip_laion_cc_sbu_558k_meta.json").exists()
