@@ -89,7 +89,7 @@ def synth(
         layout = write_synthetic_layout(directory, SynthSpec(samples=samples, seed=seed))
     except FileExistsError as error:
         errors.print(f"[red]error:[/] {error}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
 
 
@@ -129,7 +129,7 @@ def prepare(
             )  # fmt: skip
         except PrepareError as error:
             errors.print(f"[red]prepare stopped:[/] {error}", highlight=False)
-            raise typer.Exit(EXIT_CODES["invalid"])
+            raise typer.Exit(EXIT_CODES["invalid"]) from None
     for line in done:
         console.print(f"  done: {line}", highlight=False)
     problems = check_layout(Layout.at(root))
@@ -195,7 +195,7 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
         result = execute(request, errors if as_json else console)
     except RuntimeError as error:  # e.g. --device cuda without GPUs
         errors.print(f"[red]invalid:[/] {error}")
-        raise typer.Exit(EXIT_CODES["invalid"])
+        raise typer.Exit(EXIT_CODES["invalid"]) from None
     _report(result.document, result.path, as_json)
     if junit is not None:
         from bench.report import write_junit
@@ -275,7 +275,7 @@ def topology(
         decision = detect(os.environ, gpus, world_size_means.value if world_size_means else None, nproc_per_node)
     except TopologyError as error:
         errors.print(f"[red]refused:[/] {error}", highlight=False)
-        raise typer.Exit(EXIT_CODES["invalid"])
+        raise typer.Exit(EXIT_CODES["invalid"]) from None
     command = [
         "torchrun", *decision.torchrun_args(), "<xtuner>/tools/train.py", "<results>/<run_id>/config.py",
         "--work-dir", "<results>/<run_id>/xtuner", "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch",

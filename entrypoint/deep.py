@@ -98,7 +98,7 @@ def image_problems(
     failures: dict[str, list[str]] = {}
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         paths = [str(image_folder / name) for name in names]
-        for done, (name, failure) in enumerate(zip(names, pool.map(_decode, paths, chunksize=64)), start=1):
+        for done, (name, failure) in enumerate(zip(names, pool.map(_decode, paths, chunksize=64), strict=True), start=1):
             if failure:
                 failures.setdefault(failure, []).append(name)
             if progress:

@@ -103,6 +103,11 @@ def _port(env: Mapping[str, str], *names: str) -> tuple[int | None, str | None]:
     return None, None
 
 
+def _origins(**entries: tuple[object, str | None]) -> dict[str, str]:
+    """value name -> where it came from, for the values a reading found."""
+    return {name: origin for name, (value, origin) in entries.items() if value is not None and origin}
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compressed host list, e.g. ``gpu[001-003,7],login-a`` -> hosts in order.
 
@@ -138,13 +143,12 @@ def _explicit(env) -> _Reading | None:
     addr_name, addr = _first(env, "ADDR", "MASTER_ADDR")
     port, port_origin = _port(env, "PORT", "MASTER_PORT")
     node_rank = _int(env, "NODE_RANK")
-    origins = {"nnodes": f"NNODES={nnodes}"}
-    if node_rank is not None:
-        origins["node_rank"] = f"NODE_RANK={node_rank}"
-    if addr:
-        origins["master_addr"] = f"{addr_name}={addr}"
-    if port_origin:
-        origins["master_port"] = port_origin
+    origins = _origins(
+        nnodes=(nnodes, f"NNODES={nnodes}"),
+        node_rank=(node_rank, f"NODE_RANK={node_rank}"),
+        master_addr=(addr, f"{addr_name}={addr}"),
+        master_port=(port, port_origin),
+    )
     return _Reading("explicit NNODES/NODE_RANK/ADDR/PORT", nnodes, node_rank, None, addr, port, origins=origins)
 
 
@@ -171,17 +175,13 @@ def _pytorchjob(env) -> _Reading | None:
             f"WORLD_SIZE={world_size} contradicts PET_NNODES={nnodes} x PET_NPROC_PER_NODE={nproc}; "
             "fix the job spec or set NNODES/NODE_RANK/NPROC_PER_NODE explicitly"
         )
-    origins = {
-        key: value
-        for key, value in (
-            ("nnodes", nnodes is not None and f"PET_NNODES={nnodes}"),
-            ("node_rank", node_rank is not None and ("PET_NODE_RANK" if "PET_NODE_RANK" in env else "RANK // PET_NPROC_PER_NODE") + f"={node_rank}"),
-            ("nproc_per_node", nproc is not None and f"PET_NPROC_PER_NODE={nproc}"),
-            ("master_addr", addr and f"{addr_name}={addr}"),
-            ("master_port", port_origin),
-        )
-        if value
-    }
+    origins = _origins(
+        nnodes=(nnodes, f"PET_NNODES={nnodes}"),
+        node_rank=(node_rank, ("PET_NODE_RANK" if "PET_NODE_RANK" in env else "RANK // PET_NPROC_PER_NODE") + f"={node_rank}"),
+        nproc_per_node=(nproc, f"PET_NPROC_PER_NODE={nproc}"),
+        master_addr=(addr, f"{addr_name}={addr}"),
+        master_port=(port, port_origin),
+    )
     return _Reading("Kubeflow PyTorchJob (PET_*)", nnodes, node_rank, nproc, addr, port, "processes" if world_size else None, origins)
 
 
@@ -190,23 +190,22 @@ def _slurm(env) -> _Reading | None:
     if nnodes is None:
         return None
     node_rank = _int(env, "SLURM_NODEID")
-    origins = {"nnodes": f"SLURM_NNODES={nnodes}"}
-    if node_rank is not None:
-        origins["node_rank"] = f"SLURM_NODEID={node_rank}"
     addr_name, addr = _first(env, "MASTER_ADDR")
-    if addr:
-        origins["master_addr"] = f"MASTER_ADDR={addr}"
-    else:
+    addr_origin = f"MASTER_ADDR={addr}"
+    if not addr:
         list_name, nodelist = _first(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
         if nodelist:
             hosts = expand_nodelist(nodelist)
             if len(hosts) != nnodes:
                 raise TopologyError(f"{list_name}={nodelist!r} names {len(hosts)} hosts but SLURM_NNODES={nnodes}")
-            addr = hosts[0]
-            origins["master_addr"] = f"first host of {list_name}={nodelist}"
+            addr, addr_origin = hosts[0], f"first host of {list_name}={nodelist}"
     port, port_origin = _port(env, "MASTER_PORT")
-    if port_origin:
-        origins["master_port"] = port_origin
+    origins = _origins(
+        nnodes=(nnodes, f"SLURM_NNODES={nnodes}"),
+        node_rank=(node_rank, f"SLURM_NODEID={node_rank}"),
+        master_addr=(addr, addr_origin),
+        master_port=(port, port_origin),
+    )
     return _Reading("SLURM", nnodes, node_rank, None, addr, port, origins=origins)
 
 
@@ -221,15 +220,14 @@ def _openmpi(env) -> _Reading | None:
             "(mpirun --map-by ppr:1:node); it starts one process per GPU itself"
         )
     node_rank = _int(env, "OMPI_COMM_WORLD_RANK")
-    origins = {"nnodes": f"OMPI_COMM_WORLD_SIZE={size}"}
-    if node_rank is not None:
-        origins["node_rank"] = f"OMPI_COMM_WORLD_RANK={node_rank}"
     addr_name, addr = _first(env, "MASTER_ADDR")
-    if addr:
-        origins["master_addr"] = f"MASTER_ADDR={addr}"
     port, port_origin = _port(env, "MASTER_PORT")
-    if port_origin:
-        origins["master_port"] = port_origin
+    origins = _origins(
+        nnodes=(size, f"OMPI_COMM_WORLD_SIZE={size}"),
+        node_rank=(node_rank, f"OMPI_COMM_WORLD_RANK={node_rank}"),
+        master_addr=(addr, f"MASTER_ADDR={addr}"),
+        master_port=(port, port_origin),
+    )
     return _Reading("OpenMPI", size, node_rank, None, addr, port, origins=origins)
 
 
@@ -241,17 +239,13 @@ def _volcengine(env) -> _Reading | None:
     nproc = _int(env, "MLP_WORKER_GPU", 1)
     addr_name, addr = _first(env, "MLP_WORKER_0_HOST")
     port, port_origin = _port(env, "MLP_WORKER_0_PORT")
-    origins = {
-        key: value
-        for key, value in (
-            ("nnodes", f"MLP_WORKER_NUM={nnodes}"),
-            ("node_rank", node_rank is not None and f"MLP_ROLE_INDEX={node_rank}"),
-            ("nproc_per_node", nproc is not None and f"MLP_WORKER_GPU={nproc}"),
-            ("master_addr", addr and f"MLP_WORKER_0_HOST={addr}"),
-            ("master_port", port_origin),
-        )
-        if value
-    }
+    origins = _origins(
+        nnodes=(nnodes, f"MLP_WORKER_NUM={nnodes}"),
+        node_rank=(node_rank, f"MLP_ROLE_INDEX={node_rank}"),
+        nproc_per_node=(nproc, f"MLP_WORKER_GPU={nproc}"),
+        master_addr=(addr, f"MLP_WORKER_0_HOST={addr}"),
+        master_port=(port, port_origin),
+    )
     return _Reading("Volcengine MLP", nnodes, node_rank, nproc, addr, port, origins=origins)
 
 
@@ -261,19 +255,18 @@ def _modelarts(env) -> _Reading | None:
         return None
     nnodes = _int(env, count_name, 1)
     node_rank = _int(env, "VC_TASK_INDEX")
-    origins = {"nnodes": f"{count_name}={nnodes}"}
-    if node_rank is not None:
-        origins["node_rank"] = f"VC_TASK_INDEX={node_rank}"
     addr_name, addr = _first(env, "MASTER_ADDR")
-    if addr:
-        origins["master_addr"] = f"MASTER_ADDR={addr}"
-    elif env.get("VC_WORKER_HOSTS", "").strip():
+    addr_origin = f"MASTER_ADDR={addr}"
+    if not addr and env.get("VC_WORKER_HOSTS", "").strip():
         hosts = [h.strip() for h in env["VC_WORKER_HOSTS"].split(",") if h.strip()]
-        addr = hosts[0]
-        origins["master_addr"] = f"first host of VC_WORKER_HOSTS={env['VC_WORKER_HOSTS']}"
+        addr, addr_origin = hosts[0], f"first host of VC_WORKER_HOSTS={env['VC_WORKER_HOSTS']}"
     port, port_origin = _port(env, "MASTER_PORT")
-    if port_origin:
-        origins["master_port"] = port_origin
+    origins = _origins(
+        nnodes=(nnodes, f"{count_name}={nnodes}"),
+        node_rank=(node_rank, f"VC_TASK_INDEX={node_rank}"),
+        master_addr=(addr, addr_origin),
+        master_port=(port, port_origin),
+    )
     return _Reading("Huawei ModelArts", nnodes, node_rank, None, addr, port, origins=origins)
 
 
@@ -292,15 +285,13 @@ def _sagemaker(env) -> _Reading | None:
     hosts = sorted(hosts)  # every node sorts the same way, so ranks agree
     nproc = _int(env, "SM_NUM_GPUS", 1)
     port, port_origin = _port(env, "MASTER_PORT")
-    origins = {
-        "nnodes": f"len(SM_HOSTS)={len(hosts)}",
-        "node_rank": f"position of SM_CURRENT_HOST={current} in sorted SM_HOSTS",
-        "master_addr": f"first of sorted SM_HOSTS={hosts[0]}",
-    }
-    if nproc is not None:
-        origins["nproc_per_node"] = f"SM_NUM_GPUS={nproc}"
-    if port_origin:
-        origins["master_port"] = port_origin
+    origins = _origins(
+        nnodes=(hosts, f"len(SM_HOSTS)={len(hosts)}"),
+        node_rank=(current, f"position of SM_CURRENT_HOST={current} in sorted SM_HOSTS"),
+        nproc_per_node=(nproc, f"SM_NUM_GPUS={nproc}"),
+        master_addr=(hosts, f"first of sorted SM_HOSTS={hosts[0]}"),
+        master_port=(port, port_origin),
+    )
     return _Reading("Amazon SageMaker", len(hosts), hosts.index(current), nproc, hosts[0], port, origins=origins)
 
 
