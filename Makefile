@@ -8,11 +8,57 @@ CONSTRAINTS := constraints/ci.txt
 # dependency of the package because the image installs it from a git commit.
 TRAINING_STACK := torch==2.14.1 torchvision==0.29.1 xtuner==0.2.0
 
-.PHONY: help venv test test-gpu demo clean-demo
+IMAGE ?= llava-bench:$(shell sed -n 's/^__version__ = "\(.*\)".*/\1/p' entrypoint/__init__.py)
+LLAVA ?= ./llava
+BASE_IMAGE ?= nvcr.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04
+# The scheduler's rank variables (entrypoint/topology.py RANK_VARIABLES) pass into the container.
+RANK_ENV := -e NNODES \
+	-e NODE_RANK \
+	-e NPROC_PER_NODE \
+	-e ADDR \
+	-e PORT \
+	-e MASTER_ADDR \
+	-e MASTER_PORT \
+	-e WORLD_SIZE \
+	-e RANK \
+	-e LOCAL_WORLD_SIZE \
+	-e GROUP_RANK \
+	-e PET_NNODES \
+	-e PET_NODE_RANK \
+	-e PET_NPROC_PER_NODE \
+	-e PET_MASTER_ADDR \
+	-e PET_MASTER_PORT \
+	-e SLURM_NNODES \
+	-e SLURM_JOB_NUM_NODES \
+	-e SLURM_NODEID \
+	-e SLURM_JOB_NODELIST \
+	-e SLURM_NODELIST \
+	-e OMPI_COMM_WORLD_SIZE \
+	-e OMPI_COMM_WORLD_RANK \
+	-e OMPI_COMM_WORLD_LOCAL_SIZE \
+	-e MLP_WORKER_NUM \
+	-e MLP_ROLE_INDEX \
+	-e MLP_WORKER_0_HOST \
+	-e MLP_WORKER_0_PORT \
+	-e MLP_WORKER_GPU \
+	-e VC_WORKER_NUM \
+	-e MA_NUM_HOSTS \
+	-e VC_TASK_INDEX \
+	-e VC_WORKER_HOSTS \
+	-e SM_HOSTS \
+	-e SM_CURRENT_HOST \
+	-e SM_NUM_GPUS \
+	-e NCCL_SOCKET_IFNAME \
+	-e NCCL_IB_HCA \
+	-e GLOO_SOCKET_IFNAME
+
+.PHONY: help venv test test-gpu demo clean-demo image run lint lock-base
 
 help:
 	@echo "make demo   synthetic layout + real XTuner run on this machine (CPU is fine)"
 	@echo "make test   the test suite (unit tests and real end-to-end runs)"
+	@echo "make image  build the appliance image ($(IMAGE))"
+	@echo "make run LLAVA=./llava   run the image on this node with the right docker flags"
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +79,24 @@ clean-demo:
 # On a GPU machine whose Python already has the training stack (docs/GPU-VALIDATION.md).
 test-gpu:
 	$(PYTHON) -m pytest -q -s -m gpu tests/test_gpu.py
+
+image:
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+
+run:
+	docker run --rm --gpus all --ipc=host --network=host \
+	--ulimit memlock=-1 --ulimit stack=67108864 \
+	--user $$(id -u):$$(id -g) \
+	-v $(abspath $(LLAVA)):/llava \
+	$(RANK_ENV) \
+	$(IMAGE)
+
+lint: $(BIN)/.installed
+	$(BIN)/hadolint Dockerfile
+
+# Record the digest of the base image for users who can pull it (never invented: it is
+# what the registry answers).
+lock-base:
+	docker pull $(BASE_IMAGE)
+	docker inspect --format '{{index .RepoDigests 0}}' $(BASE_IMAGE) > constraints/base-image.digest
+	@cat constraints/base-image.digest

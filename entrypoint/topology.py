@@ -13,6 +13,19 @@ from itertools import combinations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# Every variable `detect` reads (and the network variables NCCL and gloo read), so
+# launchers such as `make run` can pass them into the container.
+RANK_VARIABLES = (
+    "NNODES", "NODE_RANK", "NPROC_PER_NODE", "ADDR", "PORT", "MASTER_ADDR", "MASTER_PORT",
+    "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+    "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
+    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MLP_WORKER_NUM", "MLP_ROLE_INDEX", "MLP_WORKER_0_HOST", "MLP_WORKER_0_PORT", "MLP_WORKER_GPU",
+    "VC_WORKER_NUM", "MA_NUM_HOSTS", "VC_TASK_INDEX", "VC_WORKER_HOSTS",
+    "SM_HOSTS", "SM_CURRENT_HOST", "SM_NUM_GPUS",
+    "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME",
+)  # fmt: skip
 DEFAULT_PORT = 29500  # passed explicitly: XTuner picks a random port per node otherwise
 LOOPBACK = "127.0.0.1"
 
