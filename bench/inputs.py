@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.flops import LLMShape, ViTShape
 from bench.layout import SOURCE_RECORD_NAME, Layout
+
+
+@dataclass(frozen=True)
+class DatasetJson:
+    """The dataset JSON read once: its bytes (for the hash) and its records."""
+
+    raw: bytes
+    records: list
+
+
+def load_dataset(path: Path) -> DatasetJson:
+    raw = Path(path).read_bytes()
+    return DatasetJson(raw, json.loads(raw))
 
 
 def _sha256(data: bytes) -> str:
@@ -48,14 +61,13 @@ def _model(folder: Path) -> tuple[dict, dict]:
     return {"config_sha256": _sha256(raw), "weight_shards": shards}, json.loads(raw)
 
 
-def describe(layout: Layout) -> dict:
-    """Identities and shapes of a layout that passed preflight (reads the dataset JSON once)."""
-    raw = layout.dataset_json.read_bytes()
+def describe(layout: Layout, dataset: DatasetJson) -> dict:
+    """Identities and shapes of a layout that passed preflight."""
     llm, llm_config = _model(layout.llm_dir)
     clip, clip_config = _model(layout.clip_dir)
     return {
-        "dataset_sha256": _sha256(raw),
-        "dataset_samples": len(json.loads(raw)),
+        "dataset_sha256": _sha256(dataset.raw),
+        "dataset_samples": len(dataset.records),
         "llm": {**llm, "architectures": llm_config.get("architectures", [])},
         "clip": {**clip, "architectures": clip_config.get("architectures", [])},
         "model_shapes": {"llm": asdict(llm_shape(llm_config)), "vit": asdict(vit_shape(clip_config))},

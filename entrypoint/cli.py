@@ -166,11 +166,13 @@ def validate(
 def _deep_with_progress(layout: Layout, sample: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from bench.inputs import load_dataset
     from entrypoint.deep import deep_problems
 
     with Progress("decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
         task = bar.add_task("decode", total=None)
-        return deep_problems(layout, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        dataset = load_dataset(layout.dataset_json)
+        return deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _report(verdict: dict, path: Path | None, as_json: bool) -> None:

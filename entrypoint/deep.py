@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from bench.inputs import DatasetJson
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 from entrypoint.preflight import Problem
 
@@ -198,9 +199,9 @@ def clip_problems(folder: Path, synthetic: bool) -> list[Problem]:
     return problems
 
 
-def deep_problems(layout: Layout, sample: int | None = None, progress=None) -> list[Problem]:
+def deep_problems(layout: Layout, dataset: DatasetJson, sample: int | None = None, progress=None) -> list[Problem]:
     """All deep problems of a layout that passed the layout checks."""
-    records = json.loads(layout.dataset_json.read_bytes())
+    records = dataset.records
     synthetic = (layout.clip_dir / SYNTHETIC_MARKER_NAME).is_file()
     return [
         *record_problems(records, layout.dataset_json),

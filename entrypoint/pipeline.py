@@ -21,7 +21,7 @@ from rich.console import Console
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.flops import are_real_shapes
-from bench.inputs import describe
+from bench.inputs import describe, load_dataset
 from bench.layout import Layout
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.report import write_report
@@ -149,7 +149,7 @@ def check_cluster(request: RunRequest) -> tuple[dict, int]:
         return {"status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
     problems = check_layout(layout)
     recipe = None if problems else render(layout, replace(request.recipe, device=device), __version__)
-    inputs = None if problems else describe(layout)
+    inputs = None if problems else describe(layout, load_dataset(layout.dataset_json))
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
     report = {"topology": topology.as_dict(), "fingerprint": asdict(fingerprint), "problems": [p.as_dict() for p in problems]}
     try:
@@ -274,10 +274,12 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts)
     unwritable = check_writable(results_parent)
     problems = [*problems, *unwritable, *batch_problems, *check_layout(layout)]
+    dataset = None
     if not problems:
-        problems = deep_problems(layout, request.image_sample) + disk_problems(results_parent)
+        dataset = load_dataset(layout.dataset_json)
+        problems = deep_problems(layout, dataset, request.image_sample) + disk_problems(results_parent)
     inventory = gpu_inventory_details() if device == "cuda" else []
-    inputs = describe(layout) if not problems else None
+    inputs = describe(layout, dataset) if not problems else None
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
         problems += gpu_problems(inventory, options.precision, options.per_device_batch, real_shapes)

@@ -68,9 +68,9 @@ def test_prepare_makes_a_valid_layout_with_only_the_needed_files(hub_root, synth
     source = json.loads((layout.llm_dir / ".llava-bench-source.json").read_text())
     assert source["commit"] == _commit(hub_root / LLM_REPO)  # the hash the hub resolved, nothing else
     assert source["revision_requested"] == "main"
-    from bench.inputs import describe
+    from bench.inputs import describe, load_dataset
 
-    recorded = {s["repo_id"]: s["commit"] for s in describe(layout)["sources"]}  # what the verdict records
+    recorded = {s["repo_id"]: s["commit"] for s in describe(layout, load_dataset(layout.dataset_json))["sources"]}  # what the verdict records
     assert recorded["liuhaotian/LLaVA-Pretrain"] == _commit(hub_root / DATA_REPO)
     # A second prepare fetches nothing and unpacks nothing.
     with Hub(hub_root) as hub:
