@@ -17,7 +17,6 @@ from bench.layout import Layout
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
-LOG_INTERVAL = 10  # the LoggerHook interval of the pinned config
 
 
 @dataclass(frozen=True)
