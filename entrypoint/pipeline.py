@@ -327,7 +327,9 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     run_dir = results_parent / run_id
     if problems:
         context = replace(context, problems=[p.as_dict() for p in problems])
-        if unwritable:  # nowhere to write: the console gets it all
+        # Nowhere to write (an unwritable --out, or no layout mounted at the root, which
+        # must not be created): the console gets it all.
+        if unwritable or (request.out is None and not layout.root.is_dir()):
             invalid = verdict_mod.build(context, MetricsStream([], 0))
             return RunResult(invalid, None, invalid["exit_code"])
         run_dir.mkdir(parents=True, exist_ok=True)

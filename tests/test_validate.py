@@ -100,6 +100,13 @@ def test_a_missing_root_is_invalid(tmp_path):
     assert "does not exist" in done.stderr
 
 
+def test_run_without_a_root_writes_nothing_and_says_to_mount_one(tmp_path):
+    done = llava_bench("run", "--root", str(tmp_path / "absent"))
+    assert done.returncode == 2
+    assert "docker run -v ./llava:/llava" in done.stderr
+    assert not (tmp_path / "absent").exists()  # the missing root is not created
+
+
 def test_an_override_with_existing_relative_paths_is_valid(layout_copy):
     Layout.at(layout_copy).config_override.write_text(
         "data_root = './data/llava_data/'\n"
