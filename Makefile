@@ -8,7 +8,10 @@ CONSTRAINTS := constraints/ci.txt
 # dependency of the package because the image installs it from a git commit.
 TRAINING_STACK := torch==2.14.1 torchvision==0.29.1 xtuner==0.2.0
 
-IMAGE ?= llava-bench:$(shell sed -n 's/^__version__ = "\(.*\)".*/\1/p' entrypoint/__init__.py)
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)".*/\1/p' entrypoint/__init__.py)
+IMAGE ?= llava-bench:$(VERSION)
+# Extra --build-arg flags (e.g. FLASH_ATTN_WHEEL=...); see the ARGs at the top of the Dockerfile.
+IMAGE_BUILD_ARGS ?=
 LLAVA ?= ./llava
 BASE_IMAGE ?= nvcr.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04
 # The scheduler's rank variables (entrypoint/topology.py RANK_VARIABLES) pass into the container.
@@ -81,10 +84,12 @@ test-gpu:
 	$(PYTHON) -m pytest -q -s -m gpu tests/test_gpu.py
 
 image:
-	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg APPLIANCE_VERSION=$(VERSION) $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 
+# --stop-timeout: docker stop waits for the appliance to stop the trainer (up to 30 s)
+# and write the aborted verdict before it kills the container.
 run:
-	docker run --rm --gpus all --ipc=host --network=host \
+	docker run --rm --gpus all --ipc=host --network=host --stop-timeout 60 \
 	--ulimit memlock=-1 --ulimit stack=67108864 \
 	--user $$(id -u):$$(id -g) \
 	-v $(abspath $(LLAVA)):/llava \
