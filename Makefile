@@ -55,7 +55,7 @@ RANK_ENV := -e NNODES \
 	-e NCCL_IB_HCA \
 	-e GLOO_SOCKET_IFNAME
 
-.PHONY: help venv test test-gpu demo clean-demo image run lint lock-base
+.PHONY: help venv test test-gpu demo clean-demo image run lint lock-base lock-image
 
 help:
 	@echo "make demo   synthetic layout + real XTuner run on this machine (CPU is fine)"
@@ -105,3 +105,10 @@ lock-base:
 	docker pull $(BASE_IMAGE)
 	docker inspect --format '{{index .RepoDigests 0}}' $(BASE_IMAGE) > constraints/base-image.digest
 	@cat constraints/base-image.digest
+
+# Re-pin constraints/image.txt from a built image (needs the NGC base and GitHub); the
+# header comment is kept, the appliance and XTuner (installed by name) are left out.
+lock-image: image
+	{ sed -n '/^#/p' constraints/image.txt; \
+	  docker run --rm --entrypoint pip $(IMAGE) freeze --exclude llava-bench --exclude xtuner; } > constraints/image.txt.new
+	mv constraints/image.txt.new constraints/image.txt

@@ -1,11 +1,12 @@
-"""The image recipe, the Makefile's docker flags and the examples, checked without a
-Docker engine (the container contract test needs one and is the image issue's)."""
+"""The image recipe, its pins, the Makefile's docker flags and the examples, checked
+without a Docker engine (tests/test_container.py builds and runs the image on one)."""
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,35 @@ def test_dockerfile_pins_the_ngc_base_and_the_xtuner_commit():
     assert text.index("COPY entrypoint/") > text.index("XTUNER_REQUIREMENT}")
 
 
+def pins(name: str) -> dict[str, str]:
+    lines = [line for line in (ROOT / "constraints" / name).read_text().splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[\w.-]+==[\w.+-]+", line) for line in lines), "only exact pins"
+    names = [line.split("==")[0].lower().replace("_", "-") for line in lines]
+    assert len(names) == len(set(names)), "a package pinned twice"
+    return dict(zip(names, (line.split("==")[1] for line in lines)))
+
+
+@pytest.mark.parametrize("name", ["image.txt", "ci.txt"])
+def test_each_constraints_file_pins_the_training_stack_and_the_appliance_dependencies(name):
+    pinned = pins(name)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        assert re.match(r"[\w.-]+", requirement).group().lower() in pinned, requirement
+    for package in ("torch", "torchvision", "transformers", "mmengine", "bitsandbytes", "peft"):
+        assert package in pinned, package
+
+
+def test_the_image_pins_cuda_11_8_torch_and_deepspeed():
+    pinned = pins("image.txt")
+    assert (pinned["torch"], pinned["torchvision"]) == ("2.1.2+cu118", "0.16.2+cu118")
+    assert "deepspeed" in pinned
+
+
 def test_make_run_passes_the_flags_the_mount_and_every_rank_variable():
     done = subprocess.run(["make", "-n", "run", "LLAVA=./llava"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     command = done.stdout
-    for flag in ("--gpus all", "--ipc=host", "--network=host", "--ulimit memlock=-1", "--ulimit stack=67108864",
+    for flag in ("--gpus all", "--ipc=host", "--network=host", "--stop-timeout 60", "--ulimit memlock=-1", "--ulimit stack=67108864",
                  "--user $(id -u):$(id -g)", f"-v {ROOT / 'llava'}:/llava"):  # fmt: skip
         assert flag in command, flag
     for variable in RANK_VARIABLES:
