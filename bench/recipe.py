@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 
 from bench.layout import Layout
+from bench.levers import Levers
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
@@ -29,7 +30,7 @@ class RecipeOptions:
     accumulative_counts: int = 1
     seed: int = 42
     device: str = "cuda"  # "cuda" or "cpu"; cpu = fp32 LLM, plain OptimWrapper, gloo
-    dataloader_num_workers: int = 0
+    levers: Levers = Levers()
     save_checkpoint: bool = False
     eval_image: Path | None = None
 
@@ -41,6 +42,8 @@ class RecipeOptions:
         for name in ("max_steps", "per_device_batch", "accumulative_counts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.levers.dequantize_nf4 and (self.device, self.precision) != ("cuda", "nf4"):
+            raise ValueError("dequantize_nf4 applies to NF4 on GPUs")
 
     @property
     def max_iters(self) -> int:
@@ -93,9 +96,7 @@ def _deviations(options: RecipeOptions) -> list[str]:
         changes.append(f"per-device batch {options.per_device_batch} instead of 32")
     if options.accumulative_counts != 1:
         changes.append(f"gradient accumulation over {options.accumulative_counts} micro-batches")
-    if options.dataloader_num_workers != 0:
-        changes.append(f"{options.dataloader_num_workers} dataloader workers instead of 0")
-    return changes
+    return changes + options.levers.deviations()
 
 
 def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> RenderedRecipe:
@@ -130,7 +131,10 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         image_folder=repr(str(layout.image_folder)),
         batch_size=options.per_device_batch,
         accumulative_counts=options.accumulative_counts,
-        dataloader_num_workers=options.dataloader_num_workers,
+        dataloader_num_workers=options.levers.dataloader_workers,
+        dataloader_extras="\n    pin_memory=True," if options.levers.pin_memory else "",
+        llm_loader="from_pretrained_dequantized" if options.levers.dequantize_nf4 else "AutoModelForCausalLM.from_pretrained",
+        lever_imports="from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "",
         max_iters=options.max_iters,
         llm_dtype=llm_dtype,
         quantization=quantization,

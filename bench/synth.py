@@ -20,9 +20,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.criteria import Criteria
 from dataclasses import asdict
 
+from bench.criteria import Criteria
+from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 
 COLOURS = {
@@ -69,24 +70,25 @@ class SynthSpec:
     llm_train_steps: int = 300
     vision_hidden: int = 32
     vision_layers: int = 3
+    image_pixels: int = IMAGE_PIXELS
 
 
-def _draw(shape: str, fg: tuple, bg: tuple, rng: random.Random):
+def _draw(shape: str, fg: tuple, bg: tuple, rng: random.Random, pixels: int):
     """Quadrants: foreground fill, the shape in white on black, background fill, foreground fill."""
     from PIL import Image, ImageDraw
 
-    half = IMAGE_PIXELS // 2
+    half = pixels // 2
 
     def jitter(colour):
         return tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in colour)
 
-    image = Image.new("RGB", (IMAGE_PIXELS, IMAGE_PIXELS))
+    image = Image.new("RGB", (pixels, pixels))
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, half - 1, half - 1), fill=jitter(fg))
-    draw.rectangle((0, half, half - 1, IMAGE_PIXELS - 1), fill=jitter(bg))
-    draw.rectangle((half, half, IMAGE_PIXELS - 1, IMAGE_PIXELS - 1), fill=jitter(fg))
-    draw.rectangle((half, 0, IMAGE_PIXELS - 1, half - 1), fill=(0, 0, 0))
-    size = rng.randint(18, 28)
+    draw.rectangle((0, half, half - 1, pixels - 1), fill=jitter(bg))
+    draw.rectangle((half, half, pixels - 1, pixels - 1), fill=jitter(fg))
+    draw.rectangle((half, 0, pixels - 1, half - 1), fill=(0, 0, 0))
+    size = rng.randint(18, 28) * pixels // IMAGE_PIXELS
     x0, y0 = half + rng.randint(0, half - size), rng.randint(0, half - size)
     box = (x0, y0, x0 + size, y0 + size)
     if shape == "square":
@@ -117,7 +119,7 @@ def _write_dataset(layout: Layout, spec: SynthSpec, rng: random.Random) -> list[
         rel = f"{sample_id[:5]}/{sample_id}.jpg"
         path = layout.image_folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        _draw(shape, COLOURS[fg], COLOURS[bg], rng).save(path, quality=95)
+        _draw(shape, COLOURS[fg], COLOURS[bg], rng, spec.image_pixels).save(path, quality=95)
         records.append(
             {
                 "id": sample_id,
@@ -265,4 +267,56 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
     finally:
         torch.set_num_threads(threads)
     (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(json.dumps({"synthetic": True, **asdict(spec)}, indent=2) + "\n")
+    return layout
+
+
+# Speed measurements on the real shapes (`llava-bench perf`): enough samples that
+# XTuner's 3 % warm-up has an iteration at batch 32 on up to 3 GPUs (--samples for more), and images of
+# LLaVA-Pretrain's size, so decoding costs what it costs there.
+REAL_SHAPE_SPEC = SynthSpec(samples=4_096, vocab_size=2_000, image_pixels=384)
+
+
+def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC) -> Layout:
+    """Random weights of the exact InternLM2-20B (Llama-shaped) and CLIP ViT-L/14-336
+    shapes, for time per step and memory on a GPU machine with nothing downloaded.
+
+    The LLM is made in fp16 on the GPU (40 GB) and saved in shards; its loss means
+    nothing, but stock and appliance recipes compute the same loss on it.
+    """
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    layout = Layout.at(root)
+    if layout.dataset_json.exists() or layout.llm_dir.exists() or layout.clip_dir.exists():
+        raise FileExistsError(f"{layout.root} already holds a layout; choose an empty folder")
+    layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
+    layout.model_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(spec.seed)
+    samples = _write_dataset(layout, spec, rng)
+    tokenizer = _write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
+    torch.manual_seed(spec.seed)
+    llm = INTERNLM2_20B
+    config = LlamaConfig(
+        vocab_size=llm.vocab, hidden_size=llm.hidden, intermediate_size=llm.ffn, num_hidden_layers=llm.layers,
+        num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads, max_position_embeddings=32_768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
+    model.save_pretrained(layout.llm_dir, safe_serialization=True, max_shard_size="4GB")
+    del model
+    torch.cuda.empty_cache()
+    vit = CLIP_VIT_L_336
+    vision = CLIPVisionConfig(
+        hidden_size=vit.hidden, intermediate_size=vit.ffn, num_hidden_layers=vit.layers, num_attention_heads=16,
+        image_size=vit.image_size, patch_size=vit.patch, projection_dim=768,
+    )  # fmt: skip
+    CLIPVisionModel(vision).save_pretrained(layout.clip_dir, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": vit.image_size}, crop_size={"height": vit.image_size, "width": vit.image_size}
+    ).save_pretrained(layout.clip_dir)
+    (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(
+        json.dumps({"synthetic": True, "random_weights": True, **asdict(spec)}, indent=2) + "\n"
+    )
     return layout

@@ -17,9 +17,11 @@ from rich.console import Console
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria
 from bench.layout import Layout
+from bench.levers import LeverRequest
 from bench.recipe import RecipeOptions
 from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
 from entrypoint import __version__
+from entrypoint.perf import VARIANTS
 from entrypoint.preflight import check_layout
 
 app = typer.Typer(
@@ -41,6 +43,10 @@ class Precision(str, Enum):
 class WorldSizeMeans(str, Enum):
     nodes = "nodes"
     processes = "processes"
+
+
+# `llava-bench perf` variants (entrypoint/perf.py VARIANTS).
+Variant = Enum("Variant", {name: name for name in VARIANTS}, type=str)
 
 
 class Device(str, Enum):
@@ -226,6 +232,15 @@ def run(
     eval_image: Annotated[
         Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
     ] = None,
+    stock: Annotated[bool, typer.Option(help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md).")] = False,
+    dataloader_workers: Annotated[
+        Optional[int], typer.Option(min=0, help="Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).")
+    ] = None,
+    pin_memory: Annotated[Optional[bool], typer.Option(help="Pinned dataloader memory (default: on with GPUs).")] = None,
+    dequantize_nf4: Annotated[
+        Optional[bool],
+        typer.Option(help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when every GPU has >= 78000 MiB)."),
+    ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
     image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
@@ -250,6 +265,7 @@ def run(
             save_checkpoint=save_checkpoint,
             eval_image=eval_image,
         ),
+        levers=LeverRequest(stock=stock, dataloader_workers=dataloader_workers, pin_memory=pin_memory, dequantize_nf4=dequantize_nf4),
         device=device.value,
         global_batch=global_batch,
         world_size_means=world_size_means.value if world_size_means else None,
@@ -395,6 +411,55 @@ def demo(
         demo=True,
     )
     _run(request, as_json)
+
+
+@app.command()
+def perf(
+    root: Annotated[
+        Path,
+        typer.Option("--root", help="Layout to measure on; an empty folder gets random weights of the real shapes (GPU, ~45 GB)."),
+    ] = Path("perf-layout"),
+    out: Annotated[Path, typer.Option(help="Folder for each variant's results and perf.json.")] = Path("perf-results"),
+    variant: Annotated[
+        Optional[list[Variant]],
+        typer.Option(help="Recipe variants to run, in order (repeatable; default: stock then default); see docs/PERFORMANCE.md."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")] = 30,
+    precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
+    per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
+    samples: Annotated[int, typer.Option(min=512, help="Records of a layout written here (XTuner's warm-up needs >= 34 iterations per epoch).")] = 4096,
+    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")] = Device.auto,
+    as_json: JsonOption = False,
+):
+    """Stock XTuner and the appliance's speed levers back to back on the same GPUs: one table."""
+    from dataclasses import asdict, replace
+
+    from bench.synth import REAL_SHAPE_SPEC, write_real_shape_layout
+    from entrypoint.perf import compare, run_variant, table, write_report
+
+    chosen = [v.value for v in variant] if variant else ["stock", "default"]
+    layout = Layout.at(root)
+    if not layout.dataset_json.exists():
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
+            raise typer.Exit(2)
+        errors.print(f"writing random weights of the real shapes and {samples} samples to {root} (about 45 GB)", highlight=False)
+        write_real_shape_layout(root, replace(REAL_SHAPE_SPEC, samples=samples))
+    run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
+                   "--per-device-batch", str(per_device_batch), "--device", device.value]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
+    rows = compare(verdicts)
+    report = write_report(out, rows, run_options)
+    if as_json:
+        console.print_json(json.dumps([asdict(row) for row in rows]))
+    else:
+        console.print(table(rows), highlight=False)
+        console.print(f"written: {report}", highlight=False)
+    if any(row.termination != "completed" for row in rows):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

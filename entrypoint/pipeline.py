@@ -23,6 +23,7 @@ from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.flops import are_real_shapes
 from bench.inputs import describe, load_dataset
 from bench.layout import Layout
+from bench.levers import LeverRequest, resolve_levers
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.report import write_report
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
@@ -45,6 +46,7 @@ class RunRequest:
     out: Path | None
     criteria: Criteria
     recipe: RecipeOptions
+    levers: LeverRequest = LeverRequest()
     device: str = "auto"  # auto | cuda | cpu
     global_batch: int | None = None
     demo: bool = False
@@ -232,7 +234,7 @@ def _recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: i
         "global_batch": options.per_device_batch * options.accumulative_counts * world_size,
         "max_iters": options.max_iters,
         "seed": options.seed,
-        "dataloader_num_workers": options.dataloader_num_workers,
+        "levers": options.levers.as_dict(),
         "deviations": recipe.deviations,
         "cfg_options": recipe.cfg_options,
     }
@@ -271,14 +273,18 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     device = resolve_device(request.device, gpus)
     topology, problems = _topology(request, device, gpus)
     accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
-    options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts)
+    inventory = gpu_inventory_details() if device == "cuda" else []
+    levers, lever_messages = resolve_levers(
+        request.levers, device, request.recipe.precision, [gpu["memory_mib"] for gpu in inventory]
+    )
+    lever_problems = [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
+    options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts, levers=levers)
     unwritable = check_writable(results_parent)
-    problems = [*problems, *unwritable, *batch_problems, *check_layout(layout)]
+    problems = [*problems, *unwritable, *batch_problems, *lever_problems, *check_layout(layout)]
     dataset = None
     if not problems:
         dataset = load_dataset(layout.dataset_json)
         problems = deep_problems(layout, dataset, request.image_sample) + disk_problems(results_parent)
-    inventory = gpu_inventory_details() if device == "cuda" else []
     inputs = describe(layout, dataset) if not problems else None
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])

@@ -56,3 +56,23 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     assert losses[-1] < losses[0]
     rank_logs = list((tmp_path / verdict["run_id"] / "logs" / "node-0" / "ranks").rglob("stderr.log"))
     assert len(rank_logs) == gpus, rank_logs
+
+
+def test_perf_compares_stock_nf4_with_each_lever_and_the_curves_agree(synthetic_layout, tmp_path):
+    """`llava-bench perf` on the GPU machine: stock NF4, each lever alone, the default.
+    Tiny models, so the times say nothing about the 20B run; the loss curves must
+    agree with stock's (the levers keep the math)."""
+    done = llava_bench(
+        "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cuda", "--steps", "60",
+        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--precision", "nf4",
+        "--variant", "stock", "--variant", "workers", "--variant", "dequantize", "--variant", "default", "--json",
+    )  # fmt: skip
+    print(done.stderr[-2000:])
+    rows = {row["variant"]: row for row in json.loads(done.stdout)}
+    print(json.dumps(rows, indent=1))
+    assert done.returncode == 0
+    assert rows["dequantize"]["levers"]["dequantize_nf4"] is True
+    assert rows["default"]["levers"]["dataloader_workers"] == 4
+    for row in rows.values():
+        assert row["termination"] == "completed"
+        assert row["max_loss_difference"] < 0.05, row  # stock vs lever, six logged losses

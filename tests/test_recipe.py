@@ -30,6 +30,7 @@ def test_default_recipe_keeps_the_pinned_hyperparameters():
     assert values["batch_size"] == 32
     assert values["accumulative_counts"] == 1
     assert values["dataloader_num_workers"] == 0
+    assert "pin_memory" not in text and "from_pretrained_dequantized" not in text  # stock levers
     assert values["lr"] == 1e-3
     assert values["betas"] == (0.9, 0.999)
     assert values["weight_decay"] == 0

@@ -25,7 +25,7 @@ RECIPE = {
     "global_batch": 64,
     "max_iters": 500,
     "seed": 42,
-    "dataloader_num_workers": 0,
+    "levers": {"dataloader_workers": 0, "pin_memory": False, "dequantize_nf4": False, "stock": True},
     "deviations": ["fixed random seed 42"],
     "cfg_options": [],
 }

@@ -1,0 +1,115 @@
+"""Speed levers that keep the pinned recipe's math (docs/PERFORMANCE.md).
+
+Each lever is a recipe option recorded in the verdict; the stock values reproduce the
+pinned config exactly (`--stock`). A lever stays only if it computes the same thing:
+same data order, same weights' values, same global batch and schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Dataloader workers per rank when the lever is on: the stock config decodes and
+# preprocesses images on the training thread (data_time ~6 % of a step, DESIGN §7).
+APPLIANCE_DATALOADER_WORKERS = 4
+# Dequantized NF4 weights take what bf16 weights take: the bf16 run's peak at batch 32
+# plus headroom (entrypoint/deep.py REQUIRED_MIB["bf16"]).
+DEQUANTIZED_NF4_MIB = 78_000
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Concrete lever settings of one run; ``Levers()`` is the pinned config."""
+
+    dataloader_workers: int = 0
+    pin_memory: bool = False
+    dequantize_nf4: bool = False
+
+    @property
+    def stock(self) -> bool:
+        return self == STOCK
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stock": self.stock}
+
+    def deviations(self) -> list[str]:
+        """How the levers change the config, in words (the math stays the same)."""
+        changes = []
+        if self.dataloader_workers:
+            changes.append(f"{self.dataloader_workers} dataloader workers per rank instead of 0 (same sampler, same order)")
+        if self.pin_memory:
+            changes.append("pinned dataloader memory")
+        if self.dequantize_nf4:
+            changes.append(
+                "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
+                "(the same values bitsandbytes computes each step)"
+            )
+        return changes
+
+
+STOCK = Levers()
+
+
+@dataclass(frozen=True)
+class LeverRequest:
+    """What the user asked for: ``None`` means the appliance's default."""
+
+    stock: bool = False
+    dataloader_workers: int | None = None
+    pin_memory: bool | None = None
+    dequantize_nf4: bool | None = None
+
+
+def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memory_mib: list[int]) -> tuple[Levers, list[str]]:
+    """The levers of this run and, for choices that cannot apply, why (preflight problems).
+
+    Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
+    with pinned memory, and NF4 dequantized once where every GPU holds the fp16 weights.
+    """
+    if request.stock:
+        asked = (request.dataloader_workers, request.pin_memory, request.dequantize_nf4)
+        return STOCK, (["--stock turns every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
+    on_gpu = device == "cuda"
+    applies = on_gpu and precision == "nf4"
+    fits = bool(gpu_memory_mib) and min(gpu_memory_mib) >= DEQUANTIZED_NF4_MIB
+    problems = []
+    if request.dequantize_nf4 and not applies:
+        problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
+    levers = Levers(
+        dataloader_workers=(
+            request.dataloader_workers
+            if request.dataloader_workers is not None
+            else (APPLIANCE_DATALOADER_WORKERS if on_gpu else 0)
+        ),
+        pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
+        dequantize_nf4=applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits),
+    )
+    return levers, problems
+
+
+def from_pretrained_dequantized(**kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the NF4 config, then every 4-bit
+    linear replaced by a frozen linear holding the weight bitsandbytes would dequantize
+    at every forward and backward: the same values, computed once.
+
+    Named in the rendered config (the trainer processes import it), so it runs where
+    XTuner builds the model.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(**kwargs)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            linear = torch.nn.Linear(
+                child.in_features, child.out_features, bias=child.bias is not None, device=weight.device, dtype=weight.dtype
+            )
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
+            setattr(parent, name, linear)
+    torch.cuda.empty_cache()
+    return model
