@@ -38,6 +38,10 @@ def shard_index(layout: Layout, shards: list[str], total: int) -> None:
     )
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
 def zip_images(layout: Layout) -> None:
     with zipfile.ZipFile(layout.images_zip, "w") as archive:
         for path in layout.image_folder.rglob("*.jpg"):
@@ -75,7 +79,10 @@ DEEP_CASES = {
         lambda l: shard_index(l, ["model.safetensors", "model-00002-of-00002.safetensors"], 900_000),
         "shard named by the index is missing",
     ),
-    "truncated shard": (lambda l: shard_index(l, ["model.safetensors"], 50_000_000), "implausibly small"),
+    "truncated shard": (
+        lambda l: (shard_index(l, ["model.safetensors"], 0), truncate(l.llm_dir / "model.safetensors")),
+        "header describes",
+    ),
     "index does not parse": (
         lambda l: (l.llm_dir / "model.safetensors.index.json").write_text("{"), "the index does not parse"
     ),

@@ -100,6 +100,16 @@ def test_a_missing_root_is_invalid(tmp_path):
     assert "does not exist" in done.stderr
 
 
+def test_a_small_last_shard_that_is_whole_is_accepted(layout_copy):
+    """Shards are judged by their own safetensors header, not by their share of the total."""
+    llm_dir = Layout.at(layout_copy).llm_dir
+    (llm_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 10**11}, "weight_map": {"w": "model.safetensors"}})
+    )
+    done = llava_bench("validate", "--root", str(layout_copy), "--deep")
+    assert done.returncode == 0, done.stderr
+
+
 def test_run_without_a_root_writes_nothing_and_says_to_mount_one(tmp_path):
     done = llava_bench("run", "--root", str(tmp_path / "absent"))
     assert done.returncode == 2
