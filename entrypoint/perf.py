@@ -40,16 +40,42 @@ class PerfRow:
 
 def run_variant(variant: str, root: Path, out: Path, run_options: list[str]) -> dict:
     """One real run; its verdict. The run's own progress goes to stderr, so stdout
-    carries only the table (or --json)."""
+    carries only the table (or --json). A completed run of this variant with the same
+    layout and options already under ``out`` is reused, so an interrupted
+    comparison resumes where it stopped."""
     folder = out / variant
     command = [sys.executable, "-m", "entrypoint", "run", "--root", str(root), "--out", str(folder), *run_options, *VARIANTS[variant]]
+    previous = _completed_verdict(folder, command)
+    if previous is not None:
+        print(f"{variant}: reusing {previous['_run_dir']}", file=sys.stderr)
+        return previous
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMMAND_FILE).write_text(json.dumps(command[1:]) + "\n")
     subprocess.run(command, stdout=sys.stderr.fileno(), check=False)
+    verdict = _latest_verdict(folder)
+    if verdict is None:
+        raise RuntimeError(f"variant {variant}: no verdict written under {folder}; see the output above")
+    return verdict
+
+
+COMMAND_FILE = "perf-command.json"
+
+
+def _latest_verdict(folder: Path) -> dict | None:
     run_dirs = sorted(p for p in folder.iterdir() if (p / "verdict.json").is_file()) if folder.is_dir() else []
     if not run_dirs:
-        raise RuntimeError(f"variant {variant}: no verdict written under {folder}; see the output above")
+        return None
     verdict = json.loads((run_dirs[-1] / "verdict.json").read_text())
     verdict["_run_dir"] = str(run_dirs[-1])
     return verdict
+
+
+def _completed_verdict(folder: Path, command: list[str]) -> dict | None:
+    recorded = folder / COMMAND_FILE
+    if not recorded.is_file() or json.loads(recorded.read_text()) != command[1:]:
+        return None
+    verdict = _latest_verdict(folder)
+    return verdict if verdict is not None and verdict["termination"]["kind"] == "completed" else None
 
 
 def _losses(verdict: dict) -> dict[int, float]:

@@ -75,4 +75,5 @@ def test_perf_compares_stock_nf4_with_each_lever_and_the_curves_agree(synthetic_
     assert rows["default"]["levers"]["dataloader_workers"] == 4
     for row in rows.values():
         assert row["termination"] == "completed"
-        assert row["max_loss_difference"] < 0.05, row  # stock vs lever, six logged losses
+        # measured: 0 for workers, 2.9e-3 for dequantized NF4 (another cuBLAS call, same values)
+        assert row["max_loss_difference"] < 0.01, row

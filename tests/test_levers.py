@@ -80,6 +80,12 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     assert [row["variant"] for row in report["rows"]] == ["stock", "workers"]
     for row in report["rows"]:
         verdict_mod.validate(json.loads((Path(row["run_dir"]) / "verdict.json").read_text()))
+    again = llava_bench(
+        "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--steps", "30",
+        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--variant", "stock", "--json",
+    )  # fmt: skip
+    assert again.returncode == 0 and "stock: reusing" in again.stderr  # a finished variant is not run again
+    assert json.loads(again.stdout)[0]["run_dir"] == stock["run_dir"]
 
 
 def test_perf_refuses_an_unknown_variant(tmp_path):
