@@ -226,11 +226,10 @@ def _write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpe
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def _write_clip(directory: Path, spec: SynthSpec) -> None:
-    """A random CLIP vision tower plus its image processor."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def _tiny_vision_config(spec: SynthSpec):
+    from transformers import CLIPVisionConfig
 
-    config = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 2,
         num_hidden_layers=spec.vision_layers,
@@ -239,34 +238,49 @@ def _write_clip(directory: Path, spec: SynthSpec) -> None:
         patch_size=VISION_PATCH_SIZE,
         projection_dim=spec.vision_hidden,
     )
+
+
+def _write_clip(directory: Path, config) -> None:
+    """A random CLIP vision tower plus the image processor of its input size."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    size = config.image_size
     CLIPVisionModel(config).save_pretrained(directory, safe_serialization=True)
-    CLIPImageProcessor(
-        size={"shortest_edge": VISION_IMAGE_SIZE},
-        crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
-    ).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
+
+
+def _start_layout(root: str | Path, spec: SynthSpec):
+    """An empty layout's folders, the dataset and the tokenizer; refuses an existing layout."""
+    layout = Layout.at(root)
+    if layout.dataset_json.exists() or layout.llm_dir.exists() or layout.clip_dir.exists():
+        raise FileExistsError(f"{layout.root} already holds a layout; choose an empty folder")
+    layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
+    layout.model_dir.mkdir(parents=True, exist_ok=True)
+    samples = _write_dataset(layout, spec, random.Random(spec.seed))
+    tokenizer = _write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
+    return layout, samples, tokenizer
+
+
+def _mark_synthetic(layout: Layout, spec: SynthSpec, random_weights: bool) -> None:
+    """The marker that tells deep checks (and readers) the models are not the real ones."""
+    record = {"synthetic": True, "random_weights": random_weights, **asdict(spec)}
+    (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> Layout:
     """Write the layout under ``root`` (created if missing); the same spec gives the same bytes."""
     import torch
 
-    layout = Layout.at(root)
-    if layout.dataset_json.exists() or layout.llm_dir.exists() or layout.clip_dir.exists():
-        raise FileExistsError(f"{layout.root} already holds a layout; choose an empty folder")
-    layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
-    layout.model_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(spec.seed)
-    samples = _write_dataset(layout, spec, rng)
-    tokenizer = _write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
+    layout, samples, tokenizer = _start_layout(root, spec)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same seed gives the same bytes
     try:
         torch.manual_seed(spec.seed)
         _write_llm(layout.llm_dir, tokenizer, samples, spec)
-        _write_clip(layout.clip_dir, spec)
+        _write_clip(layout.clip_dir, _tiny_vision_config(spec))
     finally:
         torch.set_num_threads(threads)
-    (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(json.dumps({"synthetic": True, **asdict(spec)}, indent=2) + "\n")
+    _mark_synthetic(layout, spec, random_weights=False)
     return layout
 
 
@@ -276,7 +290,7 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
 REAL_SHAPE_SPEC = SynthSpec(samples=4_096, vocab_size=2_000, image_pixels=384)
 
 
-def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC) -> Layout:
+def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC, device: str = "cuda") -> Layout:
     """Random weights of the exact InternLM2-20B (Llama-shaped) and CLIP ViT-L/14-336
     shapes, for time per step and memory on a GPU machine with nothing downloaded.
 
@@ -284,16 +298,9 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC)
     nothing, but stock and appliance recipes compute the same loss on it.
     """
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
-    layout = Layout.at(root)
-    if layout.dataset_json.exists() or layout.llm_dir.exists() or layout.clip_dir.exists():
-        raise FileExistsError(f"{layout.root} already holds a layout; choose an empty folder")
-    layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
-    layout.model_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(spec.seed)
-    samples = _write_dataset(layout, spec, rng)
-    tokenizer = _write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
+    layout, _, tokenizer = _start_layout(root, spec)
     torch.manual_seed(spec.seed)
     llm = INTERNLM2_20B
     config = LlamaConfig(
@@ -302,7 +309,7 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC)
         rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
     model.save_pretrained(layout.llm_dir, safe_serialization=True, max_shard_size="4GB")
     del model
@@ -312,11 +319,6 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC)
         hidden_size=vit.hidden, intermediate_size=vit.ffn, num_hidden_layers=vit.layers, num_attention_heads=16,
         image_size=vit.image_size, patch_size=vit.patch, projection_dim=768,
     )  # fmt: skip
-    CLIPVisionModel(vision).save_pretrained(layout.clip_dir, safe_serialization=True)
-    CLIPImageProcessor(
-        size={"shortest_edge": vit.image_size}, crop_size={"height": vit.image_size, "width": vit.image_size}
-    ).save_pretrained(layout.clip_dir)
-    (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(
-        json.dumps({"synthetic": True, "random_weights": True, **asdict(spec)}, indent=2) + "\n"
-    )
+    _write_clip(layout.clip_dir, vision)
+    _mark_synthetic(layout, spec, random_weights=True)
     return layout
