@@ -21,6 +21,8 @@ VARIANTS = {
     "dequantize": ["--dataloader-workers", "0", "--no-pin-memory", "--dequantize-nf4"],
     "default": [],
 }
+# Beside each variant's runs: the command that made them, to tell whether one can be reused.
+COMMAND_FILE = "perf-command.json"
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,6 @@ def run_variant(variant: str, root: Path, out: Path, run_options: list[str]) -> 
     if verdict is None:
         raise RuntimeError(f"variant {variant}: no verdict written under {folder}; see the output above")
     return verdict
-
-
-COMMAND_FILE = "perf-command.json"
 
 
 def _latest_verdict(folder: Path) -> dict | None:
