@@ -6,7 +6,11 @@ same data order, same weights' values, same global batch and schedule.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
 
 # Dataloader workers per rank when the lever is on: the stock config decodes and
 # preprocesses images on the training thread (data_time ~6 % of a step, DESIGN §7).
@@ -23,6 +27,7 @@ class Levers:
     dataloader_workers: int = 0
     pin_memory: bool = False
     dequantize_nf4: bool = False
+    tokenized_cache: bool = False
 
     @property
     def stock(self) -> bool:
@@ -43,7 +48,7 @@ class Levers:
                 "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
                 "(the same values bitsandbytes computes each step)"
             )
-        return changes
+        return changes  # the tokenized cache is described with its folder (bench/recipe.py)
 
 
 STOCK = Levers()
@@ -57,16 +62,18 @@ class LeverRequest:
     dataloader_workers: int | None = None
     pin_memory: bool | None = None
     dequantize_nf4: bool | None = None
+    tokenized_cache: bool | None = None
 
 
 def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memory_mib: list[int]) -> tuple[Levers, list[str]]:
     """The levers of this run and, for choices that cannot apply, why (preflight problems).
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
-    with pinned memory, and NF4 dequantized once where every GPU holds the fp16 weights.
+    with pinned memory, the tokenized-dataset cache, and NF4 dequantized once where
+    every GPU holds the fp16 weights.
     """
     if request.stock:
-        asked = (request.dataloader_workers, request.pin_memory, request.dequantize_nf4)
+        asked = (request.dataloader_workers, request.pin_memory, request.dequantize_nf4, request.tokenized_cache)
         return STOCK, (["--stock turns every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
     on_gpu = device == "cuda"
     applies = on_gpu and precision == "nf4"
@@ -82,8 +89,35 @@ def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memor
         ),
         pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
         dequantize_nf4=applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits),
+        tokenized_cache=request.tokenized_cache if request.tokenized_cache is not None else on_gpu,
     )
     return levers, problems
+
+
+# A complete tokenized cache holds this file (Dataset.save_to_disk writes it; the
+# folder appears by one rename).
+TOKENIZED_CACHE_MARKER = "dataset_info.json"
+# What the tokenization of the dataset depends on besides the JSON and the tokenizer
+# files: the libraries that do it (the template and max_length are the recipe's).
+TOKENIZATION_PACKAGES = ("xtuner", "transformers", "tokenizers", "datasets")
+
+
+def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: Path) -> Path:
+    """Where the tokenized dataset of these inputs lives: a folder named by the hash of
+    everything the tokens depend on, so a changed input never meets a stale cache."""
+    tokenizer_files = sorted(
+        p for p in llm_dir.iterdir()
+        if p.is_file() and (p.name.startswith("tokeniz") or p.name in ("special_tokens_map.json", "added_tokens.json"))
+    )  # fmt: skip
+    identity = {
+        "dataset_sha256": dataset_sha256,
+        "tokenizer": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files},
+        "template": "internlm2_chat",
+        "max_length": 2048 - 576,
+        "packages": {name: metadata.version(name) for name in TOKENIZATION_PACKAGES},
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return results_parent / "cache" / f"tokenized-{key}"
 
 
 def from_pretrained_dequantized(**kwargs):

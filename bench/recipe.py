@@ -14,7 +14,7 @@ from pathlib import Path
 from string import Template
 
 from bench.layout import Layout
-from bench.levers import Levers
+from bench.levers import TOKENIZED_CACHE_MARKER, Levers
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
@@ -31,6 +31,7 @@ class RecipeOptions:
     seed: int = 42
     device: str = "cuda"  # "cuda" or "cpu"; cpu = fp32 LLM, plain OptimWrapper, gloo
     levers: Levers = Levers()
+    tokenized_cache_folder: Path | None = None  # set with levers.tokenized_cache (bench/levers.py)
     save_checkpoint: bool = False
     eval_image: Path | None = None
 
@@ -96,11 +97,18 @@ def _deviations(options: RecipeOptions) -> list[str]:
         changes.append(f"per-device batch {options.per_device_batch} instead of 32")
     if options.accumulative_counts != 1:
         changes.append(f"gradient accumulation over {options.accumulative_counts} micro-batches")
-    return changes + options.levers.deviations()
+    changes += options.levers.deviations()
+    if options.levers.tokenized_cache:
+        folder = options.tokenized_cache_folder
+        state = "reused from an earlier run" if (folder / TOKENIZED_CACHE_MARKER).is_file() else "saved there for later runs"
+        changes.append(f"tokenized dataset kept in {folder} ({state}; the same tokens)")
+    return changes
 
 
 def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> RenderedRecipe:
     """The appliance's own config for ``layout``."""
+    if options.levers.tokenized_cache and options.tokenized_cache_folder is None:
+        raise ValueError("the tokenized-cache lever needs tokenized_cache_folder")
     on_cpu = options.device == "cpu"
     if on_cpu:
         llm_dtype, quantization = "torch.float32", "None"
@@ -134,7 +142,14 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         dataloader_num_workers=options.levers.dataloader_workers,
         dataloader_extras="\n    pin_memory=True," if options.levers.pin_memory else "",
         llm_loader="from_pretrained_dequantized" if options.levers.dequantize_nf4 else "AutoModelForCausalLM.from_pretrained",
-        lever_imports="from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "",
+        lever_imports=(
+            ("from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "")
+            + ("from bench.cached_dataset import CachedLLaVADataset\n" if options.levers.tokenized_cache else "")
+        ),
+        dataset_type="CachedLLaVADataset" if options.levers.tokenized_cache else "LLaVADataset",
+        dataset_extras=(
+            f"\n    cache_folder={str(options.tokenized_cache_folder)!r}," if options.levers.tokenized_cache else ""
+        ),
         max_iters=options.max_iters,
         llm_dtype=llm_dtype,
         quantization=quantization,

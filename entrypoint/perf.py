@@ -15,10 +15,24 @@ from pathlib import Path
 
 # Variant name -> `llava-bench run` lever options. Each single-lever variant switches
 # exactly one lever on over stock, so its own effect is measured.
+_ALL_OFF = {"--dataloader-workers": "0", "--no-pin-memory": None, "--no-dequantize-nf4": None, "--no-tokenized-cache": None}
+
+
+def _only(**on: str | None) -> list[str]:
+    """Stock with the named levers switched on (option -> value, None for a flag)."""
+    chosen = dict(_ALL_OFF)
+    for option, value in on.items():
+        option = "--" + option.replace("_", "-")
+        chosen.pop("--no-" + option[2:], None)
+        chosen[option] = value
+    return [part for option, value in chosen.items() for part in (option, value) if part is not None]
+
+
 VARIANTS = {
     "stock": ["--stock"],
-    "workers": ["--dataloader-workers", "4", "--pin-memory", "--no-dequantize-nf4"],
-    "dequantize": ["--dataloader-workers", "0", "--no-pin-memory", "--dequantize-nf4"],
+    "workers": _only(dataloader_workers="4", pin_memory=None),
+    "dequantize": _only(dequantize_nf4=None),
+    "tokenized-cache": _only(tokenized_cache=None),
     "default": [],
 }
 # Beside each variant's runs: the command that made them, to tell whether one can be reused.

@@ -23,7 +23,7 @@ from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.flops import are_real_shapes
 from bench.inputs import describe, load_dataset
 from bench.layout import Layout
-from bench.levers import LeverRequest, resolve_levers
+from bench.levers import LeverRequest, resolve_levers, tokenized_cache_folder
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.report import write_report
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
@@ -286,6 +286,10 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         dataset = load_dataset(layout.dataset_json)
         problems = deep_problems(layout, dataset, request.image_sample) + disk_problems(results_parent)
     inputs = describe(layout, dataset) if not problems else None
+    if inputs is not None and levers.tokenized_cache:
+        options = replace(
+            options, tokenized_cache_folder=tokenized_cache_folder(results_parent, inputs["dataset_sha256"], layout.llm_dir)
+        )
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
         problems += gpu_problems(inventory, options.precision, options.per_device_batch, real_shapes)

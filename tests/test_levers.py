@@ -12,7 +12,7 @@ import pytest
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.levers import STOCK, LeverRequest, Levers, resolve_levers
+from bench.levers import STOCK, LeverRequest, Levers, resolve_levers, tokenized_cache_folder
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
@@ -22,15 +22,16 @@ A100_40 = [40960] * 8
 # name: (request, device, precision, GPU memory, expected levers, problem words)
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", [], STOCK, None),
-    "80 GB GPUs, NF4: everything on": (LeverRequest(), "cuda", "nf4", H100, Levers(4, True, True), None),
-    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", A100_40, Levers(4, True, False), None),
-    "bf16: nothing to dequantize": (LeverRequest(), "cuda", "bf16", H100, Levers(4, True, False), None),
+    "80 GB GPUs, NF4: everything on": (LeverRequest(), "cuda", "nf4", H100, Levers(4, True, True, True), None),
+    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", A100_40, Levers(4, True, False, True), None),
+    "bf16: nothing to dequantize": (LeverRequest(), "cuda", "bf16", H100, Levers(4, True, False, True), None),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", H100, STOCK, None),
     "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", H100, STOCK, "--stock"),
-    "one lever off, the others default": (LeverRequest(dequantize_nf4=False), "cuda", "nf4", H100, Levers(4, True, False), None),
-    "forced on a 40 GB GPU (the user's call)": (LeverRequest(dequantize_nf4=True), "cuda", "nf4", A100_40, Levers(4, True, True), None),
+    "one lever off, the others default": (LeverRequest(dequantize_nf4=False), "cuda", "nf4", H100, Levers(4, True, False, True), None),
+    "forced on a 40 GB GPU (the user's call)": (LeverRequest(dequantize_nf4=True), "cuda", "nf4", A100_40, Levers(4, True, True, True), None),
     "dequantize asked on CPU: refused": (LeverRequest(dequantize_nf4=True), "cpu", "nf4", [], STOCK, "--dequantize-nf4"),
-    "workers on CPU when asked": (LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", [], Levers(2, True, False), None),
+    "workers on CPU when asked": (LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", [], Levers(2, True, False, False), None),
+    "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", [], Levers(tokenized_cache=True), None),
 }
 
 
@@ -73,7 +74,9 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     stock, workers = json.loads(done.stdout)
     assert (stock["variant"], workers["variant"]) == ("stock", "workers")
     assert stock["levers"]["stock"] is True and stock["ratio_vs_stock"] == 1.0
-    assert workers["levers"] == {"dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "stock": False}
+    assert workers["levers"] == {
+        "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False, "stock": False
+    }  # fmt: skip
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
     report = json.loads((tmp_path / "perf.json").read_text())
@@ -92,6 +95,35 @@ def test_perf_refuses_an_unknown_variant(tmp_path):
     done = llava_bench("perf", "--root", str(tmp_path), "--variant", "turbo")
     assert done.returncode == 2
     assert "turbo" in done.stderr
+
+
+def test_the_tokenized_cache_is_reused_by_the_next_run_with_the_same_losses(synthetic_layout, tmp_path):
+    """Two real CPU runs with the cache lever: the first tokenizes and saves, the second
+    loads; the same tokens give the same losses."""
+    verdicts = []
+    for _ in range(2):
+        done = llava_bench(
+            "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--tokenized-cache",
+            "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1.6", "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        verdicts.append(json.loads(done.stdout))
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert (cache / "dataset_info.json").is_file() and cache.name.startswith("tokenized-")
+    first, second = ([d for d in v["recipe"]["deviations"] if "tokenized dataset" in d] for v in verdicts)
+    assert first == [f"tokenized dataset kept in {cache} (saved there for later runs; the same tokens)"]
+    assert second == [f"tokenized dataset kept in {cache} (reused from an earlier run; the same tokens)"]
+    assert verdicts[0]["recipe"]["levers"]["tokenized_cache"] is True
+    assert [p["loss"] for p in verdicts[1]["result"]["curve"]] == [p["loss"] for p in verdicts[0]["result"]["curve"]]
+
+
+def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy, tmp_path):
+    llm_dir = Layout.at(layout_copy).llm_dir
+    folder = tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
+    assert folder == tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
+    assert folder != tokenized_cache_folder(tmp_path, "b" * 64, llm_dir)
+    (llm_dir / "tokenizer_config.json").write_text((llm_dir / "tokenizer_config.json").read_text() + " ")
+    assert folder != tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
 
 
 def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
