@@ -69,8 +69,8 @@ def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memor
     """The levers of this run and, for choices that cannot apply, why (preflight problems).
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
-    with pinned memory, the tokenized-dataset cache, and NF4 dequantized once where
-    every GPU holds the fp16 weights.
+    with pinned memory, and NF4 dequantized once where every GPU holds the fp16
+    weights. The tokenized-dataset cache is opt-in.
     """
     if request.stock:
         asked = (request.dataloader_workers, request.pin_memory, request.dequantize_nf4, request.tokenized_cache)
@@ -89,7 +89,8 @@ def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memor
         ),
         pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
         dequantize_nf4=applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits),
-        tokenized_cache=request.tokenized_cache if request.tokenized_cache is not None else on_gpu,
+        # Opt-in until its multi-rank path has run on GPUs (docs/PERFORMANCE.md).
+        tokenized_cache=bool(request.tokenized_cache),
     )
     return levers, problems
 

@@ -243,7 +243,7 @@ def run(
     ] = None,
     tokenized_cache: Annotated[
         Optional[bool],
-        typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs (default: on with GPUs)."),
+        typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs (opt-in: checked on CPU, not yet on GPUs)."),
     ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,

@@ -22,15 +22,15 @@ A100_40 = [40960] * 8
 # name: (request, device, precision, GPU memory, expected levers, problem words)
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", [], STOCK, None),
-    "80 GB GPUs, NF4: everything on": (LeverRequest(), "cuda", "nf4", H100, Levers(4, True, True, True), None),
-    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", A100_40, Levers(4, True, False, True), None),
-    "bf16: nothing to dequantize": (LeverRequest(), "cuda", "bf16", H100, Levers(4, True, False, True), None),
+    "80 GB GPUs, NF4: everything on": (LeverRequest(), "cuda", "nf4", H100, Levers(4, True, True), None),
+    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", A100_40, Levers(4, True, False), None),
+    "bf16: nothing to dequantize": (LeverRequest(), "cuda", "bf16", H100, Levers(4, True, False), None),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", H100, STOCK, None),
     "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", H100, STOCK, "--stock"),
-    "one lever off, the others default": (LeverRequest(dequantize_nf4=False), "cuda", "nf4", H100, Levers(4, True, False, True), None),
-    "forced on a 40 GB GPU (the user's call)": (LeverRequest(dequantize_nf4=True), "cuda", "nf4", A100_40, Levers(4, True, True, True), None),
+    "one lever off, the others default": (LeverRequest(dequantize_nf4=False), "cuda", "nf4", H100, Levers(4, True, False), None),
+    "forced on a 40 GB GPU (the user's call)": (LeverRequest(dequantize_nf4=True), "cuda", "nf4", A100_40, Levers(4, True, True), None),
     "dequantize asked on CPU: refused": (LeverRequest(dequantize_nf4=True), "cpu", "nf4", [], STOCK, "--dequantize-nf4"),
-    "workers on CPU when asked": (LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", [], Levers(2, True, False, False), None),
+    "workers on CPU when asked": (LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", [], Levers(2, True, False), None),
     "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", [], Levers(tokenized_cache=True), None),
 }
 
