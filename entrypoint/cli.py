@@ -444,14 +444,14 @@ def perf(
     """Stock XTuner and the appliance's speed levers back to back on the same GPUs: one table."""
     from dataclasses import asdict, replace
 
+    import torch
+
     from bench.synth import REAL_SHAPE_SPEC, write_real_shape_layout
-    from entrypoint.perf import compare, run_variant, table, write_report
+    from entrypoint.perf import compare, measure_matmul_tflops, run_variant, table, write_report
 
     chosen = [v.value for v in variant] if variant else ["stock", "default"]
     layout = Layout.at(root)
     if not layout.dataset_json.exists():
-        import torch
-
         if not torch.cuda.is_available():
             errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
             raise typer.Exit(2)
@@ -460,9 +460,12 @@ def perf(
     run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
                    "--per-device-batch", str(per_device_batch), "--device", device.value]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    matmul_device = "cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu"
+    matmul_tflops = measure_matmul_tflops(matmul_device)
+    errors.print(f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False)
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
-    rows = compare(verdicts)
-    report = write_report(out, rows, run_options)
+    rows = compare(verdicts, matmul_tflops)
+    report = write_report(out, rows, run_options, matmul_tflops)
     if as_json:
         console.print_json(json.dumps([asdict(row) for row in rows]))
     else:

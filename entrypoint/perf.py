@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,8 +51,34 @@ class PerfRow:
     startup_seconds: float | None
     ratio_vs_stock: float | None  # seconds per step / stock's
     max_loss_difference: float | None  # over the steps both logged, vs stock
+    limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
+    times_limit: float | None  # seconds per step / that limit
     levers: dict | None
     run_dir: str
+
+
+def measure_matmul_tflops(device: str) -> float:
+    """This card's own matmul rate, the limit a step's FLOPs are held against: fp16
+    (the recipe's compute dtype) on a GPU; fp32 on a CPU, only to try the command."""
+    import torch
+
+    on_gpu = device == "cuda"
+    size, dtype, repeats = (8192, torch.float16, 50) if on_gpu else (512, torch.float32, 5)
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for _ in range(3):  # kernel selection and clocks
+        left @ right
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    synchronize()
+    seconds = time.perf_counter() - started
+    del left, right
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return 2 * size**3 * repeats / seconds / 1e12
 
 
 def run_variant(variant: str, root: Path, out: Path, run_options: list[str]) -> dict:
@@ -96,8 +123,9 @@ def _losses(verdict: dict) -> dict[int, float]:
     return {point["step"]: point["loss"] for point in curve if point["loss"] is not None}
 
 
-def compare(verdicts: dict[str, dict]) -> list[PerfRow]:
-    """One row per variant, against the stock variant when there is one."""
+def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[PerfRow]:
+    """One row per variant, against the stock variant when there is one and against
+    the matmul limit when the step's FLOPs are known."""
     stock = verdicts.get("stock")
     stock_speed = ((stock or {}).get("throughput") or {}).get("seconds_per_step", {}).get("median")
     stock_losses = _losses(stock) if stock else {}
@@ -107,6 +135,8 @@ def compare(verdicts: dict[str, dict]) -> list[PerfRow]:
         speed = (throughput.get("seconds_per_step") or {}).get("median")
         losses = _losses(verdict)
         common = sorted(set(losses) & set(stock_losses))
+        flops = throughput.get("flops_per_step")
+        limit = flops / verdict["world_size"] / (matmul_tflops * 1e12) if flops and matmul_tflops else None
         rows.append(
             PerfRow(
                 variant=variant,
@@ -118,6 +148,8 @@ def compare(verdicts: dict[str, dict]) -> list[PerfRow]:
                 startup_seconds=(verdict.get("timing") or {}).get("startup_seconds"),
                 ratio_vs_stock=speed / stock_speed if speed and stock_speed else None,
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
+                limit_seconds_per_step=limit,
+                times_limit=speed / limit if speed and limit else None,
                 levers=(verdict.get("recipe") or {}).get("levers"),
                 run_dir=verdict.get("_run_dir", ""),
             )
@@ -128,20 +160,21 @@ def compare(verdicts: dict[str, dict]) -> list[PerfRow]:
 def table(rows: list[PerfRow]) -> str:
     """Plain text, one line per variant (also what docs/PERFORMANCE.md quotes)."""
 
-    def cell(value, form):
-        return "-" if value is None else format(value, form)
+    def cell(value, form):  # form like "7.3f": its width holds "-" too
+        return format("-", f">{form.split('.')[0]}") if value is None else format(value, form)
 
-    lines = ["variant     run        s/step  x stock  data  peak MiB   MFU  start s  max |dloss|"]
+    lines = ["variant     run        s/step  x stock  data  peak MiB   MFU  start s  max |dloss|  x limit"]
     for row in rows:
         lines.append(
             f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} {cell(row.ratio_vs_stock, '8.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
-            f" {cell(row.startup_seconds, '8.1f')} {cell(row.max_loss_difference, '12.2e')}"
+            f" {cell(row.startup_seconds, '8.1f')} {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
         )
     return "\n".join(lines)
 
 
-def write_report(out: Path, rows: list[PerfRow], run_options: list[str]) -> Path:
+def write_report(out: Path, rows: list[PerfRow], run_options: list[str], matmul_tflops: float | None) -> Path:
     path = out / "perf.json"
-    path.write_text(json.dumps({"run_options": run_options, "rows": [asdict(row) for row in rows]}, indent=2) + "\n")
+    document = {"run_options": run_options, "matmul_tflops_per_device": matmul_tflops, "rows": [asdict(row) for row in rows]}
+    path.write_text(json.dumps(document, indent=2) + "\n")
     return path

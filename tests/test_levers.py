@@ -81,6 +81,9 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
     report = json.loads((tmp_path / "perf.json").read_text())
     assert [row["variant"] for row in report["rows"]] == ["stock", "workers"]
+    assert report["matmul_tflops_per_device"] > 0  # the CPU's fp32 rate here
+    assert 0 < stock["limit_seconds_per_step"] < stock["seconds_per_step"]
+    assert stock["times_limit"] == stock["seconds_per_step"] / stock["limit_seconds_per_step"]
     for row in report["rows"]:
         verdict_mod.validate(json.loads((Path(row["run_dir"]) / "verdict.json").read_text()))
     again = llava_bench(
