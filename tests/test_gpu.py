@@ -75,5 +75,6 @@ def test_perf_compares_stock_nf4_with_each_lever_and_the_curves_agree(synthetic_
     assert rows["default"]["levers"]["dataloader_workers"] == 4
     for row in rows.values():
         assert row["termination"] == "completed"
+        assert row["times_limit"] > 1  # slower than the card's measured matmul rate allows
         # measured: 0 for workers, 2.9e-3 for dequantized NF4 (another cuBLAS call, same values)
         assert row["max_loss_difference"] < 0.01, row
