@@ -19,7 +19,7 @@ from bench.criteria import EXIT_CODES, Criteria
 from bench.layout import Layout
 from bench.levers import LeverRequest
 from bench.recipe import RecipeOptions
-from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
+from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, REAL_SHAPE_SPEC, SynthSpec
 from entrypoint import __version__
 from entrypoint.perf import VARIANTS
 from entrypoint.preflight import check_layout
@@ -437,7 +437,9 @@ def perf(
     steps: Annotated[int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")] = 30,
     precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
     per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
-    samples: Annotated[int, typer.Option(min=512, help="Records of a layout written here (XTuner's warm-up needs >= 34 iterations per epoch).")] = 4096,
+    samples: Annotated[
+        int, typer.Option(min=512, help="Records of a layout written here (XTuner's warm-up needs >= 34 iterations per epoch).")
+    ] = REAL_SHAPE_SPEC.samples,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")] = Device.auto,
     as_json: JsonOption = False,
 ):
@@ -446,8 +448,8 @@ def perf(
 
     import torch
 
-    from bench.synth import REAL_SHAPE_SPEC, write_real_shape_layout
-    from entrypoint.perf import compare, measure_matmul_tflops, run_variant, table, write_report
+    from bench.synth import write_real_shape_layout
+    from entrypoint.perf import compare, in_fresh_process, measure_matmul_tflops, run_variant, table, write_report
 
     chosen = [v.value for v in variant] if variant else ["stock", "default"]
     layout = Layout.at(root)
@@ -456,12 +458,12 @@ def perf(
             errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
             raise typer.Exit(2)
         errors.print(f"writing random weights of the real shapes and {samples} samples to {root} (about 45 GB)", highlight=False)
-        write_real_shape_layout(root, replace(REAL_SHAPE_SPEC, samples=samples))
+        in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples))
     run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
                    "--per-device-batch", str(per_device_batch), "--device", device.value]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     matmul_device = "cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu"
-    matmul_tflops = measure_matmul_tflops(matmul_device)
+    matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)
     errors.print(f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False)
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
     rows = compare(verdicts, matmul_tflops)

@@ -8,9 +8,11 @@ loss curve departs from stock's (the levers must not change the math).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +57,13 @@ class PerfRow:
     times_limit: float | None  # seconds per step / that limit
     levers: dict | None
     run_dir: str
+
+
+def in_fresh_process(function, *args):
+    """Run GPU work in a spawned child, so this process never holds a CUDA context
+    (about 0.5 GB of the first GPU) while the measured runs need the memory."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def measure_matmul_tflops(device: str) -> float:
