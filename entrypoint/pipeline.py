@@ -262,7 +262,7 @@ class _Preflight:
     topology: Topology
     options: RecipeOptions
     problems: list[Problem]
-    unwritable: bool
+    nowhere_to_write: bool  # the console gets it all
     inventory: list[dict]
     inputs: dict | None
     recipe: RenderedRecipe | None
@@ -300,7 +300,10 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
             if layout.config_override.is_file()
             else render(layout, options, __version__)
         )
-    return _Preflight(device, topology, options, problems, bool(unwritable), inventory, inputs, recipe)
+    # An unwritable --out, or no layout mounted at the root (whose results folder must
+    # not be created either).
+    nowhere_to_write = bool(unwritable) or (request.out is None and not layout.root.is_dir())
+    return _Preflight(device, topology, options, problems, nowhere_to_write, inventory, inputs, recipe)
 
 
 def execute(request: RunRequest, console: Console) -> RunResult:
@@ -309,7 +312,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     gpus, gpu_model, driver = gpu_inventory()
     checked = _preflight(request, layout, results_parent, gpus)
     device, topology, options, problems = checked.device, checked.topology, checked.options, checked.problems
-    recipe, inputs, inventory, unwritable = checked.recipe, checked.inputs, checked.inventory, checked.unwritable
+    recipe, inputs, inventory = checked.recipe, checked.inputs, checked.inventory
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
     run_id, inventories = new_run_id(), [inventory]
     if not any(p.path == "environment" for p in problems):
@@ -337,9 +340,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     run_dir = results_parent / run_id
     if problems:
         context = replace(context, problems=[p.as_dict() for p in problems])
-        # Nowhere to write (an unwritable --out, or no layout mounted at the root, which
-        # must not be created): the console gets it all.
-        if unwritable or (request.out is None and not layout.root.is_dir()):
+        if checked.nowhere_to_write:
             invalid = verdict_mod.build(context, MetricsStream([], 0))
             return RunResult(invalid, None, invalid["exit_code"])
         run_dir.mkdir(parents=True, exist_ok=True)
