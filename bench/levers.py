@@ -18,6 +18,14 @@ APPLIANCE_DATALOADER_WORKERS = 4
 # Dequantized NF4 weights take what bf16 weights take: the bf16 run's peak at batch 32
 # plus headroom (entrypoint/deep.py REQUIRED_MIB["bf16"]).
 DEQUANTIZED_NF4_MIB = 78_000
+# Peak memory of a batch-32 step with every LLM layer checkpointed, by precision and
+# dequantized NF4, and what each LLM decoder layer left unchecked adds to it: measured
+# on an H200 with the real shapes (docs/PERFORMANCE.md).
+CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
+UNCHECKED_LAYER_MIB = 3_600
+# Unchecked layers fill the smallest GPU up to this share: room for longer captions
+# than the measured layout's and for the allocator's fragmentation.
+UNCHECKED_MEMORY_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class Levers:
     pin_memory: bool = False
     dequantize_nf4: bool = False
     tokenized_cache: bool = False
+    skip_vit_backward: bool = False
+    unchecked_llm_layers: int = 0
 
     @property
     def stock(self) -> bool:
@@ -48,6 +58,16 @@ class Levers:
                 "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
                 "(the same values bitsandbytes computes each step)"
             )
+        if self.skip_vit_backward:
+            changes.append(
+                "the frozen ViT runs without autograd: no recomputation or backward pass through it "
+                "(its gradients were discarded; the projector's are the same)"
+            )
+        if self.unchecked_llm_layers:
+            changes.append(
+                f"the last {self.unchecked_llm_layers} LLM decoder layers (all, where the model has fewer) "
+                "keep their activations instead of recomputing them in the backward pass"
+            )
         return changes  # the tokenized cache is described with its folder (bench/recipe.py)
 
 
@@ -63,17 +83,35 @@ class LeverRequest:
     pin_memory: bool | None = None
     dequantize_nf4: bool | None = None
     tokenized_cache: bool | None = None
+    skip_vit_backward: bool | None = None
+    unchecked_llm_layers: int | None = None
 
 
-def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memory_mib: list[int]) -> tuple[Levers, list[str]]:
+def unchecked_layers_that_fit(precision: str, dequantize_nf4: bool, per_device_batch: int, gpu_memory_mib: list[int]) -> int:
+    """How many LLM layers may keep their activations on the smallest GPU.
+
+    The measured peaks are of batch 32; a larger batch gets none (its peak is not known),
+    a smaller one is held to batch 32's peak (an overestimate, so it stays safe).
+    """
+    if not gpu_memory_mib or per_device_batch > 32:
+        return 0
+    budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - CHECKPOINTED_PEAK_MIB[(precision, dequantize_nf4)]
+    per_layer = UNCHECKED_LAYER_MIB * per_device_batch / 32
+    return max(0, int(budget // per_layer))
+
+
+def resolve_levers(
+    request: LeverRequest, device: str, precision: str, per_device_batch: int, gpu_memory_mib: list[int]
+) -> tuple[Levers, list[str]]:
     """The levers of this run and, for choices that cannot apply, why (preflight problems).
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
-    with pinned memory, and NF4 dequantized once where every GPU holds the fp16
-    weights. The tokenized-dataset cache is opt-in.
+    with pinned memory, NF4 dequantized once where every GPU holds the fp16 weights,
+    no backward pass through the frozen ViT, and as many LLM layers left unchecked as
+    the smallest GPU's memory allows. The tokenized-dataset cache is opt-in.
     """
     if request.stock:
-        asked = (request.dataloader_workers, request.pin_memory, request.dequantize_nf4, request.tokenized_cache)
+        asked = [value for name, value in vars(request).items() if name != "stock"]
         return STOCK, (["--stock turns every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
     on_gpu = device == "cuda"
     applies = on_gpu and precision == "nf4"
@@ -81,6 +119,7 @@ def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memor
     problems = []
     if request.dequantize_nf4 and not applies:
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
+    dequantize_nf4 = applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits)
     levers = Levers(
         dataloader_workers=(
             request.dataloader_workers
@@ -88,9 +127,15 @@ def resolve_levers(request: LeverRequest, device: str, precision: str, gpu_memor
             else (APPLIANCE_DATALOADER_WORKERS if on_gpu else 0)
         ),
         pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
-        dequantize_nf4=applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits),
+        dequantize_nf4=dequantize_nf4,
         # Opt-in until its multi-rank path has run on GPUs (docs/PERFORMANCE.md).
         tokenized_cache=bool(request.tokenized_cache),
+        skip_vit_backward=request.skip_vit_backward if request.skip_vit_backward is not None else on_gpu,
+        unchecked_llm_layers=(
+            request.unchecked_llm_layers
+            if request.unchecked_llm_layers is not None
+            else (unchecked_layers_that_fit(precision, dequantize_nf4, per_device_batch, gpu_memory_mib) if on_gpu else 0)
+        ),
     )
     return levers, problems
 

@@ -110,6 +110,11 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
     if options.levers.tokenized_cache and options.tokenized_cache_folder is None:
         raise ValueError("the tokenized-cache lever needs tokenized_cache_folder")
     on_cpu = options.device == "cpu"
+    model_levers = {
+        name: getattr(options.levers, name)
+        for name in ("skip_vit_backward", "unchecked_llm_layers")
+        if getattr(options.levers, name)
+    }
     if on_cpu:
         llm_dtype, quantization = "torch.float32", "None"
     elif options.precision == "nf4":
@@ -145,7 +150,10 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         lever_imports=(
             ("from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "")
             + ("from bench.cached_dataset import CachedLLaVADataset\n" if options.levers.tokenized_cache else "")
+            + ("from bench.levered_llava import LeveredLLaVAModel\n" if model_levers else "")
         ),
+        model_type="LeveredLLaVAModel" if model_levers else "LLaVAModel",
+        model_extras="".join(f"\n    {name}={value!r}," for name, value in model_levers.items()),
         dataset_type="CachedLLaVADataset" if options.levers.tokenized_cache else "LLaVADataset",
         dataset_extras=(
             f"\n    cache_folder={str(options.tokenized_cache_folder)!r}," if options.levers.tokenized_cache else ""

@@ -245,6 +245,17 @@ def run(
         Optional[bool],
         typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs (opt-in: checked on CPU, not yet on GPUs)."),
     ] = None,
+    skip_vit_backward: Annotated[
+        Optional[bool],
+        typer.Option(help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs)."),
+    ] = None,
+    unchecked_llm_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            help="Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the smallest GPU holds; 0 on CPU).",
+        ),
+    ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
     image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
@@ -275,6 +286,8 @@ def run(
             pin_memory=pin_memory,
             dequantize_nf4=dequantize_nf4,
             tokenized_cache=tokenized_cache,
+            skip_vit_backward=skip_vit_backward,
+            unchecked_llm_layers=unchecked_llm_layers,
         ),
         device=device.value,
         global_batch=global_batch,

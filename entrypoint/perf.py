@@ -16,26 +16,30 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Variant name -> `llava-bench run` lever options. Each single-lever variant switches
-# exactly one lever on over stock, so its own effect is measured.
-_ALL_OFF = {"--dataloader-workers": "0", "--no-pin-memory": None, "--no-dequantize-nf4": None, "--no-tokenized-cache": None}
+# Variant name -> `llava-bench run` lever options. Each single-lever variant is stock
+# with one lever switched on, so its own effect is measured.
+_ALL_OFF = {
+    "dataloader_workers": ["--dataloader-workers", "0", "--no-pin-memory"],
+    "dequantize_nf4": ["--no-dequantize-nf4"],
+    "tokenized_cache": ["--no-tokenized-cache"],
+    "skip_vit_backward": ["--no-skip-vit-backward"],
+    "unchecked_llm_layers": ["--unchecked-llm-layers", "0"],
+}
 
 
-def _only(**on: str | None) -> list[str]:
-    """Stock with the named levers switched on (option -> value, None for a flag)."""
-    chosen = dict(_ALL_OFF)
-    for option, value in on.items():
-        option = "--" + option.replace("_", "-")
-        chosen.pop("--no-" + option[2:], None)
-        chosen[option] = value
-    return [part for option, value in chosen.items() for part in (option, value) if part is not None]
+def _only(lever: str, *on: str) -> list[str]:
+    """Stock but for ``lever``, which gets the options ``on`` (none: `run`'s default
+    for this machine, for a lever whose value depends on the GPUs' memory)."""
+    return [part for name, off in _ALL_OFF.items() for part in (on if name == lever else off)]
 
 
 VARIANTS = {
     "stock": ["--stock"],
-    "workers": _only(dataloader_workers="4", pin_memory=None),
-    "dequantize": _only(dequantize_nf4=None),
-    "tokenized-cache": _only(tokenized_cache=None),
+    "workers": _only("dataloader_workers", "--dataloader-workers", "4", "--pin-memory"),
+    "dequantize": _only("dequantize_nf4", "--dequantize-nf4"),
+    "tokenized-cache": _only("tokenized_cache", "--tokenized-cache"),
+    "vit": _only("skip_vit_backward", "--skip-vit-backward"),
+    "unchecked": _only("unchecked_llm_layers"),
     "default": [],
 }
 # Beside each variant's runs: the command that made them, to tell whether one can be reused.

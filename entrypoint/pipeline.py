@@ -275,7 +275,7 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
     inventory = gpu_inventory_details() if device == "cuda" else []
     levers, lever_messages = resolve_levers(
-        request.levers, device, request.recipe.precision, [gpu["memory_mib"] for gpu in inventory]
+        request.levers, device, request.recipe.precision, request.recipe.per_device_batch, [gpu["memory_mib"] for gpu in inventory]
     )
     lever_problems = [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
     options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts, levers=levers)

@@ -6,6 +6,8 @@ agreement with stock NF4 is checked on the GPU machine (tests/test_gpu.py).
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,27 +20,60 @@ from bench.synth import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
 
 H100 = [81559] * 8
+H200 = [143771] * 8
 A100_40 = [40960] * 8
-# name: (request, device, precision, GPU memory, expected levers, problem words)
+GPU_DEFAULTS = Levers(dataloader_workers=4, pin_memory=True, skip_vit_backward=True)
+# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words)
 CASES = {
-    "CPU: nothing on": (LeverRequest(), "cpu", "nf4", [], STOCK, None),
-    "80 GB GPUs, NF4: everything on": (LeverRequest(), "cuda", "nf4", H100, Levers(4, True, True), None),
-    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", A100_40, Levers(4, True, False), None),
-    "bf16: nothing to dequantize": (LeverRequest(), "cuda", "bf16", H100, Levers(4, True, False), None),
-    "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", H100, STOCK, None),
-    "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", H100, STOCK, "--stock"),
-    "one lever off, the others default": (LeverRequest(dequantize_nf4=False), "cuda", "nf4", H100, Levers(4, True, False), None),
-    "forced on a 40 GB GPU (the user's call)": (LeverRequest(dequantize_nf4=True), "cuda", "nf4", A100_40, Levers(4, True, True), None),
-    "dequantize asked on CPU: refused": (LeverRequest(dequantize_nf4=True), "cpu", "nf4", [], STOCK, "--dequantize-nf4"),
-    "workers on CPU when asked": (LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", [], Levers(2, True, False), None),
-    "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", [], Levers(tokenized_cache=True), None),
+    "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
+    "80 GB GPUs, NF4: dequantized, every layer checkpointed": (
+        LeverRequest(), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, dequantize_nf4=True), None
+    ),
+    "141 GB GPUs, NF4: dequantized, 12 layers unchecked": (
+        LeverRequest(), "cuda", "nf4", 32, H200, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=12), None
+    ),
+    "141 GB GPUs, bf16: 12 layers unchecked": (
+        LeverRequest(), "cuda", "bf16", 32, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=12), None
+    ),
+    "half the batch: twice the layers": (
+        LeverRequest(), "cuda", "bf16", 16, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=25), None
+    ),
+    "a batch above 32: its peak is not known, none unchecked": (LeverRequest(), "cuda", "bf16", 64, H200, GPU_DEFAULTS, None),
+    "the smallest GPU decides": (
+        LeverRequest(), "cuda", "bf16", 32, [*H200, 81559], GPU_DEFAULTS, None
+    ),
+    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", 32, A100_40, GPU_DEFAULTS, None),
+    "bf16 on 80 GB: nothing to dequantize": (LeverRequest(), "cuda", "bf16", 32, H100, GPU_DEFAULTS, None),
+    "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
+    "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", 32, H100, STOCK, "--stock"),
+    "--stock with unchecked layers: refused": (
+        LeverRequest(stock=True, unchecked_llm_layers=0), "cuda", "nf4", 32, H100, STOCK, "--stock"
+    ),
+    "one lever off, the others default: 4-bit weights leave room for 5 unchecked layers": (
+        LeverRequest(dequantize_nf4=False), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=5), None
+    ),
+    "layers asked for: the user's call": (
+        LeverRequest(unchecked_llm_layers=48), "cuda", "bf16", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=48), None
+    ),
+    "forced on a 40 GB GPU (the user's call)": (
+        LeverRequest(dequantize_nf4=True), "cuda", "nf4", 32, A100_40, replace(GPU_DEFAULTS, dequantize_nf4=True), None
+    ),
+    "dequantize asked on CPU: refused": (LeverRequest(dequantize_nf4=True), "cpu", "nf4", 32, [], STOCK, "--dequantize-nf4"),
+    "workers on CPU when asked": (
+        LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", 32, [], Levers(dataloader_workers=2, pin_memory=True), None
+    ),
+    "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", 32, [], Levers(tokenized_cache=True), None),
+    "model levers on CPU when asked": (
+        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1), "cpu", "nf4", 32, [],
+        Levers(skip_vit_backward=True, unchecked_llm_layers=1), None,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_resolve_levers(name):
-    request, device, precision, memory, expected, problem = CASES[name]
-    levers, problems = resolve_levers(request, device, precision, memory)
+    request, device, precision, batch, memory, expected, problem = CASES[name]
+    levers, problems = resolve_levers(request, device, precision, batch, memory)
     assert levers == expected
     if problem is None:
         assert problems == []
@@ -48,8 +83,14 @@ def test_resolve_levers(name):
 
 def test_levers_render_into_the_config_and_are_listed_as_deviations():
     layout = Layout.at(Path("/llava"))
-    options = RecipeOptions(levers=Levers(dataloader_workers=4, pin_memory=True, dequantize_nf4=True))
+    options = RecipeOptions(
+        levers=Levers(dataloader_workers=4, pin_memory=True, dequantize_nf4=True, skip_vit_backward=True, unchecked_llm_layers=12)
+    )
     recipe = render(layout, options, "test")
+    assert "from bench.levered_llava import LeveredLLaVAModel" in recipe.text
+    assert "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12," in recipe.text
+    assert any("the last 12 LLM decoder layers" in change for change in recipe.deviations)
+    assert "type=LLaVAModel," in render(layout, RecipeOptions(levers=STOCK), "test").text
     assert "dataloader_num_workers = 4" in recipe.text
     assert "pin_memory=True," in recipe.text
     assert "from bench.levers import from_pretrained_dequantized" in recipe.text
@@ -75,7 +116,8 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     assert (stock["variant"], workers["variant"]) == ("stock", "workers")
     assert stock["levers"]["stock"] is True and stock["ratio_vs_stock"] == 1.0
     assert workers["levers"] == {
-        "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False, "stock": False
+        "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False,
+        "skip_vit_backward": False, "unchecked_llm_layers": 0, "stock": False,
     }  # fmt: skip
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
@@ -133,3 +175,68 @@ def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, 
     done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--stock", "--dataloader-workers", "2")
     assert done.returncode == 2
     assert "--stock turns every lever off" in done.stderr
+
+
+def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, list]:
+    """Build the model from the tiny layout as XTuner's config does, run one forward and
+    backward, and return the MLP calls of each LLM layer and of the ViT's first layer
+    (a recomputed layer calls its MLP again) and the projector's gradients."""
+    import torch
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    paths = Layout.at(layout)
+    torch.manual_seed(0)  # the projector's initial weights
+    model = model_class(
+        llm=LlamaForCausalLM.from_pretrained(paths.llm_dir),
+        visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        **levers,
+    ).train()
+    calls = Counter()
+    mlps = {f"llm.{i}": layer.mlp for i, layer in enumerate(model.llm.model.layers)}
+    mlps["vit.0"] = model.visual_encoder.vision_model.encoder.layers[0].mlp
+    for name, mlp in mlps.items():
+        # at the call, not its end: a non-reentrant recompute stops once it has what backward needs
+        mlp.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+    size = model.visual_encoder.config.image_size
+    data = {
+        "input_ids": torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]]),
+        "labels": torch.tensor([[-100, -100, 5, 6, 7]]),
+        "pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),
+    }
+    model(data, mode="loss")["loss"].backward()
+    return calls, [p.grad for p in model.projector.parameters()]
+
+
+def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layers(synthetic_layout):
+    """The mechanism, counted: stock recomputes every LLM layer and the ViT in the
+    backward pass; with the levers the ViT runs once, the unchecked last layer runs
+    once, the checkpointed first layer still twice, and the projector's gradients are
+    the same numbers."""
+    from xtuner.model import LLaVAModel
+
+    from bench.levered_llava import LeveredLLaVAModel
+
+    stock_calls, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    calls, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1)
+    assert stock_calls == {"llm.0": 2, "llm.1": 2, "vit.0": 2}
+    assert calls == {"llm.0": 2, "llm.1": 1, "vit.0": 1}
+    assert all(g is not None for g in grads)
+    assert all((g == s).all() for g, s in zip(grads, stock_grads))
+
+
+def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
+    """Two real CPU runs, stock and both model levers: the same losses."""
+    curves = []
+    for levers in (["--stock"], ["--skip-vit-backward", "--unchecked-llm-layers", "1"]):
+        done = llava_bench(
+            "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", *levers,
+            "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1.6", "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        verdict = json.loads(done.stdout)
+        curves.append([point["loss"] for point in verdict["result"]["curve"]])
+    assert verdict["recipe"]["levers"]["unchecked_llm_layers"] == 1 and verdict["recipe"]["levers"]["skip_vit_backward"]
+    assert curves[0] == curves[1]

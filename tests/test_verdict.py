@@ -25,7 +25,10 @@ RECIPE = {
     "global_batch": 64,
     "max_iters": 500,
     "seed": 42,
-    "levers": {"dataloader_workers": 0, "pin_memory": False, "dequantize_nf4": False, "tokenized_cache": False, "stock": True},
+    "levers": {
+        "dataloader_workers": 0, "pin_memory": False, "dequantize_nf4": False, "tokenized_cache": False,
+        "skip_vit_backward": False, "unchecked_llm_layers": 0, "stock": True,
+    },
     "deviations": ["fixed random seed 42"],
     "cfg_options": [],
 }
