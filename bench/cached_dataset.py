@@ -21,7 +21,7 @@ from xtuner.registry import BUILDER
 from bench.levers import TOKENIZED_CACHE_MARKER
 
 
-def _every_rank_has(folder: Path) -> bool:
+def every_rank_has(folder: Path) -> bool:
     """Whether the cache is complete on every rank, so that all ranks take the same path
     (XTuner's own tokenization is collective: rank 0 works, the others wait for it)."""
     local = (folder / TOKENIZED_CACHE_MARKER).is_file()
@@ -35,7 +35,7 @@ def _every_rank_has(folder: Path) -> bool:
 class CachedLLaVADataset(LLaVADataset):
     def __init__(self, cache_folder, image_folder, image_processor, pad_image_to_square=False, **kwargs):
         folder = Path(cache_folder)
-        if _every_rank_has(folder):
+        if every_rank_has(folder):
             torch.utils.data.Dataset.__init__(self)
             self.text_data = load_from_disk(str(folder))
             self.image_folder = image_folder

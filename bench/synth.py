@@ -71,6 +71,10 @@ class SynthSpec:
     vision_hidden: int = 32
     vision_layers: int = 3
     image_pixels: int = IMAGE_PIXELS
+    # JSON records; None: one per image. More records than images reuse the images in
+    # turn, to time start-up with LLaVA-Pretrain's 558,128 records without writing as
+    # many images.
+    records: int | None = None
 
 
 def _draw(shape: str, fg: tuple, bg: tuple, rng: random.Random, pixels: int):
@@ -131,6 +135,8 @@ def _write_dataset(layout: Layout, spec: SynthSpec, rng: random.Random) -> list[
             }
         )
         samples.append(sample)
+    for index in range(len(records), spec.records or 0):
+        records.append({**records[index % spec.samples], "id": f"{index:09d}"})
     layout.dataset_json.write_text(json.dumps(records))
     return samples
 

@@ -453,6 +453,13 @@ def perf(
     samples: Annotated[
         int, typer.Option(min=512, help="Records of a layout written here (XTuner's warm-up needs >= 34 iterations per epoch).")
     ] = REAL_SHAPE_SPEC.samples,
+    records: Annotated[
+        Optional[int],
+        typer.Option(
+            min=512,
+            help="JSON records of a layout written here, reusing the images in turn (558128: LLaVA-Pretrain's count, to time start-up); default: one per image.",
+        ),
+    ] = None,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")] = Device.auto,
     as_json: JsonOption = False,
 ):
@@ -470,8 +477,14 @@ def perf(
         if not torch.cuda.is_available():
             errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
             raise typer.Exit(2)
-        errors.print(f"writing random weights of the real shapes and {samples} samples to {root} (about 45 GB)", highlight=False)
-        in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples))
+        errors.print(
+            f"writing random weights of the real shapes, {samples} images and {records or samples} records to {root} (about 45 GB)",
+            highlight=False,
+        )
+        in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples, records=records))
+    elif records is not None:
+        errors.print(f"[red]invalid:[/] --records applies to a layout written here; {root} already holds one")
+        raise typer.Exit(2)
     run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
                    "--per-device-batch", str(per_device_batch), "--device", device.value]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ agreement with stock NF4 is checked on the GPU machine (tests/test_gpu.py).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.levers import STOCK, LeverRequest, Levers, resolve_levers, tokenized_cache_folder
+from bench.levers import STOCK, TOKENIZED_CACHE_MARKER, LeverRequest, Levers, resolve_levers, tokenized_cache_folder
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
@@ -240,3 +243,35 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
     assert verdict["recipe"]["levers"]["unchecked_llm_layers"] == 1 and verdict["recipe"]["levers"]["skip_vit_backward"]
     assert curves[0] == curves[1]
+
+
+def test_a_layout_for_start_up_timing_holds_more_records_than_images(tmp_path):
+    """`perf --records 558128` times XTuner's tokenization of LLaVA-Pretrain's record
+    count without writing as many images: the extra records reuse the images in turn."""
+    from bench.synth import SynthSpec, write_synthetic_layout
+    from entrypoint.deep import record_problems
+    from entrypoint.preflight import check_layout
+
+    layout = write_synthetic_layout(tmp_path / "llava", SynthSpec(samples=512, records=1300, llm_train_steps=1))
+    records = json.loads(layout.dataset_json.read_text())
+    assert len(records) == 1300 and len({r["id"] for r in records}) == 1300
+    assert len({r["image"] for r in records}) == 512 == len(list(layout.image_folder.rglob("*.jpg")))
+    assert records[512]["conversations"] == records[0]["conversations"]
+    assert check_layout(layout) == [] and record_problems(records, layout.dataset_json) == []
+
+
+@pytest.mark.parametrize("holders, cached", [((0, 1), True), ((1,), False)])
+def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached):
+    """A real torchrun of two gloo ranks: where only one rank sees a complete cache (a
+    node whose results folder lacks it), both tokenize, since XTuner's tokenization is
+    collective; where all see it, all load it."""
+    for rank in holders:
+        (tmp_path / f"rank{rank}").mkdir()
+        (tmp_path / f"rank{rank}" / TOKENIZED_CACHE_MARKER).write_text("{}")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(Path(__file__).parent / "cache_agreement_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]
