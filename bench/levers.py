@@ -61,8 +61,8 @@ class Levers:
             )
         if self.skip_vit_backward:
             changes.append(
-                "the frozen ViT runs without autograd: no recomputation or backward pass through it "
-                "(its gradients were discarded; the projector's are the same)"
+                "the frozen ViT runs without autograd, with no recomputation or backward pass through it "
+                "(nothing read those gradients), and the projector without checkpointing; the projector's gradients are the same"
             )
         if self.unchecked_llm_layers:
             changes.append(
@@ -129,7 +129,7 @@ def resolve_levers(
         ),
         pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
         dequantize_nf4=dequantize_nf4,
-        # Opt-in until its multi-rank path has run on GPUs (docs/PERFORMANCE.md).
+        # Opt-in until it has run on GPUs (docs/PERFORMANCE.md).
         tokenized_cache=bool(request.tokenized_cache),
         skip_vit_backward=request.skip_vit_backward if request.skip_vit_backward is not None else on_gpu,
         unchecked_llm_layers=(
