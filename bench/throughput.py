@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from bench.metrics import MetricsRecord
 
 
+# No training step takes less than a microsecond: a shorter logged time is not a
+# measurement (and rates divided by it would overflow to infinity).
+SHORTEST_CREDIBLE_SECONDS = 1e-6
+
+
 @dataclass(frozen=True)
 class Throughput:
     window_first_step: int | None
@@ -46,7 +51,7 @@ def measure(
     per_device_batch: int,
     world_size: int,
 ) -> Throughput:
-    timed = [r for r in records if r.time is not None and r.time > 0]
+    timed = [r for r in records if r.time is not None and r.time >= SHORTEST_CREDIBLE_SECONDS]
     window = timed[1:] if len(timed) > 1 else timed
     if not window:
         return Throughput(None, None, 0, *([None] * 10))
