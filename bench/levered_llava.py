@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 from xtuner.model import LLaVAModel
+from xtuner.utils import IGNORE_INDEX
 
 
 class LeveredLLaVAModel(LLaVAModel):
@@ -22,10 +23,18 @@ class LeveredLLaVAModel(LLaVAModel):
     - ``unchecked_llm_layers``: the last N LLM decoder layers keep their activations
       instead of recomputing their forward in the backward pass (the same forward,
       computed once); the others stay checkpointed.
+    - ``labelled_logits_only``: the loss's logits only at the positions that have a
+      label. The LLM computes 92,544 logits in fp32 for every position, image tokens
+      included, and the loss reads only the caption's; each row of the output
+      projection is computed on its own, so the loss is the same mean over the same
+      terms.
     """
 
-    def __init__(self, *args, skip_vit_backward: bool = False, unchecked_llm_layers: int = 0, **kwargs):
+    def __init__(
+        self, *args, skip_vit_backward: bool = False, unchecked_llm_layers: int = 0, labelled_logits_only: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
+        self.labelled_logits_only = labelled_logits_only
         if skip_vit_backward:
             self.visual_encoder.disable_input_require_grads()
             self.visual_encoder.gradient_checkpointing_disable()
@@ -37,6 +46,19 @@ class LeveredLLaVAModel(LLaVAModel):
             self.llm.gradient_checkpointing_disable()
             for layer in layers[: max(0, len(layers) - unchecked_llm_layers)]:
                 layer.forward = _checkpointed(layer.forward)
+
+    def compute_loss(self, data, data_samples=None):
+        if not self.labelled_logits_only:
+            return super().compute_loss(data, data_samples)
+        # What the causal-LM loss does (transformers' ForCausalLMLoss, InternLM2's own
+        # code): position t predicts label t + 1, logits upcast to fp32, mean over the
+        # labelled positions; only the rows it reads are computed.
+        inputs = {name: value for name, value in data.items() if name != "labels"}
+        hidden = self.llm.model(**inputs)[0]
+        targets = data["labels"][:, 1:]
+        labelled = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][labelled]).float()
+        return {"loss": torch.nn.functional.cross_entropy(logits, targets[labelled])}
 
 
 def _checkpointed(forward):

@@ -39,6 +39,7 @@ class Levers:
     tokenized_cache: bool = False
     skip_vit_backward: bool = False
     unchecked_llm_layers: int = 0
+    labelled_logits_only: bool = False
 
     @property
     def stock(self) -> bool:
@@ -69,6 +70,10 @@ class Levers:
                 f"the last {self.unchecked_llm_layers} LLM decoder layers (all, where the model has fewer) "
                 "keep their activations instead of recomputing them in the backward pass"
             )
+        if self.labelled_logits_only:
+            changes.append(
+                "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
+            )
         return changes  # the tokenized cache is described with its folder (bench/recipe.py)
 
 
@@ -86,6 +91,7 @@ class LeverRequest:
     tokenized_cache: bool | None = None
     skip_vit_backward: bool | None = None
     unchecked_llm_layers: int | None = None
+    labelled_logits_only: bool | None = None
 
 
 def unchecked_layers_that_fit(precision: str, dequantize_nf4: bool, per_device_batch: int, gpu_memory_mib: list[int]) -> int:
@@ -109,7 +115,8 @@ def resolve_levers(
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
     with pinned memory, NF4 dequantized once where every GPU holds the fp16 weights,
     no backward pass through the frozen ViT, and as many LLM layers left unchecked as
-    the smallest GPU's memory allows. The tokenized-dataset cache is opt-in.
+    the smallest GPU's memory allows. The tokenized-dataset cache and the labelled-only
+    logits are opt-in.
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
@@ -137,6 +144,8 @@ def resolve_levers(
             if request.unchecked_llm_layers is not None
             else (unchecked_layers_that_fit(precision, dequantize_nf4, per_device_batch, gpu_memory_mib) if on_gpu else 0)
         ),
+        # Opt-in until measured on GPUs (docs/PERFORMANCE.md).
+        labelled_logits_only=bool(request.labelled_logits_only),
     )
     return levers, problems
 

@@ -112,7 +112,7 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
     on_cpu = options.device == "cpu"
     model_levers = {
         name: getattr(options.levers, name)
-        for name in ("skip_vit_backward", "unchecked_llm_layers")
+        for name in ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
         if getattr(options.levers, name)
     }
     if on_cpu:

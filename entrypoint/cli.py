@@ -256,6 +256,10 @@ def run(
             help="Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the smallest GPU holds; 0 on CPU).",
         ),
     ] = None,
+    labelled_logits_only: Annotated[
+        Optional[bool],
+        typer.Option(help="Compute the loss's logits only at the labelled positions; the same loss (opt-in: checked on CPU, not yet on GPUs)."),
+    ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
     image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
@@ -288,6 +292,7 @@ def run(
             tokenized_cache=tokenized_cache,
             skip_vit_backward=skip_vit_backward,
             unchecked_llm_layers=unchecked_llm_layers,
+            labelled_logits_only=labelled_logits_only,
         ),
         device=device.value,
         global_batch=global_batch,

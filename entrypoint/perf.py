@@ -24,6 +24,7 @@ _ALL_OFF = {
     "tokenized_cache": ["--no-tokenized-cache"],
     "skip_vit_backward": ["--no-skip-vit-backward"],
     "unchecked_llm_layers": ["--unchecked-llm-layers", "0"],
+    "labelled_logits_only": ["--no-labelled-logits-only"],
 }
 
 
@@ -40,6 +41,7 @@ VARIANTS = {
     "tokenized-cache": _only("tokenized_cache", "--tokenized-cache"),
     "vit": _only("skip_vit_backward", "--skip-vit-backward"),
     "unchecked": _only("unchecked_llm_layers"),
+    "logits": _only("labelled_logits_only", "--labelled-logits-only"),
     "default": [],
 }
 # Beside each variant's runs: the command that made them, to tell whether one can be reused.

@@ -67,8 +67,8 @@ CASES = {
     ),
     "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", 32, [], Levers(tokenized_cache=True), None),
     "model levers on CPU when asked": (
-        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1), "cpu", "nf4", 32, [],
-        Levers(skip_vit_backward=True, unchecked_llm_layers=1), None,
+        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True), "cpu", "nf4", 32, [],
+        Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True), None,
     ),
 }
 
@@ -87,11 +87,17 @@ def test_resolve_levers(name):
 def test_levers_render_into_the_config_and_are_listed_as_deviations():
     layout = Layout.at(Path("/llava"))
     options = RecipeOptions(
-        levers=Levers(dataloader_workers=4, pin_memory=True, dequantize_nf4=True, skip_vit_backward=True, unchecked_llm_layers=12)
+        levers=Levers(
+            dataloader_workers=4, pin_memory=True, dequantize_nf4=True, skip_vit_backward=True, unchecked_llm_layers=12,
+            labelled_logits_only=True,
+        )
     )
     recipe = render(layout, options, "test")
     assert "from bench.levered_llava import LeveredLLaVAModel" in recipe.text
-    assert "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12," in recipe.text
+    assert (
+        "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12,\n    labelled_logits_only=True,"
+        in recipe.text
+    )
     assert any("the last 12 LLM decoder layers" in change for change in recipe.deviations)
     assert "type=LLaVAModel," in render(layout, RecipeOptions(levers=STOCK), "test").text
     assert "dataloader_num_workers = 4" in recipe.text
@@ -120,7 +126,7 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     assert stock["levers"]["stock"] is True and stock["ratio_vs_stock"] == 1.0
     assert workers["levers"] == {
         "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False,
-        "skip_vit_backward": False, "unchecked_llm_layers": 0, "stock": False,
+        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "stock": False,
     }  # fmt: skip
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
@@ -180,10 +186,11 @@ def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, 
     assert "--stock turns every lever off" in done.stderr
 
 
-def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, list]:
+def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, float, list]:
     """Build the model from the tiny layout as XTuner's config does, run one forward and
     backward, and return the MLP calls of each LLM layer and of the ViT's first layer
-    (a recomputed layer calls its MLP again) and the projector's gradients."""
+    (a recomputed layer calls its MLP again), the rows the output projection computed
+    (key "logits"), the loss and the projector's gradients."""
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM
     from xtuner.utils import IMAGE_TOKEN_INDEX
@@ -203,37 +210,59 @@ def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, li
     for name, mlp in mlps.items():
         # at the call, not its end: a non-reentrant recompute stops once it has what backward needs
         mlp.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+    model.llm.lm_head.register_forward_pre_hook(lambda _, args: calls.update({"logits": args[0].shape[:-1].numel()}))
     size = model.visual_encoder.config.image_size
     data = {
         "input_ids": torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]]),
         "labels": torch.tensor([[-100, -100, 5, 6, 7]]),
         "pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),
     }
-    model(data, mode="loss")["loss"].backward()
-    return calls, [p.grad for p in model.projector.parameters()]
+    loss = model(data, mode="loss")["loss"]
+    loss.backward()
+    return calls, loss.item(), [p.grad for p in model.projector.parameters()]
 
 
 def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layers(synthetic_layout):
     """The mechanism, counted: stock recomputes every LLM layer and the ViT in the
     backward pass; with the levers the ViT runs once, the unchecked last layer runs
-    once, the checkpointed first layer still twice, and the projector's gradients are
-    the same numbers."""
+    once, the checkpointed first layer still twice, and the loss and the projector's
+    gradients are the same numbers."""
     from xtuner.model import LLaVAModel
 
     from bench.levered_llava import LeveredLLaVAModel
 
-    stock_calls, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
-    calls, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1)
-    assert stock_calls == {"llm.0": 2, "llm.1": 2, "vit.0": 2}
-    assert calls == {"llm.0": 2, "llm.1": 1, "vit.0": 1}
+    stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1)
+    assert stock_calls["llm.0"] == stock_calls["llm.1"] == stock_calls["vit.0"] == 2
+    assert (calls["llm.0"], calls["llm.1"], calls["vit.0"]) == (2, 1, 1)
+    assert calls["logits"] == stock_calls["logits"]  # every position
+    assert loss == stock_loss
     assert all(g is not None for g in grads)
     assert all((g == s).all() for g, s in zip(grads, stock_grads))
 
 
+def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthetic_layout):
+    """Stock projects every position (image tokens included) to the vocabulary; the
+    lever projects the 3 positions that predict the 3 labelled tokens, and the loss
+    and the projector's gradients agree with stock's to float32 rounding."""
+    import torch
+    from xtuner.model import LLaVAModel
+
+    from bench.levered_llava import LeveredLLaVAModel
+
+    stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, labelled_logits_only=True)
+    assert calls["logits"] == 3 < stock_calls["logits"]  # 5 text positions plus the image's
+    assert loss == pytest.approx(stock_loss, rel=1e-6)
+    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-5) for g, s in zip(grads, stock_grads))  # measured: <= 1.2e-6
+
+
 def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
-    """Two real CPU runs, stock and both model levers: the same losses."""
+    """Two real CPU runs, stock and every model lever: the same losses (to float32
+    rounding, which the labelled-only logits change)."""
     curves = []
-    for levers in (["--stock"], ["--skip-vit-backward", "--unchecked-llm-layers", "1"]):
+    model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only"]
+    for levers in (["--stock"], model_levers):
         done = llava_bench(
             "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", *levers,
             "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1.6", "--json",
@@ -241,8 +270,9 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         verdict = json.loads(done.stdout)
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
-    assert verdict["recipe"]["levers"]["unchecked_llm_layers"] == 1 and verdict["recipe"]["levers"]["skip_vit_backward"]
-    assert curves[0] == curves[1]
+    levers = verdict["recipe"]["levers"]
+    assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == 1 and levers["labelled_logits_only"]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
 def test_a_layout_for_start_up_timing_holds_more_records_than_images(tmp_path):

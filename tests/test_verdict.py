@@ -27,7 +27,7 @@ RECIPE = {
     "seed": 42,
     "levers": {
         "dataloader_workers": 0, "pin_memory": False, "dequantize_nf4": False, "tokenized_cache": False,
-        "skip_vit_backward": False, "unchecked_llm_layers": 0, "stock": True,
+        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "stock": True,
     },
     "deviations": ["fixed random seed 42"],
     "cfg_options": [],
