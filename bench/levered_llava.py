@@ -19,7 +19,7 @@ class LeveredLLaVAModel(LLaVAModel):
       checkpoints it, so every step recomputes the ViT and backpropagates through it
       into the pixels, whose gradient nobody reads. Without that the ViT forward is the
       same and the projector's gradients are the same (the projector then runs
-      unchecked: see below).
+      unchecked).
     - ``unchecked_llm_layers``: the last N LLM decoder layers keep their activations
       instead of recomputing their forward in the backward pass (the same forward,
       computed once); the others stay checkpointed.
