@@ -20,6 +20,7 @@ APPLIANCE_DATALOADER_WORKERS = 4
 DEQUANTIZED_NF4_MIB = 78_000
 # Peak memory of a batch-32 step with every LLM layer checkpointed, by precision and
 # dequantized NF4, measured on an H200 with the real shapes (docs/PERFORMANCE.md).
+MEASURED_PER_DEVICE_BATCH = 32
 CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
 # What one LLM decoder layer left unchecked adds at batch 32: 3,399 MiB measured with
 # the perf layout's 604 tokens a sample; LLaVA-Pretrain's captions make about 5 % more.
@@ -44,6 +45,12 @@ class Levers:
     @property
     def stock(self) -> bool:
         return self == STOCK
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The levers ``bench.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
+        names = ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
+        return {name: getattr(self, name) for name in names if getattr(self, name)}
 
     def as_dict(self) -> dict:
         return {**asdict(self), "stock": self.stock}
@@ -100,10 +107,10 @@ def unchecked_layers_that_fit(precision: str, dequantize_nf4: bool, per_device_b
     The measured peaks are of batch 32; a larger batch gets none (its peak is not known),
     a smaller one is held to batch 32's peak (an overestimate, so it stays safe).
     """
-    if not gpu_memory_mib or per_device_batch > 32:
+    if not gpu_memory_mib or per_device_batch > MEASURED_PER_DEVICE_BATCH:
         return 0
     budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - CHECKPOINTED_PEAK_MIB[(precision, dequantize_nf4)]
-    per_layer = UNCHECKED_LAYER_MIB * per_device_batch / 32
+    per_layer = UNCHECKED_LAYER_MIB * per_device_batch / MEASURED_PER_DEVICE_BATCH
     return max(0, int(budget // per_layer))
 
 

@@ -110,11 +110,7 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
     if options.levers.tokenized_cache and options.tokenized_cache_folder is None:
         raise ValueError("the tokenized-cache lever needs tokenized_cache_folder")
     on_cpu = options.device == "cpu"
-    model_levers = {
-        name: getattr(options.levers, name)
-        for name in ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
-        if getattr(options.levers, name)
-    }
+    model_levers = options.levers.model_kwargs
     if on_cpu:
         llm_dtype, quantization = "torch.float32", "None"
     elif options.precision == "nf4":
