@@ -456,7 +456,7 @@ def perf(
     precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
     per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
     samples: Annotated[
-        int, typer.Option(min=512, help="Records of a layout written here (XTuner's warm-up needs >= 34 iterations per epoch).")
+        int, typer.Option(min=512, help="Images of a layout written here, one record each unless --records (XTuner's warm-up needs >= 34 iterations per epoch).")
     ] = REAL_SHAPE_SPEC.samples,
     records: Annotated[
         Optional[int],
