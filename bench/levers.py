@@ -22,6 +22,10 @@ DEQUANTIZED_NF4_MIB = 78_000
 # dequantized NF4, measured on an H200 with the real shapes (docs/PERFORMANCE.md).
 MEASURED_PER_DEVICE_BATCH = 32
 CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
+# What projecting only the labelled positions saves from those peaks at batch 32: the
+# full logits and their gradient (49,207 -> 32,544 MiB measured with NF4; the logits are
+# 16-bit in both precisions, so the saving is the same).
+LABELLED_LOGITS_SAVING_MIB = 16_663
 # What one LLM decoder layer left unchecked adds at batch 32: 3,399 MiB measured with
 # the perf layout's 604 tokens a sample; LLaVA-Pretrain's captions make about 5 % more.
 UNCHECKED_LAYER_MIB = 3_600
@@ -101,7 +105,9 @@ class LeverRequest:
     labelled_logits_only: bool | None = None
 
 
-def unchecked_layers_that_fit(precision: str, dequantize_nf4: bool, per_device_batch: int, gpu_memory_mib: list[int]) -> int:
+def unchecked_layers_that_fit(
+    precision: str, dequantize_nf4: bool, labelled_logits_only: bool, per_device_batch: int, gpu_memory_mib: list[int]
+) -> int:
     """How many LLM layers may keep their activations on the smallest GPU.
 
     The measured peaks are of batch 32; a larger batch gets none (its peak is not known),
@@ -109,7 +115,8 @@ def unchecked_layers_that_fit(precision: str, dequantize_nf4: bool, per_device_b
     """
     if not gpu_memory_mib or per_device_batch > MEASURED_PER_DEVICE_BATCH:
         return 0
-    budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - CHECKPOINTED_PEAK_MIB[(precision, dequantize_nf4)]
+    peak = CHECKPOINTED_PEAK_MIB[(precision, dequantize_nf4)] - (LABELLED_LOGITS_SAVING_MIB if labelled_logits_only else 0)
+    budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - peak
     per_layer = UNCHECKED_LAYER_MIB * per_device_batch / MEASURED_PER_DEVICE_BATCH
     return max(0, int(budget // per_layer))
 
@@ -121,9 +128,9 @@ def resolve_levers(
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
     with pinned memory, NF4 dequantized once where every GPU holds the fp16 weights,
-    no backward pass through the frozen ViT, and as many LLM layers left unchecked as
-    the smallest GPU's memory allows. The tokenized-dataset cache and the labelled-only
-    logits are opt-in.
+    the tokenized dataset kept for later runs, no backward pass through the frozen ViT,
+    logits only at the labelled positions, and, in the memory those leave, as many LLM
+    layers unchecked as the smallest GPU allows.
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
@@ -135,6 +142,7 @@ def resolve_levers(
     if request.dequantize_nf4 and not applies:
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
     dequantize_nf4 = applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits)
+    labelled_logits_only = request.labelled_logits_only if request.labelled_logits_only is not None else on_gpu
     levers = Levers(
         dataloader_workers=(
             request.dataloader_workers
@@ -143,16 +151,18 @@ def resolve_levers(
         ),
         pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
         dequantize_nf4=dequantize_nf4,
-        # Opt-in until it has run on GPUs (docs/PERFORMANCE.md).
-        tokenized_cache=bool(request.tokenized_cache),
+        tokenized_cache=request.tokenized_cache if request.tokenized_cache is not None else on_gpu,
         skip_vit_backward=request.skip_vit_backward if request.skip_vit_backward is not None else on_gpu,
         unchecked_llm_layers=(
             request.unchecked_llm_layers
             if request.unchecked_llm_layers is not None
-            else (unchecked_layers_that_fit(precision, dequantize_nf4, per_device_batch, gpu_memory_mib) if on_gpu else 0)
+            else (
+                unchecked_layers_that_fit(precision, dequantize_nf4, labelled_logits_only, per_device_batch, gpu_memory_mib)
+                if on_gpu
+                else 0
+            )
         ),
-        # Opt-in until measured on GPUs (docs/PERFORMANCE.md).
-        labelled_logits_only=bool(request.labelled_logits_only),
+        labelled_logits_only=labelled_logits_only,
     )
     return levers, problems
 

@@ -243,7 +243,7 @@ def run(
     ] = None,
     tokenized_cache: Annotated[
         Optional[bool],
-        typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs (opt-in: checked on CPU, not yet on GPUs)."),
+        typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens (default: on GPUs)."),
     ] = None,
     skip_vit_backward: Annotated[
         Optional[bool],
@@ -258,7 +258,7 @@ def run(
     ] = None,
     labelled_logits_only: Annotated[
         Optional[bool],
-        typer.Option(help="Compute the loss's logits only at the labelled positions; the same loss (opt-in: checked on CPU, not yet on GPUs)."),
+        typer.Option(help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs)."),
     ] = None,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,

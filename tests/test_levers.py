@@ -25,35 +25,45 @@ from tests.conftest import llava_bench
 H100 = [81559] * 8
 H200 = [143771] * 8
 A100_40 = [40960] * 8
-GPU_DEFAULTS = Levers(dataloader_workers=4, pin_memory=True, skip_vit_backward=True)
+GPU_DEFAULTS = Levers(dataloader_workers=4, pin_memory=True, tokenized_cache=True, skip_vit_backward=True, labelled_logits_only=True)
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words)
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
-    "80 GB GPUs, NF4: dequantized, every layer checkpointed": (
-        LeverRequest(), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, dequantize_nf4=True), None
+    "80 GB GPUs, NF4: dequantized, 2 layers unchecked": (
+        LeverRequest(), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2), None
     ),
-    "141 GB GPUs, NF4: dequantized, 12 layers unchecked": (
-        LeverRequest(), "cuda", "nf4", 32, H200, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=12), None
+    "141 GB GPUs, NF4: dequantized, 17 layers unchecked": (
+        LeverRequest(), "cuda", "nf4", 32, H200, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17), None
     ),
-    "141 GB GPUs, bf16: 12 layers unchecked": (
-        LeverRequest(), "cuda", "bf16", 32, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=12), None
+    "141 GB GPUs, bf16: 17 layers unchecked": (
+        LeverRequest(), "cuda", "bf16", 32, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=17), None
+    ),
+    "all logits: room for 12 layers": (
+        LeverRequest(labelled_logits_only=False), "cuda", "bf16", 32, H200,
+        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=12), None,
     ),
     "half the batch: twice the layers": (
-        LeverRequest(), "cuda", "bf16", 16, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=25), None
+        LeverRequest(), "cuda", "bf16", 16, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=35), None
     ),
     "a batch above 32: its peak is not known, none unchecked": (LeverRequest(), "cuda", "bf16", 64, H200, GPU_DEFAULTS, None),
     "the smallest GPU decides": (
-        LeverRequest(), "cuda", "bf16", 32, [*H200, 81559], GPU_DEFAULTS, None
+        LeverRequest(), "cuda", "bf16", 32, [*H200, 81559], replace(GPU_DEFAULTS, unchecked_llm_layers=2), None
     ),
     "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", 32, A100_40, GPU_DEFAULTS, None),
-    "bf16 on 80 GB: nothing to dequantize": (LeverRequest(), "cuda", "bf16", 32, H100, GPU_DEFAULTS, None),
+    "bf16 on 80 GB: nothing to dequantize": (
+        LeverRequest(), "cuda", "bf16", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=2), None
+    ),
+    "no tokenized cache when asked": (
+        LeverRequest(tokenized_cache=False), "cuda", "bf16", 32, H100,
+        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=2), None,
+    ),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
     "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", 32, H100, STOCK, "--stock"),
     "--stock with unchecked layers: refused": (
         LeverRequest(stock=True, unchecked_llm_layers=0), "cuda", "nf4", 32, H100, STOCK, "--stock"
     ),
-    "one lever off, the others default: 4-bit weights leave room for 5 unchecked layers": (
-        LeverRequest(dequantize_nf4=False), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=5), None
+    "one lever off, the others default: 4-bit weights leave room for 10 unchecked layers": (
+        LeverRequest(dequantize_nf4=False), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=10), None
     ),
     "layers asked for: the user's call": (
         LeverRequest(unchecked_llm_layers=48), "cuda", "bf16", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=48), None
