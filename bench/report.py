@@ -60,6 +60,7 @@ def markdown(verdict: dict, plotted: bool) -> str:
     flop_model = throughput.get("flop_model") or {}
     speed = throughput.get("seconds_per_step") or {}
     window = throughput.get("window") or {}
+    timing = verdict["timing"] or {}
     lines = [
         f"# llava-bench {verdict['run_id']}: {verdict['status'].upper()}",
         "",
@@ -91,6 +92,8 @@ def markdown(verdict: dict, plotted: bool) -> str:
             f"| tokens/s incl. image tokens (cluster) | {_figure(throughput['tokens_per_second'], 1)} |",
             f"| data loading share of a step | {_figure(throughput['data_time_share'], 3)} |",
             f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
+            f"| launch to first step, s (preflight + trainer start-up) | {_figure(timing.get('launch_to_first_step_seconds'), 1)} "
+            f"({_figure(timing.get('preflight_seconds'), 1)} + {_figure(timing.get('startup_seconds'), 1)}) |",
             f"| model FLOPs per step | {_scientific(throughput['flops_per_step'])} |",
             f"| achieved TFLOP/s per device | {_figure(flop_model.get('achieved_tflops_per_device'), 1)} |",
             f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | {_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",

@@ -182,15 +182,18 @@ def _baseline_section(context: RunContext, throughput: dict | None) -> dict:
 
 
 def _timing_section(context: RunContext, stream: MetricsStream) -> dict | None:
-    """Recorded times plus start-up: launch to the first step, from the first record's
-    arrival minus the iterations its interval spent."""
+    """Recorded times plus start-up: the trainer's launch to the first step, from the
+    first record's arrival minus the iterations its interval spent; with preflight
+    before it, the appliance's launch to the first step."""
     if context.timing is None:
         return None
     startup = None
     first_seconds = context.timing.get("first_record_seconds")
     if first_seconds is not None and stream.records and stream.records[0].time is not None:
         startup = max(0.0, first_seconds - stream.records[0].iter * stream.records[0].time)
-    return {**context.timing, "startup_seconds": startup}
+    preflight = context.timing.get("preflight_seconds")
+    launch_to_first_step = None if startup is None or preflight is None else preflight + startup
+    return {**context.timing, "startup_seconds": startup, "launch_to_first_step_seconds": launch_to_first_step}
 
 
 def build(context: RunContext, stream: MetricsStream) -> dict:
@@ -301,7 +304,7 @@ def _recorded_timing(timing: dict | None) -> dict | None:
     """The timing a verdict recorded, without what build derives from it."""
     if timing is None:
         return None
-    return {key: value for key, value in timing.items() if key != "startup_seconds"}
+    return {key: value for key, value in timing.items() if key not in ("startup_seconds", "launch_to_first_step_seconds")}
 
 
 def recompute(results_dir: Path, criteria: Criteria | None = None) -> dict:

@@ -32,6 +32,18 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def process_age_seconds() -> float | None:
+    """Seconds since this process started, from Linux's /proc, so that start-up counts
+    the interpreter, the imports and preflight too; None where /proc is missing."""
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # Field 22 of stat, counted after the parenthesised command name (which may hold spaces).
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK")), 3)
+
+
 def xtuner_train_script() -> Path:
     """XTuner's ``tools/train.py`` in the running Python's environment."""
     spec = importlib.util.find_spec("xtuner")

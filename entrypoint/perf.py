@@ -56,7 +56,8 @@ class PerfRow:
     data_time_share: float | None
     peak_memory_mib: float | None
     mfu: float | None
-    startup_seconds: float | None
+    preflight_seconds: float | None  # the appliance's start to the trainer's launch
+    startup_seconds: float | None  # the trainer's launch to the first step
     ratio_vs_stock: float | None  # seconds per step / stock's
     max_loss_difference: float | None  # over the steps both logged, vs stock
     limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
@@ -160,6 +161,7 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[Perf
                 data_time_share=throughput.get("data_time_share"),
                 peak_memory_mib=throughput.get("peak_memory_mib"),
                 mfu=throughput.get("mfu"),
+                preflight_seconds=(verdict.get("timing") or {}).get("preflight_seconds"),
                 startup_seconds=(verdict.get("timing") or {}).get("startup_seconds"),
                 ratio_vs_stock=speed / stock_speed if speed and stock_speed else None,
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
@@ -178,12 +180,13 @@ def table(rows: list[PerfRow]) -> str:
     def cell(value, form):  # form like "7.3f": its width holds "-" too
         return format("-", f">{form.split('.')[0]}") if value is None else format(value, form)
 
-    lines = ["variant     run        s/step  x stock  data  peak MiB   MFU  start s  max |dloss|  x limit"]
+    lines = ["variant     run        s/step  x stock  data  peak MiB   MFU  pre s  start s  max |dloss|  x limit"]
     for row in rows:
         lines.append(
             f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} {cell(row.ratio_vs_stock, '8.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
-            f" {cell(row.startup_seconds, '8.1f')} {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
+            f" {cell(row.preflight_seconds, '6.1f')} {cell(row.startup_seconds, '8.1f')}"
+            f" {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
         )
     return "\n".join(lines)
 

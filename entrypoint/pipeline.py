@@ -31,7 +31,7 @@ from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.environment import gpu_inventory_details, software
-from entrypoint.launch import Watchdog, run_to_end, supervise, torchrun_plan, training_plan, utc_now
+from entrypoint.launch import Watchdog, process_age_seconds, run_to_end, supervise, torchrun_plan, training_plan, utc_now
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
 from entrypoint.topology import Topology, TopologyError, detect
@@ -370,11 +370,14 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             context = replace(
                 context,
                 termination=Termination("crashed", failure),
-                timing={"started_at": now, "first_record_at": None, "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0},
+                timing={
+                    "preflight_seconds": process_age_seconds(), "started_at": now, "first_record_at": None,
+                    "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0,
+                },  # fmt: skip
             )
             return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
 
-    started_at, started = utc_now(), time.monotonic()
+    preflight_seconds, started_at, started = process_age_seconds(), utc_now(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
     outcome = supervise(plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog)
     context = replace(
@@ -382,6 +385,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         termination=outcome.termination,
         trainer_exit_code=outcome.exit_code,
         timing={
+            "preflight_seconds": preflight_seconds,
             "started_at": started_at,
             "first_record_at": outcome.first_record_at,
             "first_record_seconds": outcome.first_record_seconds,

@@ -108,7 +108,11 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
     assert verdict["baseline"]["speedup_vs_seed_a100"] is None  # a CPU run says nothing against an A100
     assert verdict["baseline"]["why_null"] == "not run on GPUs"
-    assert 0 < verdict["timing"]["startup_seconds"] < verdict["timing"]["wall_seconds"]
+    timing = verdict["timing"]
+    assert 0 < timing["startup_seconds"] < timing["wall_seconds"]
+    # The appliance's own process: interpreter, imports and preflight come before the trainer.
+    assert timing["preflight_seconds"] > 0
+    assert timing["launch_to_first_step_seconds"] == pytest.approx(timing["preflight_seconds"] + timing["startup_seconds"])
 
 
 def test_report_and_plot_are_written_and_redrawn(finished_run):
@@ -116,6 +120,7 @@ def test_report_and_plot_are_written_and_redrawn(finished_run):
     report = (run_dir / "report.md").read_text()
     assert report.startswith(f"# llava-bench {run_dir.name}: PASS")
     assert "![loss and seconds per step](loss.png)" in report
+    assert "| launch to first step, s (preflight + trainer start-up) | " in report
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (run_dir / "loss.png").unlink()
     done = llava_bench("report", str(run_dir))

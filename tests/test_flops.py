@@ -95,3 +95,4 @@ def test_startup_is_first_record_minus_its_interval():
     built = verdict_mod.build(context(), records)
     first = records.records[0]
     assert built["timing"]["startup_seconds"] == pytest.approx(130.0 - first.iter * first.time)
+    assert built["timing"]["launch_to_first_step_seconds"] == pytest.approx(12.5 + 130.0 - first.iter * first.time)

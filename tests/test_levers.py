@@ -139,6 +139,7 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
         "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "stock": False,
     }  # fmt: skip
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
+    assert workers["preflight_seconds"] > 0 and workers["startup_seconds"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
     report = json.loads((tmp_path / "perf.json").read_text())
     assert [row["variant"] for row in report["rows"]] == ["stock", "workers"]

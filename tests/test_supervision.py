@@ -114,3 +114,12 @@ def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
     process.wait(timeout=60)
     assert process.returncode == 3
     assert "SIGINT" in verdict_of(tmp_path)["termination"]["detail"]
+
+
+def test_process_age_counts_from_the_process_start_not_from_the_call():
+    """preflight_seconds starts at the process's start (/proc), so the imports count."""
+    script = "import time; time.sleep(0.5); from entrypoint.launch import process_age_seconds; print(process_age_seconds())"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    wall = time.monotonic() - started
+    assert 0.5 <= float(done.stdout) <= wall + 0.02  # /proc counts in 10 ms ticks

@@ -70,7 +70,7 @@ def context(**changes) -> verdict_mod.RunContext:
             "master_port": 29500, "source": "single node", "launch_command": ["torchrun"],
             "world_size": 2, "world_size_reading": None, "origins": {"nnodes": "default: one node"},
         },
-        timing={"started_at": "t0", "first_record_at": "t0", "first_record_seconds": 130.0, "ended_at": "t1",
+        timing={"preflight_seconds": 12.5, "started_at": "t0", "first_record_at": "t0", "first_record_seconds": 130.0, "ended_at": "t1",
                 "wall_seconds": 1.0},
         environment=H200_ENVIRONMENT,
         inputs=REAL_INPUTS,
