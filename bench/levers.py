@@ -141,30 +141,24 @@ def resolve_levers(
     problems = []
     if request.dequantize_nf4 and not applies:
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
-    dequantize_nf4 = applies and (request.dequantize_nf4 if request.dequantize_nf4 is not None else fits)
-    labelled_logits_only = request.labelled_logits_only if request.labelled_logits_only is not None else on_gpu
+    dequantize_nf4 = applies and _asked_or(request.dequantize_nf4, fits)
+    labelled_logits_only = _asked_or(request.labelled_logits_only, on_gpu)
+    fitting_layers = unchecked_layers_that_fit(precision, dequantize_nf4, labelled_logits_only, per_device_batch, gpu_memory_mib)
     levers = Levers(
-        dataloader_workers=(
-            request.dataloader_workers
-            if request.dataloader_workers is not None
-            else (APPLIANCE_DATALOADER_WORKERS if on_gpu else 0)
-        ),
-        pin_memory=request.pin_memory if request.pin_memory is not None else on_gpu,
+        dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
+        pin_memory=_asked_or(request.pin_memory, on_gpu),
         dequantize_nf4=dequantize_nf4,
-        tokenized_cache=request.tokenized_cache if request.tokenized_cache is not None else on_gpu,
-        skip_vit_backward=request.skip_vit_backward if request.skip_vit_backward is not None else on_gpu,
-        unchecked_llm_layers=(
-            request.unchecked_llm_layers
-            if request.unchecked_llm_layers is not None
-            else (
-                unchecked_layers_that_fit(precision, dequantize_nf4, labelled_logits_only, per_device_batch, gpu_memory_mib)
-                if on_gpu
-                else 0
-            )
-        ),
+        tokenized_cache=_asked_or(request.tokenized_cache, on_gpu),
+        skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
+        unchecked_llm_layers=_asked_or(request.unchecked_llm_layers, fitting_layers if on_gpu else 0),
         labelled_logits_only=labelled_logits_only,
     )
     return levers, problems
+
+
+def _asked_or(asked, default):
+    """The user's choice where there is one (``None``: none was made)."""
+    return default if asked is None else asked
 
 
 # A complete tokenized cache holds this file (Dataset.save_to_disk writes it; the

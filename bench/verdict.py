@@ -181,6 +181,10 @@ def _baseline_section(context: RunContext, throughput: dict | None) -> dict:
     return section
 
 
+# The timing figures build derives from the recorded ones (not recorded themselves).
+DERIVED_TIMING = ("startup_seconds", "launch_to_first_step_seconds")
+
+
 def _timing_section(context: RunContext, stream: MetricsStream) -> dict | None:
     """Recorded times plus start-up: the trainer's launch to the first step, from the
     first record's arrival minus the iterations its interval spent; with preflight
@@ -304,7 +308,7 @@ def _recorded_timing(timing: dict | None) -> dict | None:
     """The timing a verdict recorded, without what build derives from it."""
     if timing is None:
         return None
-    return {key: value for key, value in timing.items() if key not in ("startup_seconds", "launch_to_first_step_seconds")}
+    return {key: value for key, value in timing.items() if key not in DERIVED_TIMING}
 
 
 def recompute(results_dir: Path, criteria: Criteria | None = None) -> dict:

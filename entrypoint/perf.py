@@ -148,6 +148,7 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[Perf
     rows = []
     for variant, verdict in verdicts.items():
         throughput = verdict.get("throughput") or {}
+        timing = verdict.get("timing") or {}
         speed = (throughput.get("seconds_per_step") or {}).get("median")
         losses = _losses(verdict)
         common = sorted(set(losses) & set(stock_losses))
@@ -161,8 +162,8 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[Perf
                 data_time_share=throughput.get("data_time_share"),
                 peak_memory_mib=throughput.get("peak_memory_mib"),
                 mfu=throughput.get("mfu"),
-                preflight_seconds=(verdict.get("timing") or {}).get("preflight_seconds"),
-                startup_seconds=(verdict.get("timing") or {}).get("startup_seconds"),
+                preflight_seconds=timing.get("preflight_seconds"),
+                startup_seconds=timing.get("startup_seconds"),
                 ratio_vs_stock=speed / stock_speed if speed and stock_speed else None,
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
                 limit_seconds_per_step=limit,
