@@ -7,23 +7,25 @@ frozen LLM reads as words.
 
 - Each image shows its caption's words, one per quadrant, and each quadrant is one
   ViT patch: foreground colour, the shape, background colour, foreground colour.
-- The LLM is a tiny Llama, trained here for a few seconds on the chat template with
-  the caption's words as the four "image" embeddings, so it has learned to copy what
-  the image slot says into the caption. The benchmark freezes it, as in the recipe.
+- The LLM is a tiny InternLM2 with the model's own code (the folder is laid out as the
+  real one), trained here for a few seconds on the chat template with the caption's
+  words as the four "image" embeddings, so it has learned to copy what the image slot
+  says into the caption. The benchmark freezes it, as in the recipe.
 - Until the projector maps patch features onto those word embeddings, the caption's
   words are guesses; once it does, the loss drops.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dataclasses import asdict
-
 from bench.criteria import Criteria
-from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
+from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B, LLMShape
+from bench.inputs import llm_shape
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 
 COLOURS = {
@@ -41,6 +43,8 @@ PROMPTS = (
     "<image>\nWrite a short caption for this picture.",
     "What does this image show?\n<image>",
 )
+# InternLM2's model code, named by the real folder's config.json (auto_map).
+INTERNLM2_CODE_FILES = ("configuration_internlm2.py", "modeling_internlm2.py")
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 IMAGE_PIXELS = 64  # JPEG side; the image processor resizes to VISION_IMAGE_SIZE
 VISION_IMAGE_SIZE = 28
@@ -209,27 +213,104 @@ def _train_llm(model, tokenizer, samples: list[Sample], spec: SynthSpec) -> None
     model.eval()
 
 
-def _write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpec) -> None:
-    """A tiny Llama-architecture LLM (InternLM2-20B is Llama-shaped) that captions from the image slot."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def internlm2_code_folder() -> Path | None:
+    """InternLM2's model code as the installed xtuner ships it (``xtuner/_lite/modelings/
+    internlm2/``, xtuner >= 0.2.0), found without importing xtuner; None where absent
+    (the pinned commit 770bac38 predates it)."""
+    spec = importlib.util.find_spec("xtuner")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "_lite" / "modelings" / "internlm2"
+    return folder if all((folder / name).is_file() for name in INTERNLM2_CODE_FILES) else None
 
+
+def internlm2_config(shape: LLMShape, tokenizer, torch_dtype: str) -> dict:
+    """config.json as the real internlm2-chat-20b folder has it, for ``shape``: the
+    model's own code through auto_map, its eager attention, dynamic RoPE scaling."""
+    return {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        "bias": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.ffn,
+        "max_position_embeddings": 32_768,
+        "model_type": "internlm2",
+        "num_attention_heads": shape.heads,
+        "num_hidden_layers": shape.layers,
+        "num_key_value_heads": shape.kv_heads,
+        "pad_token_id": tokenizer.pad_token_id,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "rope_theta": 1_000_000,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": shape.vocab,
+    }
+
+
+def _new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
+    """A random LLM of ``shape`` whose folder is laid out as the real one: InternLM2 with
+    its own code, copied from the installed xtuner. Where that code is missing or does
+    not import with the installed transformers, a Llama of the same shape stands in
+    (the same dimensions; Llama's own attention and names); the second value says why.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    code = internlm2_code_folder()
+    if code is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in INTERNLM2_CODE_FILES:
+            shutil.copyfile(code / name, directory / name)
+        (directory / "config.json").write_text(json.dumps(internlm2_config(shape, tokenizer, dtype_name), indent=2) + "\n")
+        try:
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=dtype), None
+        except ImportError as error:
+            why = f"the installed xtuner's InternLM2 code does not import here ({error})"
+            for name in (*INTERNLM2_CODE_FILES, "config.json"):
+                (directory / name).unlink()
+    else:
+        why = "the installed xtuner does not ship InternLM2's model code (xtuner/_lite/modelings/internlm2)"
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.llm_hidden,
-        intermediate_size=spec.llm_hidden * 2,
-        num_hidden_layers=spec.llm_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=1_000_000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=32_768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype=dtype_name,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM._from_config(config, torch_dtype=dtype), why
+
+
+def _save_llm(model, directory: Path, tokenizer, **save_options) -> None:
+    """Weights in safetensors; for InternLM2 the config.json written anew as the real
+    folder's (save_pretrained would add this folder's absolute path to it)."""
+    model.save_pretrained(directory, safe_serialization=True, **save_options)
+    if model.config.model_type == "internlm2":
+        config = internlm2_config(llm_shape(model.config.to_dict()), tokenizer, str(model.dtype).removeprefix("torch."))
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpec) -> str | None:
+    """A tiny LLM of the real folder's architecture that captions from the image slot;
+    the stand-in's reason, or None."""
+    import torch
+
+    shape = LLMShape(hidden=spec.llm_hidden, layers=spec.llm_layers, heads=4, kv_heads=2, ffn=spec.llm_hidden * 2, vocab=len(tokenizer))
+    model, why = _new_llm(directory, shape, tokenizer, torch.float32)
     _train_llm(model, tokenizer, samples, spec)
-    model.save_pretrained(directory, safe_serialization=True)
+    _save_llm(model, directory, tokenizer)
+    return why
 
 
 def _tiny_vision_config(spec: SynthSpec):
@@ -267,9 +348,10 @@ def _start_layout(root: str | Path, spec: SynthSpec):
     return layout, samples, tokenizer
 
 
-def _mark_synthetic(layout: Layout, spec: SynthSpec, random_weights: bool) -> None:
-    """The marker that tells deep checks (and readers) the models are not the real ones."""
-    record = {"synthetic": True, "random_weights": random_weights, **asdict(spec)}
+def _mark_synthetic(layout: Layout, spec: SynthSpec, random_weights: bool, llm_stand_in: str | None) -> None:
+    """The marker that tells deep checks (and readers) the models are not the real ones,
+    and why the LLM is a Llama stand-in where it is one."""
+    record = {"synthetic": True, "random_weights": random_weights, "llm_stand_in": llm_stand_in, **asdict(spec)}
     (layout.clip_dir / SYNTHETIC_MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -282,42 +364,36 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
     torch.set_num_threads(1)  # one thread: the same seed gives the same bytes
     try:
         torch.manual_seed(spec.seed)
-        _write_llm(layout.llm_dir, tokenizer, samples, spec)
+        stand_in = _write_llm(layout.llm_dir, tokenizer, samples, spec)
         _write_clip(layout.clip_dir, _tiny_vision_config(spec))
     finally:
         torch.set_num_threads(threads)
-    _mark_synthetic(layout, spec, random_weights=False)
+    _mark_synthetic(layout, spec, random_weights=False, llm_stand_in=stand_in)
     return layout
 
 
-# Speed measurements on the real shapes (`llava-bench perf`): enough samples that
-# XTuner's 3 % warm-up has an iteration at batch 32 on up to 3 GPUs (--samples for more), and images of
-# LLaVA-Pretrain's size, so decoding costs what it costs there.
-REAL_SHAPE_SPEC = SynthSpec(samples=4_096, vocab_size=2_000, image_pixels=384)
+# Speed measurements on the real shapes (`llava-bench perf`): images of LLaVA-Pretrain's
+# size, so decoding costs what it costs there (perf sets the record count: the records
+# reuse the images in turn).
+REAL_SHAPE_SPEC = SynthSpec(samples=2_048, vocab_size=2_000, image_pixels=384)
 
 
 def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC, device: str = "cuda") -> Layout:
-    """Random weights of the exact InternLM2-20B (Llama-shaped) and CLIP ViT-L/14-336
-    shapes, for time per step and memory on a GPU machine with nothing downloaded.
+    """Random weights of the exact InternLM2-20B and CLIP ViT-L/14-336 shapes, for time
+    per step and memory on a GPU machine with nothing downloaded.
 
-    The LLM is made in fp16 on the GPU (40 GB) and saved in shards; its loss means
-    nothing, but stock and appliance recipes compute the same loss on it.
+    The LLM is made in bf16 on the GPU (40 GB; the real folder's dtype) with InternLM2's
+    own code and saved in shards; its loss means nothing, but stock and appliance recipes
+    compute the same loss on it.
     """
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig
 
     layout, _, tokenizer = _start_layout(root, spec)
     torch.manual_seed(spec.seed)
-    llm = INTERNLM2_20B
-    config = LlamaConfig(
-        vocab_size=llm.vocab, hidden_size=llm.hidden, intermediate_size=llm.ffn, num_hidden_layers=llm.layers,
-        num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads, max_position_embeddings=32_768,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
-    model.save_pretrained(layout.llm_dir, safe_serialization=True, max_shard_size="4GB")
+        model, stand_in = _new_llm(layout.llm_dir, INTERNLM2_20B, tokenizer, torch.bfloat16)
+    _save_llm(model, layout.llm_dir, tokenizer, max_shard_size="4GB")
     del model
     torch.cuda.empty_cache()
     vit = CLIP_VIT_L_336
@@ -326,5 +402,5 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC,
         image_size=vit.image_size, patch_size=vit.patch, projection_dim=768,
     )  # fmt: skip
     _write_clip(layout.clip_dir, vision)
-    _mark_synthetic(layout, spec, random_weights=True)
+    _mark_synthetic(layout, spec, random_weights=True, llm_stand_in=stand_in)
     return layout

@@ -234,3 +234,33 @@ def test_a_broken_layout_leaves_an_invalid_verdict_and_exit_2(layout_copy, tmp_p
     verdict_mod.validate(verdict)
     assert verdict["status"] == "invalid"
     assert verdict["problems"][0]["path"] == str(layout.llm_dir / "config.json")
+
+
+def test_the_synthetic_llm_is_internlm2_with_its_own_code(synthetic_layout):
+    """The layout's LLM folder is laid out as the real internlm2-chat-20b: InternLM2's
+    architecture and model code (copied from the installed xtuner), its config.json
+    keys, and the marker says no stand-in was needed."""
+    from bench.layout import SYNTHETIC_MARKER_NAME
+
+    llm_dir = Layout.at(synthetic_layout).llm_dir
+    config = json.loads((llm_dir / "config.json").read_text())
+    assert config["architectures"] == ["InternLM2ForCausalLM"] and config["model_type"] == "internlm2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
+    assert config["attn_implementation"] == "eager" and config["rope_scaling"] == {"type": "dynamic", "factor": 2.0}
+    assert (llm_dir / "modeling_internlm2.py").is_file() and (llm_dir / "configuration_internlm2.py").is_file()
+    marker = json.loads((Layout.at(synthetic_layout).clip_dir / SYNTHETIC_MARKER_NAME).read_text())
+    assert marker["llm_stand_in"] is None
+
+
+def test_without_internlm2_code_a_llama_stands_in_and_says_why(tmp_path, monkeypatch):
+    """Where the installed xtuner lacks InternLM2's code (the image's pinned commit), the
+    LLM is a Llama of the same shape, and the layout's marker says why."""
+    from bench import synth
+    from bench.layout import SYNTHETIC_MARKER_NAME
+
+    monkeypatch.setattr(synth, "internlm2_code_folder", lambda: None)
+    layout = synth.write_synthetic_layout(tmp_path / "llava", synth.SynthSpec(samples=512, llm_train_steps=1))
+    assert json.loads((layout.llm_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not (layout.llm_dir / "modeling_internlm2.py").exists()
+    marker = json.loads((layout.clip_dir / SYNTHETIC_MARKER_NAME).read_text())
+    assert "does not ship InternLM2's model code" in marker["llm_stand_in"]
