@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -26,12 +26,25 @@ CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16",
 # full logits and their gradient (49,207 -> 32,544 MiB measured with NF4; the logits are
 # 16-bit in both precisions, so the saving is the same).
 LABELLED_LOGITS_SAVING_MIB = 16_663
-# What one LLM decoder layer left unchecked adds at batch 32: 3,399 MiB measured with
-# the perf layout's 604 tokens a sample; LLaVA-Pretrain's captions make about 5 % more.
-UNCHECKED_LAYER_MIB = 3_600
+# What one LLM decoder layer left unchecked adds at batch 32, by the attention it runs
+# (docs/PERFORMANCE.md): with SDPA, 3,399 MiB measured at the perf layout's 604 tokens a
+# sample, plus 5 % for LLaVA-Pretrain's longer captions; InternLM2's eager attention
+# also keeps the fp32 softmax and its fp16 copy, 48 x 604 x 604 a sample (5,977 MiB
+# measured with 8 layers unchecked).
+UNCHECKED_LAYER_MIB = {"sdpa": 3_600, "eager": 6_000}
 # Unchecked layers fill the smallest GPU up to this share: room for longer captions
 # than the measured layout's and for the allocator's fragmentation.
 UNCHECKED_MEMORY_SHARE = 0.85
+# A smaller GPU simulated on a larger one (docs/PERFORMANCE.md, "Method"): each rank's
+# allocator is capped at this many MiB (bench/trainer/memory.py), and the lever defaults
+# and preflight take it as every GPU's memory...
+GPU_MEMORY_CAP_VARIABLE = "LLAVA_BENCH_GPU_MEMORY_CAP_MIB"
+# ...unless this one names the memory the lever defaults are computed for: their mistake,
+# forced, to show the out-of-memory retry.
+MEMORY_MODEL_VARIABLE = "LLAVA_BENCH_MEMORY_MODEL_GPU_MIB"
+# The levers whose default the GPUs' memory decides: an out-of-memory failure before
+# the first logged step under defaults of these is retried once with them off.
+MEMORY_LEVERS = ("dequantize_nf4", "unchecked_llm_layers")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class Levers:
     skip_vit_backward: bool = False
     unchecked_llm_layers: int = 0
     labelled_logits_only: bool = False
+    sdpa_attention: bool = False
 
     @property
     def stock(self) -> bool:
@@ -55,6 +69,16 @@ class Levers:
         """The levers ``bench.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
         names = ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+    @property
+    def llm_kwargs(self) -> dict:
+        """Keyword arguments the levers add to the LLM's ``from_pretrained``."""
+        return {"attn_implementation": "sdpa"} if self.sdpa_attention else {}
+
+    @property
+    def attention(self) -> str:
+        """The attention the LLM runs, as the memory model counts it."""
+        return "sdpa" if self.sdpa_attention else "eager"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "stock": self.stock}
@@ -85,6 +109,12 @@ class Levers:
             changes.append(
                 "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
             )
+        if self.sdpa_attention:
+            changes.append(
+                "the LLM's attention through the model code's own SDPA class (torch scaled_dot_product_attention) "
+                "instead of its eager attention: the same softmax(QK^T/sqrt(d) + mask) V without the materialized "
+                "fp32 attention matrix"
+            )
         return changes  # the tokenized cache is described with its folder (bench/recipe.py)
 
 
@@ -103,34 +133,41 @@ class LeverRequest:
     skip_vit_backward: bool | None = None
     unchecked_llm_layers: int | None = None
     labelled_logits_only: bool | None = None
+    sdpa_attention: bool | None = None
 
 
-def unchecked_layers_that_fit(
-    precision: str, dequantize_nf4: bool, labelled_logits_only: bool, per_device_batch: int, gpu_memory_mib: list[int]
-) -> int:
-    """How many LLM layers may keep their activations on the smallest GPU.
+def unchecked_layers_that_fit(levers: Levers, precision: str, per_device_batch: int, gpu_memory_mib: list[int]) -> int:
+    """How many LLM layers may keep their activations on the smallest GPU, beside the
+    other levers' memory.
 
     The measured peaks are of batch 32; a larger batch gets none (its peak is not known),
     a smaller one is held to batch 32's peak (an overestimate, so it stays safe).
     """
     if not gpu_memory_mib or per_device_batch > MEASURED_PER_DEVICE_BATCH:
         return 0
-    peak = CHECKPOINTED_PEAK_MIB[(precision, dequantize_nf4)] - (LABELLED_LOGITS_SAVING_MIB if labelled_logits_only else 0)
+    peak = CHECKPOINTED_PEAK_MIB[(precision, levers.dequantize_nf4)]
+    peak -= LABELLED_LOGITS_SAVING_MIB if levers.labelled_logits_only else 0
     budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - peak
-    per_layer = UNCHECKED_LAYER_MIB * per_device_batch / MEASURED_PER_DEVICE_BATCH
+    per_layer = UNCHECKED_LAYER_MIB[levers.attention] * per_device_batch / MEASURED_PER_DEVICE_BATCH
     return max(0, int(budget // per_layer))
 
 
 def resolve_levers(
-    request: LeverRequest, device: str, precision: str, per_device_batch: int, gpu_memory_mib: list[int]
+    request: LeverRequest,
+    device: str,
+    precision: str,
+    per_device_batch: int,
+    gpu_memory_mib: list[int],
+    supports_sdpa: bool | None = None,
 ) -> tuple[Levers, list[str]]:
     """The levers of this run and, for choices that cannot apply, why (preflight problems).
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
     with pinned memory, NF4 dequantized once where every GPU holds the fp16 weights,
     the tokenized dataset kept for later runs, no backward pass through the frozen ViT,
-    logits only at the labelled positions, and, in the memory those leave, as many LLM
-    layers unchecked as the smallest GPU allows.
+    logits only at the labelled positions, SDPA attention where the LLM folder's code
+    has it (``supports_sdpa``, from preflight's import of that code; None: not known), and, in the memory
+    those leave, as many LLM layers unchecked as the smallest GPU allows.
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
@@ -141,19 +178,53 @@ def resolve_levers(
     problems = []
     if request.dequantize_nf4 and not applies:
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
-    dequantize_nf4 = applies and _asked_or(request.dequantize_nf4, fits)
-    labelled_logits_only = _asked_or(request.labelled_logits_only, on_gpu)
-    fitting_layers = unchecked_layers_that_fit(precision, dequantize_nf4, labelled_logits_only, per_device_batch, gpu_memory_mib)
+    if request.sdpa_attention and supports_sdpa is False:
+        problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
     levers = Levers(
         dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
         pin_memory=_asked_or(request.pin_memory, on_gpu),
-        dequantize_nf4=dequantize_nf4,
+        dequantize_nf4=applies and _asked_or(request.dequantize_nf4, fits),
         tokenized_cache=_asked_or(request.tokenized_cache, on_gpu),
         skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
-        unchecked_llm_layers=_asked_or(request.unchecked_llm_layers, fitting_layers if on_gpu else 0),
-        labelled_logits_only=labelled_logits_only,
+        labelled_logits_only=_asked_or(request.labelled_logits_only, on_gpu),
+        sdpa_attention=bool(supports_sdpa) and _asked_or(request.sdpa_attention, on_gpu),
     )
-    return levers, problems
+    fitting_layers = unchecked_layers_that_fit(levers, precision, per_device_batch, gpu_memory_mib) if on_gpu else 0
+    return replace(levers, unchecked_llm_layers=_asked_or(request.unchecked_llm_layers, fitting_layers)), problems
+
+
+def out_of_memory_hint(precision: str, levers: Levers) -> str:
+    """What would free memory in a run of ``levers`` at ``precision``, most first."""
+    helps = []
+    if levers.unchecked_llm_layers:
+        fewer = sorted({levers.unchecked_llm_layers // 2, 0}, reverse=True)
+        helps.append(
+            f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}), "
+            f"about {UNCHECKED_LAYER_MIB[levers.attention]} MiB a layer"
+        )
+    if levers.dequantize_nf4:
+        saving = CHECKPOINTED_PEAK_MIB[("nf4", True)] - CHECKPOINTED_PEAK_MIB[("nf4", False)]
+        helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving} MiB less)")
+    if not levers.labelled_logits_only:
+        helps.append(f"--labelled-logits-only (about {LABELLED_LOGITS_SAVING_MIB} MiB less)")
+    if not levers.sdpa_attention:
+        helps.append("--sdpa-attention where the model code has it")
+    if precision == "bf16":
+        helps.append("--precision nf4 (the pinned recipe's 4-bit weights)")
+    helps.append("a smaller --per-device-batch with --global-batch to keep the global batch")
+    return "; ".join(helps)
+
+
+def memory_fallback(levers: Levers, request: LeverRequest) -> Levers | None:
+    """``levers`` with the memory the appliance's defaults spent taken back (the user's
+    own choices stay), for one retry after an out-of-memory failure; None when no
+    default spent any."""
+    taken_back = {
+        name: getattr(STOCK, name)
+        for name in MEMORY_LEVERS
+        if getattr(request, name) is None and getattr(levers, name) != getattr(STOCK, name)
+    }
+    return replace(levers, **taken_back) if taken_back else None
 
 
 def _asked_or(asked, default):
@@ -214,3 +285,30 @@ def from_pretrained_dequantized(**kwargs):
             setattr(parent, name, linear)
     torch.cuda.empty_cache()
     return model
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """The GPUs' memory as this run takes it, in MiB: the cards' own, or a smaller card
+    simulated through GPU_MEMORY_CAP_VARIABLE (and MEMORY_MODEL_VARIABLE)."""
+
+    cards: tuple[int, ...]  # what preflight checks against
+    for_defaults: tuple[int, ...]  # what the lever defaults fill
+    cap_mib: int | None = None  # each rank's allocator cap
+
+
+def gpu_memory(physical_mib: list[int], env) -> tuple[GpuMemory, list[str]]:
+    """Read the simulation variables; problems name a variable that is not a positive integer."""
+    values, problems = {}, []
+    for name in (GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE):
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        if not raw.isdigit() or int(raw) == 0:
+            problems.append(f"{name}={raw!r} is not a positive number of MiB")
+        else:
+            values[name] = int(raw)
+    cap = values.get(GPU_MEMORY_CAP_VARIABLE)
+    cards = tuple(min(mib, cap) for mib in physical_mib) if cap else tuple(physical_mib)
+    model = values.get(MEMORY_MODEL_VARIABLE)
+    return GpuMemory(cards, tuple(model for _ in physical_mib) if model else cards, cap), problems

@@ -14,7 +14,7 @@ from pathlib import Path
 from string import Template
 
 from bench.layout import Layout
-from bench.levers import TOKENIZED_CACHE_MARKER, Levers
+from bench.levers import GPU_MEMORY_CAP_VARIABLE, TOKENIZED_CACHE_MARKER, Levers
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
@@ -34,6 +34,8 @@ class RecipeOptions:
     tokenized_cache_folder: Path | None = None  # set with levers.tokenized_cache (bench/levers.py)
     save_checkpoint: bool = False
     eval_image: Path | None = None
+    save_projector: bool = False  # the projector's weights before and after, for perf's comparison
+    gpu_memory_cap_mib: int | None = None  # each rank's allocator capped: a smaller card simulated
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -97,6 +99,13 @@ def _deviations(options: RecipeOptions) -> list[str]:
         changes.append(f"per-device batch {options.per_device_batch} instead of 32")
     if options.accumulative_counts != 1:
         changes.append(f"gradient accumulation over {options.accumulative_counts} micro-batches")
+    if options.save_projector:
+        changes.append("the projector's weights saved before and after training (xtuner/projector-*.safetensors)")
+    if options.gpu_memory_cap_mib is not None:
+        changes.append(
+            f"each rank's GPU memory capped at {options.gpu_memory_cap_mib} MiB to simulate a smaller card "
+            f"({GPU_MEMORY_CAP_VARIABLE})"
+        )
     changes += options.levers.deviations()
     if options.levers.tokenized_cache:
         folder = options.tokenized_cache_folder
@@ -133,6 +142,11 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
             "\n__import__('torch').cpu.is_bf16_supported = lambda *args, **kwargs: False\n"
             if on_cpu
             else ""
+        )
+        + (
+            f"\n__import__('bench.trainer.memory', fromlist=['x']).cap_gpu_memory({options.gpu_memory_cap_mib})\n"
+            if options.gpu_memory_cap_mib is not None
+            else ""
         ),
         llm_path=repr(str(layout.llm_dir)),
         clip_path=repr(str(layout.clip_dir)),
@@ -147,7 +161,10 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
             ("from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "")
             + ("from bench.cached_dataset import CachedLLaVADataset\n" if options.levers.tokenized_cache else "")
             + ("from bench.levered_llava import LeveredLLaVAModel\n" if model_levers else "")
+            + ("from bench.trainer.hooks import ProjectorSnapshotHook\n" if options.save_projector else "")
         ),
+        llm_extras="".join(f"\n        {name}={value!r}," for name, value in options.levers.llm_kwargs.items()),
+        projector_snapshot_hook="\n    dict(type=ProjectorSnapshotHook)," if options.save_projector else "",
         model_type="LeveredLLaVAModel" if model_levers else "LLaVAModel",
         model_extras="".join(f"\n    {name}={value!r}," for name, value in model_levers.items()),
         dataset_type="CachedLLaVADataset" if options.levers.tokenized_cache else "LLaVADataset",

@@ -123,3 +123,18 @@ def share_status(topology: Topology, status: str | None, timeout_seconds: float 
         return shared
     except RuntimeError:
         return None
+
+
+def exchange(topology: Topology, key: str, value: dict, timeout_seconds: float = 600) -> list[dict] | None:
+    """Every node's ``value`` under ``key``, in node order, so that all nodes decide alike
+    (whether to retry a failed attempt); None if some node never answered."""
+    if topology.nnodes == 1:
+        return [value]
+    try:
+        store = _store(topology, timeout_seconds)
+        store.set(f"{key}/{topology.node_rank}", json.dumps(value))
+        answers = [json.loads(store.get(f"{key}/{rank}")) for rank in range(topology.nnodes)]
+        _release(store, topology, f"{key}/read", timeout_seconds)
+        return answers
+    except RuntimeError:
+        return None

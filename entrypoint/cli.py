@@ -149,7 +149,9 @@ def prepare(
 @app.command()
 def validate(
     root: RootOption = Path("/llava"),
-    deep: Annotated[bool, typer.Option(help="Also check every record, decode every image, check model indexes and shapes.")] = False,
+    deep: Annotated[
+        bool, typer.Option(help="Also check every record, decode every image, check model indexes and shapes, import the LLM's code.")
+    ] = False,
     sample: Annotated[Optional[int], typer.Option(min=1, help="With --deep: decode only this many images (a seeded sample).")] = None,
     as_json: JsonOption = False,
 ):
@@ -174,11 +176,14 @@ def _deep_with_progress(layout: Layout, sample: int | None):
 
     from bench.inputs import load_dataset
     from entrypoint.deep import deep_problems
+    from entrypoint.model_code import ModelCodeProbe
 
     with Progress("decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
         task = bar.add_task("decode", total=None)
         dataset = load_dataset(layout.dataset_json)
-        return deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        probe = ModelCodeProbe(layout.llm_dir)
+        problems = deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        return problems + probe.result().problems
 
 
 def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
@@ -260,6 +265,15 @@ def run(
         Optional[bool],
         typer.Option(help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs)."),
     ] = None,
+    sdpa_attention: Annotated[
+        Optional[bool],
+        typer.Option(
+            help="Run the LLM's attention through its model code's SDPA class instead of eager attention: the same function, less memory (default: on GPUs where the code has it)."
+        ),
+    ] = None,
+    save_projector: Annotated[
+        bool, typer.Option(help="Save the projector's weights before and after training under xtuner/ (llava-bench perf compares them).")
+    ] = False,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
     image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
@@ -283,6 +297,7 @@ def run(
             seed=seed,
             save_checkpoint=save_checkpoint,
             eval_image=eval_image,
+            save_projector=save_projector,
         ),
         levers=LeverRequest(
             stock=stock,
@@ -293,6 +308,7 @@ def run(
             skip_vit_backward=skip_vit_backward,
             unchecked_llm_layers=unchecked_llm_layers,
             labelled_logits_only=labelled_logits_only,
+            sdpa_attention=sdpa_attention,
         ),
         device=device.value,
         global_batch=global_batch,
@@ -450,19 +466,22 @@ def perf(
     out: Annotated[Path, typer.Option(help="Folder for each variant's results and perf.json.")] = Path("perf-results"),
     variant: Annotated[
         Optional[list[Variant]],
-        typer.Option(help="Recipe variants to run, in order (repeatable; default: stock then default); see docs/PERFORMANCE.md."),
+        typer.Option(
+            help="Recipe variants to run, in order (repeatable; default: stock, stock-again, default); see docs/PERFORMANCE.md."
+        ),
     ] = None,
     steps: Annotated[int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")] = 30,
     precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
     per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
     samples: Annotated[
-        int, typer.Option(min=512, help="Images of a layout written here, one record each unless --records (XTuner's warm-up needs >= 34 iterations per epoch).")
+        int, typer.Option(min=512, help="Images of a layout written here (the records reuse them in turn).")
     ] = REAL_SHAPE_SPEC.samples,
     records: Annotated[
         Optional[int],
         typer.Option(
             min=512,
-            help="JSON records of a layout written here, reusing the images in turn (558128: LLaVA-Pretrain's count, to time start-up); default: one per image.",
+            help="JSON records of a layout written here (558128: LLaVA-Pretrain's count, to time start-up); "
+            "default: 545 steps an epoch at this batch on these GPUs, the reference run's LR schedule per step.",
         ),
     ] = None,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")] = Device.auto,
@@ -474,16 +493,20 @@ def perf(
     import torch
 
     from bench.synth import write_real_shape_layout
-    from entrypoint.perf import compare, in_fresh_process, measure_matmul_tflops, run_variant, table, write_report
+    from entrypoint.perf import (
+        DEFAULT_VARIANTS, REFERENCE_STEPS_PER_EPOCH, compare, in_fresh_process, measure_matmul_tflops,
+        projector_distances, run_variant, table, write_report,
+    )  # fmt: skip
 
-    chosen = [v.value for v in variant] if variant else ["stock", "default"]
+    chosen = [v.value for v in variant] if variant else list(DEFAULT_VARIANTS)
     layout = Layout.at(root)
     if not layout.dataset_json.exists():
         if not torch.cuda.is_available():
             errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
             raise typer.Exit(2)
+        records = records or REFERENCE_STEPS_PER_EPOCH * per_device_batch * torch.cuda.device_count()
         errors.print(
-            f"writing random weights of the real shapes, {samples} images and {records or samples} records to {root} (about 45 GB)",
+            f"writing random weights of the real shapes, {samples} images and {records} records to {root} (about 45 GB)",
             highlight=False,
         )
         in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples, records=records))
@@ -491,20 +514,26 @@ def perf(
         errors.print(f"[red]invalid:[/] --records applies to a layout written here; {root} already holds one")
         raise typer.Exit(2)
     run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
-                   "--per-device-batch", str(per_device_batch), "--device", device.value]  # fmt: skip
+                   "--per-device-batch", str(per_device_batch), "--device", device.value, "--save-projector"]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     matmul_device = "cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu"
     matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)
     errors.print(f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False)
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
-    rows = compare(verdicts, matmul_tflops)
-    report = write_report(out, rows, run_options, matmul_tflops)
+    distances, movement = projector_distances(verdicts)
+    rows = compare(verdicts, matmul_tflops, distances)
+    report = write_report(out, rows, run_options, matmul_tflops, movement)
     if as_json:
         console.print_json(json.dumps([asdict(row) for row in rows]))
     else:
         console.print(table(rows), highlight=False)
+        if movement is not None:
+            console.print(
+                f"stock's projector moved {movement:.2e} of its initial norm; projector distances are relative to that move",
+                highlight=False,
+            )
         console.print(f"written: {report}", highlight=False)
-    if any(row.termination != "completed" for row in rows):
+    if any(row.termination != "completed" or row.projector_agrees is False for row in rows):
         raise typer.Exit(1)
 
 

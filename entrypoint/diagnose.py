@@ -13,12 +13,10 @@ from pathlib import Path
 ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
 # torchrun's ChildFailedError summary: "Root Cause (first observed failure): ... rank : 3 (local_rank: 1)"
 FIRST_FAILURE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.S)
+OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError")
+OUT_OF_MEMORY_WHAT = "out of GPU memory"
 KNOWN_FAILURES = (
-    (
-        re.compile(r"CUDA out of memory|OutOfMemoryError"),
-        "out of GPU memory",
-        "use --precision nf4, or a smaller --per-device-batch with --global-batch to keep the global batch",
-    ),
+    (OUT_OF_MEMORY, OUT_OF_MEMORY_WHAT, "a smaller --per-device-batch with --global-batch to keep the global batch"),
     (
         re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}(timed out|[Tt]imeout)"),
         "an NCCL collective timed out",
@@ -62,8 +60,14 @@ def last_lines(logs_dir: Path) -> str:
     return "; ".join(parts)
 
 
-def diagnose(logs_dir: Path) -> str:
-    """First failing rank, the cause and a hint; the last exception line when nothing is known."""
+def ran_out_of_memory(logs_dir: Path) -> bool:
+    """Whether any rank's log reports a CUDA out-of-memory error."""
+    return any(OUT_OF_MEMORY.search(log.read_text(errors="replace")) for log in _logs(logs_dir))
+
+
+def diagnose(logs_dir: Path, out_of_memory_hint: str | None = None) -> str:
+    """First failing rank, the cause and a hint; the last exception line when nothing is known.
+    ``out_of_memory_hint`` replaces the generic one with what helps this run's recipe."""
     texts = {log: log.read_text(errors="replace") for log in _logs(logs_dir)}
     everything = "\n".join(texts.values())
     parts = []
@@ -72,7 +76,7 @@ def diagnose(logs_dir: Path) -> str:
         parts.append(f"rank {first.group(1)} (local rank {first.group(2)}) failed first")
     for pattern, what, hint in KNOWN_FAILURES:
         if pattern.search(everything):
-            parts.append(f"{what}; hint: {hint}")
+            parts.append(f"{what}; hint: {out_of_memory_hint if what == OUT_OF_MEMORY_WHAT and out_of_memory_hint else hint}")
             break
     cause = last_error_line(logs_dir)
     if cause:

@@ -61,7 +61,8 @@ class LaunchPlan:
     distributed: bool  # torchrun with one process per GPU; else one plain process (CPU)
 
 
-def _environment() -> dict[str, str]:
+def offline_environment() -> dict[str, str]:
+    """This process's environment for a child that must never reach the network."""
     return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -82,7 +83,7 @@ def torchrun_plan(topology: Topology, program: list[str], logs_dir: Path, cwd: P
         "--tee", "3",
         *program,
     ]  # fmt: skip
-    return LaunchPlan(argv, _environment(), cwd, logs_dir, distributed=True)
+    return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=True)
 
 
 def training_plan(
@@ -104,7 +105,7 @@ def training_plan(
         train_args += ["--cfg-options", *cfg_options]
     if device == "cpu":
         argv = [sys.executable, *train_args, "--launcher", "none"]
-        return LaunchPlan(argv, _environment(), cwd, logs_dir, distributed=False)
+        return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=False)
     program = [*train_args, "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch"]
     return torchrun_plan(topology, program, logs_dir, cwd)
 
@@ -216,9 +217,11 @@ def supervise(
     on_record: Callable[[MetricsRecord], Termination | None],
     watchdog: Watchdog = Watchdog(),
     poll_seconds: float = 1.0,
+    out_of_memory_hint: str | None = None,
 ) -> Outcome:
     """Run the plan to its end. ``on_record`` sees each new record; a Termination it
-    returns stops the run with that termination (target reached, non-finite loss)."""
+    returns stops the run with that termination (target reached, non-finite loss).
+    A crash's reason carries ``out_of_memory_hint`` when the GPUs ran out of memory."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
     tail = _StreamTail(work_dir)
     first_record_at = first_record_seconds = None
@@ -271,7 +274,7 @@ def supervise(
     elif exit_code == 0:
         termination = Termination("completed")
     else:
-        cause = diagnose(plan.logs_dir)
+        cause = diagnose(plan.logs_dir, out_of_memory_hint)
         termination = Termination("crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else ""))
     return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
 

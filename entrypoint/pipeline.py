@@ -23,14 +23,24 @@ from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.flops import are_real_shapes
 from bench.inputs import describe, load_dataset
 from bench.layout import Layout
-from bench.levers import LeverRequest, resolve_levers, tokenized_cache_folder
+from bench.levers import (
+    MEMORY_LEVERS,
+    LeverRequest,
+    gpu_memory,
+    memory_fallback,
+    out_of_memory_hint,
+    resolve_levers,
+    tokenized_cache_folder,
+)
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.report import write_report
 from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
 from entrypoint import __version__
-from entrypoint.agreement import AgreementError, Fingerprint, agree, share_status
+from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
+from entrypoint.diagnose import ran_out_of_memory
 from entrypoint.environment import gpu_inventory_details, software
+from entrypoint.model_code import ModelCodeProbe
 from entrypoint.launch import Watchdog, process_age_seconds, run_to_end, supervise, torchrun_plan, training_plan, utc_now
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
@@ -269,22 +279,35 @@ class _Preflight:
 
 
 def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int) -> _Preflight:
-    """Topology, batch, layout (plain, then deep), disk and GPU checks; the recipe if all pass."""
+    """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
+    disk and GPU checks, the levers; the recipe if all pass."""
     device = resolve_device(request.device, gpus)
     topology, problems = _topology(request, device, gpus)
     accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
     inventory = gpu_inventory_details() if device == "cuda" else []
-    levers, lever_messages = resolve_levers(
-        request.levers, device, request.recipe.precision, request.recipe.per_device_batch, [gpu["memory_mib"] for gpu in inventory]
-    )
-    lever_problems = [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
-    options = replace(request.recipe, device=device, accumulative_counts=accumulative_counts, levers=levers)
+    memory, memory_messages = gpu_memory([gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env)
     unwritable = check_writable(results_parent)
-    problems = [*problems, *unwritable, *batch_problems, *lever_problems, *check_layout(layout)]
-    dataset = None
+    problems = [
+        *problems, *unwritable, *batch_problems,
+        *(Problem("environment", message, "set it to the simulated card's MiB, or unset it") for message in memory_messages),
+        *check_layout(layout),
+    ]  # fmt: skip
+    dataset, supports_sdpa = None, None
     if not problems:
         dataset = load_dataset(layout.dataset_json)
-        problems = deep_problems(layout, dataset, request.image_sample) + disk_problems(results_parent)
+        probe = ModelCodeProbe(layout.llm_dir)
+        problems = deep_problems(layout, dataset, request.image_sample)
+        code = probe.result()
+        supports_sdpa = code.supports_sdpa
+        problems += code.problems + disk_problems(results_parent)
+    levers, lever_messages = resolve_levers(
+        request.levers, device, request.recipe.precision, request.recipe.per_device_batch, list(memory.for_defaults), supports_sdpa
+    )
+    problems += [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
+    options = replace(
+        request.recipe, device=device, accumulative_counts=accumulative_counts, levers=levers,
+        gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
+    )  # fmt: skip
     inputs = describe(layout, dataset) if not problems else None
     if inputs is not None and levers.tokenized_cache:
         options = replace(
@@ -292,7 +315,8 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         )
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
-        problems += gpu_problems(inventory, options.precision, options.per_device_batch, real_shapes)
+        cards = [{**gpu, "memory_mib": mib} for gpu, mib in zip(inventory, memory.cards)]
+        problems += gpu_problems(cards, options.precision, options.per_device_batch, real_shapes)
     recipe = None
     if not problems:
         recipe = (
@@ -346,12 +370,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.py"
-    config_path.write_text(recipe.text)
-    plan = training_plan(
-        config_path, run_dir / "xtuner", run_dir / "logs" / f"node-{topology.node_rank}",
-        layout.root, device, topology, recipe.cfg_options,
-    )  # fmt: skip
+    plan = _write_attempt(recipe, run_dir, layout, device, topology)
     console.print(
         f"[bold]llava-bench[/] run {run_id}: {topology.nnodes} node(s) x {topology.nproc_per_node} x {device} "
         f"(this is node {topology.node_rank}), {options.max_steps} steps, target loss < {request.criteria.target_loss}"
@@ -377,9 +396,34 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             )
             return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
 
-    preflight_seconds, started_at, started = process_age_seconds(), utc_now(), time.monotonic()
-    printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
-    outcome = supervise(plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog)
+    preflight_seconds = process_age_seconds()
+    outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
+    fallback = memory_fallback(options.levers, request.levers) if recipe.source == "template" else None
+    if fallback is not None and _retry_agreed(topology, outcome, plan.logs_dir):
+        first_attempt = {
+            "reason": outcome.termination.detail,
+            "folder": _set_aside_first_attempt(run_dir, topology.node_rank).name,
+            "config_sha256": recipe.sha256,
+            "levers": options.levers.as_dict(),
+            "wall_seconds": wall_seconds,
+            "taken_back": [
+                f"{name} {getattr(options.levers, name)!r} -> {getattr(fallback, name)!r}"
+                for name in MEMORY_LEVERS
+                if getattr(options.levers, name) != getattr(fallback, name)
+            ],
+        }
+        console.print(
+            "[yellow]out of GPU memory before the first logged step[/] with the appliance's memory defaults "
+            f"({', '.join(first_attempt['taken_back'])}); restarting once with them taken back",
+            highlight=False,
+        )
+        options = replace(options, levers=fallback)
+        recipe = render(layout, options, __version__)
+        plan = _write_attempt(recipe, run_dir, layout, device, topology)
+        outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
+        context = replace(
+            context, recipe={**_recipe_record(recipe, options, topology.world_size), "memory_fallback": first_attempt}
+        )
     context = replace(
         context,
         termination=outcome.termination,
@@ -390,7 +434,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             "first_record_at": outcome.first_record_at,
             "first_record_seconds": outcome.first_record_seconds,
             "ended_at": outcome.ended_at,
-            "wall_seconds": round(time.monotonic() - started, 3),
+            "wall_seconds": wall_seconds,
         },
     )
     metrics_copy = run_dir / verdict_mod.METRICS_NAME
@@ -401,6 +445,55 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         else:
             metrics_copy.write_text("")
     return _finish(topology, run_dir, context, fingerprint, read_stream(metrics_copy) if topology.node_rank == 0 else MetricsStream([], 0))
+
+
+def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device: str, topology: Topology):
+    """config.py of this attempt and the command that trains it."""
+    config_path = run_dir / "config.py"
+    config_path.write_text(recipe.text)
+    return training_plan(
+        config_path, run_dir / "xtuner", run_dir / "logs" / f"node-{topology.node_rank}",
+        layout.root, device, topology, recipe.cfg_options,
+    )  # fmt: skip
+
+
+def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console):
+    """One training attempt to its end: (outcome, start time, wall seconds)."""
+    started_at, started = utc_now(), time.monotonic()
+    printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
+    outcome = supervise(
+        plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog,
+        out_of_memory_hint=out_of_memory_hint(options.precision, options.levers),
+    )  # fmt: skip
+    return outcome, started_at, round(time.monotonic() - started, 3)
+
+
+def _retry_agreed(topology: Topology, outcome, logs_dir: Path) -> bool:
+    """Whether every node restarts: all crashed, one ran out of GPU memory, and node 0
+    (the node that reads the metrics) saw no step logged. The nodes exchange what they saw."""
+    seen = {
+        "crashed": outcome.termination.kind == "crashed",
+        "out_of_memory": ran_out_of_memory(logs_dir),
+        "stepped": outcome.first_record_at is not None,
+    }
+    answers = exchange(topology, "memory-retry", seen)
+    if answers is None:
+        return False
+    return all(a["crashed"] for a in answers) and any(a["out_of_memory"] for a in answers) and not answers[0]["stepped"]
+
+
+def _set_aside_first_attempt(run_dir: Path, node_rank: int) -> Path:
+    """The failed attempt's config, XTuner work dir and training logs, moved under
+    attempt-1/ (the collective check's logs stay); the retry writes where they were."""
+    aside = run_dir / "attempt-1"
+    logs = run_dir / "logs" / f"node-{node_rank}"
+    (aside / "logs" / logs.name).mkdir(parents=True, exist_ok=True)
+    for path in [run_dir / "config.py", run_dir / "xtuner", *(p for p in logs.iterdir() if p.name != "collective")]:
+        try:
+            path.rename(aside / path.relative_to(run_dir))
+        except FileNotFoundError:  # another node on a shared filesystem moved it
+            pass
+    return aside
 
 
 def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint, stream: MetricsStream) -> RunResult:

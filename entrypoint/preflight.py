@@ -56,7 +56,35 @@ def _check_model(folder: Path, what: str, repo: str, extra_files: tuple[tuple[st
             problems.append(
                 Problem(str(folder / alternatives[0]), f"the {what} lacks {' or '.join(alternatives)}", download)
             )
+    for name, named_by in _named_files(folder):
+        if not (folder / name).is_file():
+            problems.append(Problem(str(folder / name), f"{named_by} names {name}, which is missing", download))
     return problems
+
+
+def _json(path: Path) -> dict:
+    """A JSON object from the folder, or {} (a missing or broken file is its own problem)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _named_files(folder: Path) -> list[tuple[str, str]]:
+    """The files a model folder's own metadata says it holds: the code modules of
+    config.json's and tokenizer_config.json's auto_map (InternLM2 brings its model and
+    tokenizer code) and every shard of the safetensors index; (file, which file names it)."""
+    named = []
+    for metadata_name in ("config.json", "tokenizer_config.json"):
+        for reference in (_json(folder / metadata_name).get("auto_map") or {}).values():
+            for entry in reference if isinstance(reference, list) else [reference]:
+                if isinstance(entry, str):
+                    named.append((f"{entry.split('--')[-1].split('.')[0]}.py", f"{metadata_name}'s auto_map"))
+    weight_map = _json(folder / "model.safetensors.index.json").get("weight_map")
+    if isinstance(weight_map, dict):
+        named += [(shard, "model.safetensors.index.json") for shard in sorted(set(map(str, weight_map.values())))]
+    return list(dict.fromkeys(named))
 
 
 def _check_dataset_json(path: Path) -> list[Problem]:

@@ -32,3 +32,31 @@ def test_each_differing_node_and_field_is_named():
 )
 def test_bus_bandwidth_is_algbw_times_2_n_minus_1_over_n(size, seconds, ranks, expected):
     assert bus_bandwidth_gbps(size, seconds, ranks) == pytest.approx(expected)
+
+
+def _exchange_as_node(node_rank: int, port: int, queue) -> None:
+    from entrypoint.agreement import exchange
+    from entrypoint.topology import Topology
+
+    topology = Topology(nnodes=2, node_rank=node_rank, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test")
+    queue.put((node_rank, exchange(topology, "memory-retry", {"out_of_memory": node_rank == 1}, timeout_seconds=60)))
+
+
+def test_two_nodes_exchange_what_they_saw_and_decide_alike():
+    """Two real processes over the store node 0 hosts on master_port + 1: each gets
+    both answers in node order, so a failure only node 1 saw reaches node 0 too."""
+    import multiprocessing
+
+    from tests.test_rendezvous import two_free_ports
+
+    port = two_free_ports()
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    nodes = [context.Process(target=_exchange_as_node, args=(rank, port, queue)) for rank in (0, 1)]
+    for node in nodes:
+        node.start()
+    answers = dict(queue.get(timeout=90) for _ in nodes)
+    for node in nodes:
+        node.join(timeout=30)
+    expected = [{"out_of_memory": False}, {"out_of_memory": True}]
+    assert answers == {0: expected, 1: expected}

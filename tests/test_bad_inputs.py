@@ -38,6 +38,15 @@ def shard_index(layout: Layout, shards: list[str], total: int) -> None:
     )
 
 
+def break_model_code(layout: Layout) -> None:
+    """The LLM's own code asks transformers for a name it lacks, as InternLM2.5's code
+    asks transformers 4.37 for StaticCache."""
+    code = layout.llm_dir / "modeling_internlm2.py"
+    text = code.read_text()
+    assert "import Cache, DynamicCache" in text, "the model code's imports changed: break it another way"
+    code.write_text(text.replace("import Cache, DynamicCache", "import Cache, DynamicCache, NoSuchCache", 1))
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
@@ -69,15 +78,13 @@ DEEP_CASES = {
     "wrong LLM architecture": (
         lambda l: edit_json(l.llm_dir / "config.json", lambda c: c.update(architectures=["BertModel"])), "not InternLM2"
     ),
-    "remote code missing": (
-        lambda l: edit_json(
-            l.llm_dir / "config.json", lambda c: c.update(auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"})
-        ),
-        "configuration_internlm2.py",
+    "model code missing": (
+        lambda l: (l.llm_dir / "modeling_internlm2.py").unlink(), "config.json's auto_map names modeling_internlm2.py"
     ),
+    "model code written for another transformers": (break_model_code, "does not import with transformers"),
     "index names a missing shard": (
         lambda l: shard_index(l, ["model.safetensors", "model-00002-of-00002.safetensors"], 900_000),
-        "shard named by the index is missing",
+        "names model-00002-of-00002.safetensors, which is missing",
     ),
     "truncated shard": (
         lambda l: (shard_index(l, ["model.safetensors"], 0), truncate(l.llm_dir / "model.safetensors")),
@@ -129,6 +136,10 @@ RUN_CASES = {
     "node rank out of range": (lambda l: None, [], {"NNODES": "2", "NODE_RANK": "5", "ADDR": "h"}, "not below the node count"),
     "global batch not a multiple": (lambda l: None, ["--global-batch", "12"], {}, "not a multiple"),
     "per-device batch zero": (lambda l: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
+    "model code written for another transformers": (break_model_code, [], {}, "cannot import name 'NoSuchCache'"),
+    "simulated GPU memory not a number": (
+        lambda l: None, [], {"LLAVA_BENCH_GPU_MEMORY_CAP_MIB": "80GB"}, "LLAVA_BENCH_GPU_MEMORY_CAP_MIB='80GB'"
+    ),
 }
 
 

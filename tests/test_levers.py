@@ -17,7 +17,19 @@ import pytest
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.levers import STOCK, TOKENIZED_CACHE_MARKER, LeverRequest, Levers, resolve_levers, tokenized_cache_folder
+from bench.levers import (
+    GPU_MEMORY_CAP_VARIABLE,
+    MEMORY_MODEL_VARIABLE,
+    STOCK,
+    TOKENIZED_CACHE_MARKER,
+    LeverRequest,
+    Levers,
+    gpu_memory,
+    memory_fallback,
+    out_of_memory_hint,
+    resolve_levers,
+    tokenized_cache_folder,
+)
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
@@ -25,8 +37,12 @@ from tests.conftest import llava_bench
 H100 = [81559] * 8
 H200 = [143771] * 8
 A100_40 = [40960] * 8
-GPU_DEFAULTS = Levers(dataloader_workers=4, pin_memory=True, tokenized_cache=True, skip_vit_backward=True, labelled_logits_only=True)
-# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words)
+GPU_DEFAULTS = Levers(
+    dataloader_workers=4, pin_memory=True, tokenized_cache=True, skip_vit_backward=True, labelled_logits_only=True,
+    sdpa_attention=True,
+)  # fmt: skip
+# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words); the LLM
+# folder's code has SDPA attention (InternLM2's) unless the name says otherwise (EAGER_ONLY).
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
     "80 GB GPUs, NF4: dequantized, 2 layers unchecked": (
@@ -37,6 +53,22 @@ CASES = {
     ),
     "141 GB GPUs, bf16: 17 layers unchecked": (
         LeverRequest(), "cuda", "bf16", 32, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=17), None
+    ),
+    "code without SDPA, 141 GB, NF4: eager layers cost more, 10 fit": (
+        LeverRequest(), "cuda", "nf4", 32, H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=10), None,
+    ),
+    "code without SDPA, 80 GB, NF4: 1 eager layer fits": (
+        LeverRequest(), "cuda", "nf4", 32, H100,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=1), None,
+    ),
+    "code without SDPA, SDPA asked for: refused": (
+        LeverRequest(sdpa_attention=True), "cuda", "bf16", 32, H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10), "no SDPA attention",
+    ),
+    "eager attention asked for: fewer layers": (
+        LeverRequest(sdpa_attention=False), "cuda", "bf16", 32, H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10), None,
     ),
     "all logits: room for 12 layers": (
         LeverRequest(labelled_logits_only=False), "cuda", "bf16", 32, H200,
@@ -77,8 +109,9 @@ CASES = {
     ),
     "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", 32, [], Levers(tokenized_cache=True), None),
     "model levers on CPU when asked": (
-        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True), "cpu", "nf4", 32, [],
-        Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True), None,
+        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
+        "cpu", "nf4", 32, [], Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
+        None,
     ),
 }
 
@@ -86,7 +119,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_resolve_levers(name):
     request, device, precision, batch, memory, expected, problem = CASES[name]
-    levers, problems = resolve_levers(request, device, precision, batch, memory)
+    levers, problems = resolve_levers(request, device, precision, batch, memory, supports_sdpa="without SDPA" not in name)
     assert levers == expected
     if problem is None:
         assert problems == []
@@ -94,12 +127,67 @@ def test_resolve_levers(name):
         assert len(problems) == 1 and problem in problems[0]
 
 
+# name: (request, chosen levers, the retry's levers: None for no retry)
+FALLBACKS = {
+    "the defaults spent memory: both taken back": (
+        LeverRequest(), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17), GPU_DEFAULTS
+    ),
+    "only unchecked layers to take back": (
+        LeverRequest(), replace(GPU_DEFAULTS, unchecked_llm_layers=2), GPU_DEFAULTS
+    ),
+    "the user's layers stay: the dequantized default goes": (
+        LeverRequest(unchecked_llm_layers=4), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=4),
+    ),
+    "every memory lever the user's: no retry": (
+        LeverRequest(unchecked_llm_layers=4, dequantize_nf4=True), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        None,
+    ),
+    "nothing spent: no retry": (LeverRequest(), GPU_DEFAULTS, None),
+    "stock: no retry": (LeverRequest(stock=True), STOCK, None),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_an_out_of_memory_retry_takes_back_only_the_defaults_memory(name):
+    request, chosen, retry = FALLBACKS[name]
+    assert memory_fallback(chosen, request) == retry
+
+
+def test_the_out_of_memory_hint_names_what_frees_memory_in_this_recipe():
+    nf4 = out_of_memory_hint("nf4", replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17))
+    assert "--unchecked-llm-layers 8 or 0" in nf4 and "--no-dequantize-nf4" in nf4 and "--precision nf4" not in nf4
+    bf16 = out_of_memory_hint("bf16", STOCK)
+    assert "--precision nf4" in bf16 and "--labelled-logits-only" in bf16 and "--unchecked-llm-layers" not in bf16
+
+
+# name: (environment, cards' memory, memory for the defaults, cap, problem words)
+SIMULATIONS = {
+    "nothing set: the cards": ({}, (143771,), (143771,), None, None),
+    "an 80 GB card simulated": ({GPU_MEMORY_CAP_VARIABLE: "81559"}, (81559,), (81559,), 81559, None),
+    "a cap above the card changes nothing": ({GPU_MEMORY_CAP_VARIABLE: "200000"}, (143771,), (143771,), 200000, None),
+    "the defaults' mistake forced": (
+        {GPU_MEMORY_CAP_VARIABLE: "81559", MEMORY_MODEL_VARIABLE: "143771"}, (81559,), (143771,), 81559, None
+    ),
+    "not a number": ({GPU_MEMORY_CAP_VARIABLE: "80GB"}, (143771,), (143771,), None, "'80GB' is not a positive number"),
+    "zero": ({MEMORY_MODEL_VARIABLE: "0"}, (143771,), (143771,), None, "is not a positive number"),
+}
+
+
+@pytest.mark.parametrize("name", list(SIMULATIONS))
+def test_a_smaller_gpu_is_simulated_from_the_environment(name):
+    env, cards, for_defaults, cap, problem = SIMULATIONS[name]
+    memory, problems = gpu_memory([143771], env)
+    assert (memory.cards, memory.for_defaults, memory.cap_mib) == (cards, for_defaults, cap)
+    assert (problem is None) == (not problems) and (problem is None or problem in problems[0])
+
+
 def test_levers_render_into_the_config_and_are_listed_as_deviations():
     layout = Layout.at(Path("/llava"))
     options = RecipeOptions(
         levers=Levers(
             dataloader_workers=4, pin_memory=True, dequantize_nf4=True, skip_vit_backward=True, unchecked_llm_layers=12,
-            labelled_logits_only=True,
+            labelled_logits_only=True, sdpa_attention=True,
         )
     )
     recipe = render(layout, options, "test")
@@ -109,6 +197,8 @@ def test_levers_render_into_the_config_and_are_listed_as_deviations():
         in recipe.text
     )
     assert any("the last 12 LLM decoder layers" in change for change in recipe.deviations)
+    assert "torch_dtype=torch.float16,\n        attn_implementation='sdpa',\n        quantization_config" in recipe.text
+    assert any("SDPA class" in change for change in recipe.deviations)
     assert "type=LLaVAModel," in render(layout, RecipeOptions(levers=STOCK), "test").text
     assert "dataloader_num_workers = 4" in recipe.text
     assert "pin_memory=True," in recipe.text
@@ -123,26 +213,33 @@ def test_dequantizing_is_refused_where_it_cannot_apply():
         RecipeOptions(device="cpu", levers=Levers(dequantize_nf4=True))
 
 
-def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic_layout, tmp_path):
-    """`llava-bench perf` on CPU: real runs of the stock recipe and of 2 dataloader
-    workers with pinned memory; the same samples in the same order give the same losses."""
+def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthetic_layout, tmp_path):
+    """`llava-bench perf` on CPU: real runs of the stock recipe, stock again (its noise)
+    and 2 dataloader workers with pinned memory; the same samples in the same order give
+    the same losses and the same projector after the last step."""
     done = llava_bench(
         "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--steps", "30",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--variant", "stock", "--variant", "workers", "--json",
+        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--variant", "stock", "--variant", "stock-again",
+        "--variant", "workers", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    stock, workers = json.loads(done.stdout)
-    assert (stock["variant"], workers["variant"]) == ("stock", "workers")
+    stock, again, workers = json.loads(done.stdout)
+    assert (stock["variant"], again["variant"], workers["variant"]) == ("stock", "stock-again", "workers")
     assert stock["levers"]["stock"] is True and stock["ratio_vs_stock"] == 1.0
     assert workers["levers"] == {
         "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False,
-        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "stock": False,
+        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "sdpa_attention": False,
+        "stock": False,
     }  # fmt: skip
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["preflight_seconds"] > 0 and workers["startup_seconds"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
+    # One CPU process is deterministic: stock's own noise is nil, and so is the lever's distance.
+    assert again["projector_distance"] == 0.0 and workers["projector_distance"] == 0.0
+    assert workers["projector_agrees"] is True and stock["llm_architecture"] == "InternLM2ForCausalLM"
     report = json.loads((tmp_path / "perf.json").read_text())
-    assert [row["variant"] for row in report["rows"]] == ["stock", "workers"]
+    assert [row["variant"] for row in report["rows"]] == ["stock", "stock-again", "workers"]
+    assert report["projector_movement"] > 1e-3  # the learning rate moved the projector
     assert report["matmul_tflops_per_device"] > 0  # the CPU's fp32 rate here
     assert 0 < stock["limit_seconds_per_step"] < stock["seconds_per_step"]
     assert stock["times_limit"] == stock["seconds_per_step"] / stock["limit_seconds_per_step"]
@@ -154,6 +251,47 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_losses_agree(synthetic
     )  # fmt: skip
     assert again.returncode == 0 and "stock: reusing" in again.stderr  # a finished variant is not run again
     assert json.loads(again.stdout)[0]["run_dir"] == stock["run_dir"]
+
+
+def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic_layout, layout_copy, tmp_path):
+    """The check can fail for the reason it exists: stock's config run with the
+    projector's gradients zeroed (a broken lever, tests/zero_projector_gradient.py)
+    ends with the projector where it started, far outside stock's noise; its losses
+    alone, at this tiny layout's first logged steps, say less."""
+    from entrypoint.perf import compare, projector_distances
+
+    verdicts = {}
+    for name in ("stock", "stock-again"):
+        done = llava_bench(
+            "run", "--root", str(synthetic_layout), "--out", str(tmp_path / name), "--device", "cpu", "--stock",
+            "--save-projector", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20",
+            "--target-loss", "1e9", "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        verdicts[name] = json.loads(done.stdout)
+        verdicts[name]["_run_dir"] = str(tmp_path / name / verdicts[name]["run_id"])
+    config = (Path(verdicts["stock"]["_run_dir"]) / "config.py").read_text()
+    assert "type=LLaVAModel," in config and "ProjectorSnapshotHook" in config
+    broken = config.replace("type=LLaVAModel,", "type=ZeroProjectorGradientLLaVAModel,").replace(
+        "from xtuner.model import LLaVAModel\n",
+        "from xtuner.model import LLaVAModel\nfrom tests.zero_projector_gradient import ZeroProjectorGradientLLaVAModel\n",
+    )
+    Layout.at(layout_copy).config_override.write_text(broken)
+    repo = str(Path(__file__).resolve().parent.parent)
+    done = llava_bench(
+        "run", "--root", str(layout_copy), "--out", str(tmp_path / "broken"), "--device", "cpu",
+        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1e9", "--json",
+        env={**os.environ, "PYTHONPATH": repo},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdicts["broken"] = json.loads(done.stdout)
+    verdicts["broken"]["_run_dir"] = str(tmp_path / "broken" / verdicts["broken"]["run_id"])
+    distances, movement = projector_distances(verdicts)
+    rows = {row.variant: row for row in compare(verdicts, None, distances)}
+    assert movement > 1e-3
+    assert rows["stock-again"].projector_agrees is True
+    assert rows["broken"].projector_distance == pytest.approx(1.0)  # still at its start
+    assert rows["broken"].projector_agrees is False
 
 
 def test_perf_refuses_an_unknown_variant(tmp_path):
@@ -197,36 +335,40 @@ def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, 
     assert "--stock turns every lever off" in done.stderr
 
 
-def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, float, list]:
-    """Build the model from the tiny layout as XTuner's config does, run one forward and
-    backward, and return the MLP calls of each LLM layer and of the ViT's first layer
-    (a recomputed layer calls its MLP again), the rows the output projection computed
-    (key "logits"), the loss and the projector's gradients."""
+def _one_training_step(layout: Path, model_class, attention: str = "eager", **levers) -> tuple[Counter, float, list]:
+    """Build the model from the tiny layout as XTuner's config does (InternLM2's own code,
+    ``attention`` as the attention lever asks), run one forward and backward, and return
+    the MLP calls of each LLM layer and of the ViT's first layer (a recomputed layer
+    calls its MLP again), the rows the output projection computed (key "logits"), the
+    loss and the projector's gradients."""
     import torch
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.utils import IMAGE_TOKEN_INDEX
 
     paths = Layout.at(layout)
     torch.manual_seed(0)  # the projector's initial weights
     model = model_class(
-        llm=LlamaForCausalLM.from_pretrained(paths.llm_dir),
+        llm=AutoModelForCausalLM.from_pretrained(paths.llm_dir, trust_remote_code=True, attn_implementation=attention),
         visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
         freeze_llm=True,
         freeze_visual_encoder=True,
         **levers,
     ).train()
+    assert type(model.llm).__name__ == "InternLM2ForCausalLM"
+    assert type(model.llm.model.layers[0].attention).__name__ == {"eager": "InternLM2Attention", "sdpa": "InternLM2SdpaAttention"}[attention]
     calls = Counter()
-    mlps = {f"llm.{i}": layer.mlp for i, layer in enumerate(model.llm.model.layers)}
+    mlps = {f"llm.{i}": layer.feed_forward for i, layer in enumerate(model.llm.model.layers)}
     mlps["vit.0"] = model.visual_encoder.vision_model.encoder.layers[0].mlp
     for name, mlp in mlps.items():
         # at the call, not its end: a non-reentrant recompute stops once it has what backward needs
         mlp.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
-    model.llm.lm_head.register_forward_pre_hook(lambda _, args: calls.update({"logits": args[0].shape[:-1].numel()}))
+    model.llm.output.register_forward_pre_hook(lambda _, args: calls.update({"logits": args[0].shape[:-1].numel()}))
     size = model.visual_encoder.config.image_size
     data = {
-        "input_ids": torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]]),
-        "labels": torch.tensor([[-100, -100, 5, 6, 7]]),
-        "pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),
+        "input_ids": torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7], [1, IMAGE_TOKEN_INDEX, 8, 9, 2]]),
+        "labels": torch.tensor([[-100, -100, 5, 6, 7], [-100, -100, 8, -100, -100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),  # the second padded
+        "pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),
     }
     loss = model(data, mode="loss")["loss"]
     loss.backward()
@@ -234,10 +376,10 @@ def _one_training_step(layout: Path, model_class, **levers) -> tuple[Counter, fl
 
 
 def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layers(synthetic_layout):
-    """The mechanism, counted: stock recomputes every LLM layer and the ViT in the
-    backward pass; with the levers the ViT runs once, the unchecked last layer runs
-    once, the checkpointed first layer still twice, and the loss and the projector's
-    gradients are the same numbers."""
+    """The mechanism, counted on InternLM2's own code: stock recomputes every LLM layer
+    and the ViT in the backward pass; with the levers the ViT runs once, the unchecked
+    last layer runs once, the checkpointed first layer still twice, and the loss and the
+    projector's gradients are the same numbers."""
     from xtuner.model import LLaVAModel
 
     from bench.levered_llava import LeveredLLaVAModel
@@ -248,14 +390,15 @@ def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layer
     assert (calls["llm.0"], calls["llm.1"], calls["vit.0"]) == (2, 1, 1)
     assert calls["logits"] == stock_calls["logits"]  # every position
     assert loss == stock_loss
-    assert all(g is not None for g in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all((g == s).all() for g, s in zip(grads, stock_grads))
 
 
 def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthetic_layout):
     """Stock projects every position (image tokens included) to the vocabulary; the
-    lever projects the 3 positions that predict the 3 labelled tokens, and the loss
-    and the projector's gradients agree with stock's to float32 rounding."""
+    lever projects the 4 positions that predict the 4 labelled tokens, and the loss
+    and the projector's gradients agree with stock's to float32 rounding (a matmul
+    of 4 rows sums in another order than one of all rows)."""
     import torch
     from xtuner.model import LLaVAModel
 
@@ -263,16 +406,29 @@ def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthe
 
     stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
     calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, labelled_logits_only=True)
-    assert calls["logits"] == 3 < stock_calls["logits"]  # 5 text positions plus the image's
+    assert calls["logits"] == 4 < stock_calls["logits"]  # 2 x (4 text positions plus the image's)
     assert loss == pytest.approx(stock_loss, rel=1e-6)
-    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-5) for g, s in zip(grads, stock_grads))  # measured: <= 1.2e-6
+    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(grads, stock_grads))
+
+
+def test_sdpa_attention_is_the_same_function_as_internlm2s_eager_attention(synthetic_layout):
+    """The attention lever builds the model code's own SDPA class; its loss and the
+    projector's gradients agree with the eager attention's to float32 rounding (the
+    fused kernel sums the softmax in another order), on a batch with padding."""
+    import torch
+    from xtuner.model import LLaVAModel
+
+    _, eager_loss, eager_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    _, loss, grads = _one_training_step(synthetic_layout, LLaVAModel, attention="sdpa")
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(grads, eager_grads))
 
 
 def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     """Two real CPU runs, stock and every model lever: the same losses (to float32
-    rounding, which the labelled-only logits change)."""
+    rounding, which the labelled-only logits and SDPA change)."""
     curves = []
-    model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only"]
+    model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only", "--sdpa-attention"]
     for levers in (["--stock"], model_levers):
         done = llava_bench(
             "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", *levers,
@@ -283,6 +439,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
     levers = verdict["recipe"]["levers"]
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == 1 and levers["labelled_logits_only"]
+    assert levers["sdpa_attention"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 

@@ -91,7 +91,9 @@ def test_logs_are_capped_and_keep_their_tail(tmp_path):
 
 def test_out_of_memory_names_the_first_failing_rank_and_hints():
     reason = diagnose(DATA / "logs" / "oom")
-    assert reason.startswith("rank 9 (local rank 1) failed first; out of GPU memory; hint: use --precision nf4")
+    assert reason.startswith("rank 9 (local rank 1) failed first; out of GPU memory; hint: a smaller --per-device-batch")
+    with_hint = diagnose(DATA / "logs" / "oom", out_of_memory_hint="--no-dequantize-nf4")
+    assert "out of GPU memory; hint: --no-dequantize-nf4;" in with_hint
     assert "torch.OutOfMemoryError: CUDA out of memory" in reason
 
 

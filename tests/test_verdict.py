@@ -9,6 +9,7 @@ import pytest
 
 from bench import verdict as verdict_mod
 from bench.criteria import Criteria, Termination
+from bench.levers import STOCK
 from bench.metrics import MetricsStream, read_stream
 from tests.conftest import DATA, llava_bench
 
@@ -25,10 +26,7 @@ RECIPE = {
     "global_batch": 64,
     "max_iters": 500,
     "seed": 42,
-    "levers": {
-        "dataloader_workers": 0, "pin_memory": False, "dequantize_nf4": False, "tokenized_cache": False,
-        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "stock": True,
-    },
+    "levers": STOCK.as_dict(),
     "deviations": ["fixed random seed 42"],
     "cfg_options": [],
 }
@@ -90,6 +88,11 @@ H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
         context(termination=Termination("unknown"), recipe=None, topology=None, timing=None, per_device_batch=None, world_size=None),
         context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
         context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
+        context(recipe={**RECIPE, "memory_fallback": {
+            "reason": "trainer exit code 1; out of GPU memory", "folder": "attempt-1", "config_sha256": "1" * 64,
+            "levers": {**STOCK.as_dict(), "unchecked_llm_layers": 17}, "wall_seconds": 80.5,
+            "taken_back": ["unchecked_llm_layers 17 -> 0"],
+        }}),
         context(interconnect={
             "backend": "nccl", "world_size": 2,
             "placement": [{"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)],

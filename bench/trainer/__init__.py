@@ -1,0 +1,9 @@
+"""Code that runs inside XTuner's trainer processes.
+
+The rendered config names these modules (bench/recipe.py), so they are imported by
+every rank of `tools/train.py`, never by the appliance itself; they may import XTuner,
+mmengine and CUDA libraries, which the appliance's own modules do not need.
+"""
+
+# The projector's weights as ProjectorSnapshotHook saves them in XTuner's work dir.
+PROJECTOR_SNAPSHOTS = {"before_train": "projector-initial.safetensors", "after_train": "projector-final.safetensors"}

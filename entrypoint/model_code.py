@@ -1,0 +1,126 @@
+"""Import the LLM folder's own model code with the installed transformers, before training.
+
+The real internlm2-chat-20b folder brings its code (``trust_remote_code``), written
+against some transformers release; code written for a newer one fails only when
+every rank builds the model, after the collective check and minutes of start-up.
+Preflight imports it in a child process instead (seconds, beside the deep checks) and
+refuses with the missing name and the fix. The same import says whether the code
+offers SDPA attention, which the attention lever needs.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from entrypoint.launch import offline_environment
+from entrypoint.preflight import Problem
+
+PROBE_TIMEOUT_SECONDS = 180
+LLM_REPO = "internlm/internlm2-chat-20b"
+MISSING_NAME = re.compile(r"cannot import name '(\w+)' from '([\w.]+)'")
+# Names model code imports that older transformers releases lack: the release that added each.
+ADDED_IN_TRANSFORMERS = {("transformers.cache_utils", "StaticCache"): "4.38.0"}
+
+
+@dataclass(frozen=True)
+class ModelCode:
+    """What importing the folder's code showed."""
+
+    model_class: str | None  # module.Class of AutoModelForCausalLM, None when it failed
+    supports_sdpa: bool
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _import_model_class(folder: Path) -> dict:
+    """In the child: the causal-LM class the config names, imported as XTuner will."""
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    reference = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    if reference:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        model_class = get_class_from_dynamic_module(reference, str(folder))
+    else:
+        model_class = getattr(transformers, (config.get("architectures") or ["?"])[0])
+    return {
+        "model_class": f"{model_class.__module__}.{model_class.__qualname__}",
+        "supports_sdpa": bool(getattr(model_class, "_supports_sdpa", False)),
+    }
+
+
+def _code_file(folder: Path) -> Path:
+    """The file the failure is in: the module auto_map names for the model, else config.json."""
+    try:
+        reference = json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder / "config.json"
+    module = (reference[0] if isinstance(reference, list) else reference).split(".")[0]
+    return folder / f"{module}.py"
+
+
+def import_problem(folder: Path, error: str, transformers_version: str) -> Problem:
+    """The refusal for code that does not import: the missing name and what would fix it."""
+    revision = f"llava-bench prepare --revision {LLM_REPO}=<commit>"
+    missing = MISSING_NAME.search(error)
+    if missing:
+        name, module = missing.groups()
+        added = ADDED_IN_TRANSFORMERS.get((module, name))
+        fix = (
+            f"the code needs {module}.{name}, which transformers {transformers_version} lacks"
+            + (f" (added in {added})" if added else "")
+            + f": put the revision of {LLM_REPO} written for transformers {transformers_version} there ({revision}), "
+            "or run an image whose transformers has it"
+        )
+    else:
+        fix = f"download the model folder again, or the revision written for transformers {transformers_version} ({revision})"
+    return Problem(str(_code_file(folder)), f"the model's code does not import with transformers {transformers_version}: {error}", fix)
+
+
+class ModelCodeProbe:
+    """The child process that imports the code; started early, read when needed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "entrypoint.model_code", str(self.folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env=offline_environment(),
+        )  # fmt: skip
+
+    def result(self) -> ModelCode:
+        version = metadata.version("transformers")
+        try:
+            stdout, stderr = self._child.communicate(timeout=PROBE_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.communicate()
+            error = f"importing it took over {PROBE_TIMEOUT_SECONDS} s"
+            return ModelCode(None, False, [import_problem(self.folder, error, version)])
+        lines = stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            last = (stderr.strip().splitlines() or ["no output"])[-1]
+            answer = {"error": f"the import's child process failed (exit {self._child.returncode}): {last}"}
+        if "error" in answer:
+            return ModelCode(None, False, [import_problem(self.folder, answer["error"], version)])
+        return ModelCode(answer["model_class"], answer["supports_sdpa"])
+
+
+def main(folder: str) -> None:
+    try:
+        answer = _import_model_class(Path(folder))
+    except Exception as error:  # noqa: BLE001 - any failure to import is the finding
+        answer = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    print(json.dumps(answer))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

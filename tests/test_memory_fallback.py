@@ -1,0 +1,79 @@
+"""An out-of-memory failure under the appliance's memory defaults ends in one retry
+with them taken back, not in a lost run.
+
+A real CPU run: XTuner's train.py, twice. What cannot happen on a CPU is simulated,
+and only that: the memory model's choice (on GPUs it picks unchecked layers from the
+cards' memory; here it is set to one layer), and running out of memory, which the LLM
+folder's model code reports as CUDA does whenever a layer runs without checkpointing.
+"""
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from bench.criteria import Criteria
+from bench.layout import Layout
+from bench.levers import Levers
+from bench.recipe import RecipeOptions
+from bench.synth import DEMO_PER_DEVICE_BATCH
+from entrypoint import pipeline
+
+# Raised by InternLM2Model.forward when it trains without checkpointing.
+OUT_OF_MEMORY = """
+        if self.training and not self.gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.38 GiB (simulated by the test)")
+"""
+
+
+def without_checkpointing_out_of_memory(layout: Layout) -> None:
+    code = layout.llm_dir / "modeling_internlm2.py"
+    text = code.read_text()
+    anchor = "        if self.gradient_checkpointing and self.training and use_cache:"
+    assert text.count(anchor) == 1, "InternLM2Model.forward changed: place the simulated failure elsewhere"
+    code.write_text(text.replace(anchor, OUT_OF_MEMORY.strip("\n") + "\n" + anchor))
+
+
+def test_the_run_restarts_once_with_the_memory_defaults_taken_back(layout_copy, tmp_path, monkeypatch, capsys):
+    layout = Layout.at(layout_copy)
+    without_checkpointing_out_of_memory(layout)
+    chosen = Levers(unchecked_llm_layers=1)
+    monkeypatch.setattr(pipeline, "resolve_levers", lambda *args, **kwargs: (chosen, []))
+    request = pipeline.RunRequest(
+        root=layout.root,
+        out=tmp_path,
+        criteria=Criteria(target_loss=1e9, max_steps=20),
+        recipe=RecipeOptions(max_steps=20, per_device_batch=DEMO_PER_DEVICE_BATCH),
+        device="cpu",
+    )
+    result = pipeline.execute(request, Console(file=None, soft_wrap=True))
+    verdict = result.document
+    assert result.exit_code == 0, verdict["reason"]
+    assert verdict["status"] == "pass" and verdict["termination"]["kind"] == "completed"
+    fallback = verdict["recipe"]["memory_fallback"]
+    assert "out of GPU memory" in fallback["reason"] and "--unchecked-llm-layers 0" in fallback["reason"]
+    assert fallback["taken_back"] == ["unchecked_llm_layers 1 -> 0"]
+    assert fallback["levers"]["unchecked_llm_layers"] == 1 and verdict["recipe"]["levers"]["unchecked_llm_layers"] == 0
+    run_dir = result.path.parent
+    first = run_dir / fallback["folder"]
+    assert "unchecked_llm_layers=1" in (first / "config.py").read_text()
+    assert "CUDA out of memory" in (first / "logs" / "node-0" / "rank0.stderr.log").read_text()
+    assert "LeveredLLaVAModel" not in (run_dir / "config.py").read_text()
+    assert verdict["recipe"]["config_sha256"] != fallback["config_sha256"]
+    assert json.loads((run_dir / "verdict.json").read_text())["recipe"]["memory_fallback"] == fallback
+    assert "restarting once with them taken back" in capsys.readouterr().out
+
+
+def test_an_out_of_memory_failure_under_the_users_own_choice_is_not_retried(layout_copy, tmp_path):
+    from tests.conftest import llava_bench
+
+    layout = Layout.at(layout_copy)
+    without_checkpointing_out_of_memory(layout)
+    done = llava_bench(
+        "run", "--root", str(layout.root), "--out", str(tmp_path), "--device", "cpu", "--unchecked-llm-layers", "1",
+        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--json",
+    )  # fmt: skip
+    verdict = json.loads(done.stdout)
+    assert done.returncode == 3 and verdict["status"] == "error"
+    assert "memory_fallback" not in verdict["recipe"]
+    assert "out of GPU memory; hint: fewer LLM layers unchecked (--unchecked-llm-layers 0)" in verdict["reason"]
