@@ -2,8 +2,11 @@
 
 Each variant is a real `llava-bench run` of the same layout with the same seed, steps
 and global batch, differing only in its lever options; the table compares time per
-step, data share, peak memory, MFU and start-up with the stock run, and how far each
-loss curve departs from stock's (the levers must not change the math).
+step, data share, peak memory, MFU and start-up with the stock run, and whether each
+variant did the same training: its loss curve against stock's, and its projector (the
+only trained module) after the last step against stock's, held against a second stock
+run's difference (run-to-run noise). A lever that changed the math, down to one that
+left the projector untrained, ends far outside that noise.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.trainer import PROJECTOR_SNAPSHOTS
+
 # Variant name -> `llava-bench run` lever options. Each single-lever variant is stock
 # with one lever switched on, so its own effect is measured.
 _ALL_OFF = {
@@ -25,6 +30,7 @@ _ALL_OFF = {
     "skip_vit_backward": ["--no-skip-vit-backward"],
     "unchecked_llm_layers": ["--unchecked-llm-layers", "0"],
     "labelled_logits_only": ["--no-labelled-logits-only"],
+    "sdpa_attention": ["--no-sdpa-attention"],
 }
 
 
@@ -36,14 +42,25 @@ def _only(lever: str, *on: str) -> list[str]:
 
 VARIANTS = {
     "stock": ["--stock"],
+    "stock-again": ["--stock"],  # stock's run-to-run noise, which the others are held against
     "workers": _only("dataloader_workers", "--dataloader-workers", "4", "--pin-memory"),
     "dequantize": _only("dequantize_nf4", "--dequantize-nf4"),
     "tokenized-cache": _only("tokenized_cache", "--tokenized-cache"),
     "vit": _only("skip_vit_backward", "--skip-vit-backward"),
     "unchecked": _only("unchecked_llm_layers"),
     "logits": _only("labelled_logits_only", "--labelled-logits-only"),
+    "sdpa": _only("sdpa_attention", "--sdpa-attention"),
     "default": [],
 }
+DEFAULT_VARIANTS = ("stock", "stock-again", "default")
+# A variant's projector agrees with stock's when it is no further from it than this
+# many times the second stock run is: both differ from stock by run-to-run noise, whose
+# size one sample of it only estimates (docs/PERFORMANCE.md).
+PROJECTOR_NOISE_FACTOR = 2.0
+# Iterations an epoch of the reference run (558,128 records at global batch 1024):
+# a perf layout with this many steps an epoch has the reference's LR schedule per
+# step (16 warm-up steps, then cosine), so the projector moves as it does there.
+REFERENCE_STEPS_PER_EPOCH = 545
 # Beside each variant's runs: the command that made them, to tell whether one can be reused.
 COMMAND_FILE = "perf-command.json"
 
@@ -62,6 +79,10 @@ class PerfRow:
     max_loss_difference: float | None  # over the steps both logged, vs stock
     limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
     times_limit: float | None  # seconds per step / that limit
+    projector_distance: float | None  # |projector - stock's| / |stock's projector - its start|, after the last step
+    projector_vs_noise: float | None  # that distance / the second stock run's
+    projector_agrees: bool | None  # within PROJECTOR_NOISE_FACTOR x the noise; None without both stock runs
+    llm_architecture: str | None  # InternLM2ForCausalLM, or the stand-in's
     levers: dict | None
     run_dir: str
 
@@ -139,9 +160,42 @@ def _losses(verdict: dict) -> dict[int, float]:
     return {point["step"]: point["loss"] for point in curve if point["loss"] is not None}
 
 
-def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[PerfRow]:
-    """One row per variant, against the stock variant when there is one and against
-    the matmul limit when the step's FLOPs are known."""
+def _projector(verdict: dict, snapshot: str):
+    """One projector snapshot of a run as a flat float64 vector, or None if it has none."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(verdict.get("_run_dir", "")) / "xtuner" / snapshot
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    return torch.cat([tensors[name].double().flatten() for name in sorted(tensors)])
+
+
+def projector_distances(verdicts: dict[str, dict]) -> tuple[dict[str, float], float | None]:
+    """Each variant's final projector's distance from stock's, relative to how far
+    training moved stock's projector from its start (only variants that saved theirs);
+    and that move relative to the start's norm, which shows the learning rate moved it."""
+    final = PROJECTOR_SNAPSHOTS["after_train"]
+    stock = verdicts.get("stock")
+    reference = _projector(stock, final) if stock else None
+    start = _projector(stock, PROJECTOR_SNAPSHOTS["before_train"]) if stock else None
+    if reference is None or start is None:
+        return {}, None
+    movement = float((reference - start).norm())
+    distances = {}
+    for variant, verdict in verdicts.items():
+        weights = _projector(verdict, final)
+        if weights is not None and movement > 0:
+            distances[variant] = float((weights - reference).norm()) / movement
+    return distances, movement / float(start.norm())
+
+
+def compare(verdicts: dict[str, dict], matmul_tflops: float | None, distances: dict[str, float]) -> list[PerfRow]:
+    """One row per variant, against the stock variant when there is one, against the
+    matmul limit when the step's FLOPs are known, and, for the projector, against the
+    second stock run (``distances`` from projector_distances)."""
+    noise = distances.get("stock-again")
     stock = verdicts.get("stock")
     stock_speed = ((stock or {}).get("throughput") or {}).get("seconds_per_step", {}).get("median")
     stock_losses = _losses(stock) if stock else {}
@@ -168,11 +222,23 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None) -> list[Perf
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
                 limit_seconds_per_step=limit,
                 times_limit=speed / limit if speed and limit else None,
+                projector_distance=distances.get(variant),
+                projector_vs_noise=_ratio(distances.get(variant), noise),
+                projector_agrees=(
+                    None if noise is None or variant not in distances else distances[variant] <= PROJECTOR_NOISE_FACTOR * noise
+                ),
+                llm_architecture=next(iter(((verdict.get("inputs") or {}).get("llm") or {}).get("architectures") or []), None),
                 levers=(verdict.get("recipe") or {}).get("levers"),
                 run_dir=verdict.get("_run_dir", ""),
             )
         )
     return rows
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return value / reference
 
 
 def table(rows: list[PerfRow]) -> str:
@@ -181,19 +247,34 @@ def table(rows: list[PerfRow]) -> str:
     def cell(value, form):  # form like "7.3f": its width holds "-" too
         return format("-", f">{form.split('.')[0]}") if value is None else format(value, form)
 
-    lines = ["variant     run        s/step  x stock  data  peak MiB   MFU  pre s  start s  max |dloss|  x limit"]
+    lines = [
+        "variant     run        s/step  x stock  data  peak MiB   MFU  pre s  start s  max |dloss|  x limit"
+        "  proj dist  x noise  agrees"
+    ]
     for row in rows:
+        agrees = {None: "-", True: "yes", False: "NO"}[row.projector_agrees]
         lines.append(
             f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} {cell(row.ratio_vs_stock, '8.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
             f" {cell(row.preflight_seconds, '6.1f')} {cell(row.startup_seconds, '8.1f')}"
             f" {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
+            f" {cell(row.projector_distance, '10.2e')} {cell(row.projector_vs_noise, '8.2f')} {agrees:>7}"
         )
+    architectures = {row.llm_architecture for row in rows} - {"InternLM2ForCausalLM"}
+    if architectures:
+        lines.append(f"(the LLM is a stand-in: {', '.join(sorted(map(str, architectures)))}, not InternLM2's own code)")
     return "\n".join(lines)
 
 
-def write_report(out: Path, rows: list[PerfRow], run_options: list[str], matmul_tflops: float | None) -> Path:
+def write_report(
+    out: Path, rows: list[PerfRow], run_options: list[str], matmul_tflops: float | None, projector_movement: float | None
+) -> Path:
     path = out / "perf.json"
-    document = {"run_options": run_options, "matmul_tflops_per_device": matmul_tflops, "rows": [asdict(row) for row in rows]}
+    document = {
+        "run_options": run_options,
+        "matmul_tflops_per_device": matmul_tflops,
+        "projector_movement": projector_movement,  # |stock's final projector - its start| / |its start|
+        "rows": [asdict(row) for row in rows],
+    }
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
