@@ -79,4 +79,5 @@ def test_perf_compares_stock_nf4_with_the_default_and_the_training_agrees(synthe
         assert row["termination"] == "completed"
         assert row["times_limit"] > 1  # slower than the card's measured matmul rate allows
         assert row["max_loss_difference"] < 0.01, row
+        # measured 2026-12-01: default 0.036 (bf16 rounding grows under AdamW; an untrained projector is at 1)
         assert row["projector_distance"] < 0.05, row
