@@ -5,6 +5,8 @@ ended (DESIGN §3), so ``llava-bench verdict`` can recompute it offline.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 from bench.metrics import MetricsRecord, is_finite
@@ -29,6 +31,12 @@ class Criteria:
     max_steps: int = 500
     stop_on_target: bool = False
 
+    def __post_init__(self):
+        if not (math.isfinite(self.target_loss) and self.target_loss > 0):
+            raise ValueError(f"the target loss must be a finite number above 0, not {self.target_loss!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, not {self.max_steps!r}")
+
 
 @dataclass(frozen=True)
 class Termination:
@@ -44,7 +52,8 @@ class Termination:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    step: int
+    iter: int  # the logged micro-iteration
+    step: int  # the optimizer step it belongs to
     loss: float  # may be NaN or infinite; the verdict writes those as null
 
 
@@ -55,10 +64,12 @@ class Judgement:
     curve: list[CurvePoint]
     steps_completed: int
     first_step_below_target: int | None
+    first_iter_below_target: int | None  # the micro-iteration of that logged loss
     loss_at_crossing: float | None
     final_loss: float | None
     min_loss: float | None
     stayed_below_after_crossing: bool | None
+    notes: list[str]  # what is implausible about the stream, in words
 
     @property
     def exit_code(self) -> int:
@@ -66,17 +77,74 @@ class Judgement:
 
 
 def loss_curve(records: list[MetricsRecord], accumulative_counts: int, max_steps: int) -> list[CurvePoint]:
-    """One point per optimizer step up to ``max_steps``, in step order.
+    """Every logged loss at an optimizer step up to ``max_steps``, in iteration order.
 
-    After a restart the stream repeats steps; the later record wins, since it is the
-    one the finished run stands on.
+    With accumulation several logged losses share a step, and each counts. After a
+    restart the stream repeats iterations; the later record stays in the curve, since
+    it is the one the finished run stands on.
     """
-    by_step: dict[int, float] = {}
+    by_iter: dict[int, float] = {}
     for record in records:
-        step = record.step(accumulative_counts)
-        if 1 <= step <= max_steps:
-            by_step[step] = record.loss
-    return [CurvePoint(step, by_step[step]) for step in sorted(by_step)]
+        if 1 <= record.step(accumulative_counts) <= max_steps:
+            by_iter[record.iter] = record.loss
+    return [CurvePoint(i, -(-i // accumulative_counts), by_iter[i]) for i in sorted(by_iter)]
+
+
+def first_crossing(records: list[MetricsRecord], criteria: Criteria, accumulative_counts: int) -> CurvePoint | None:
+    """The earliest logged loss below the target at a step up to max_steps, records a
+    restart superseded included: logging an iteration again does not undo a loss the
+    run already reached."""
+    crossings = [
+        r for r in records
+        if 1 <= r.step(accumulative_counts) <= criteria.max_steps and is_finite(r.loss) and r.loss < criteria.target_loss
+    ]  # fmt: skip
+    first = min(crossings, key=lambda r: r.iter, default=None)
+    return None if first is None else CurvePoint(first.iter, first.step(accumulative_counts), first.loss)
+
+
+# mmengine logs the loss and the times as means over the last 10 iterations (its
+# LogProcessor's window); the recipe logs every 10, so the means tile the run.
+LOGGED_MEAN_WINDOW = 10
+
+
+def log_interval(records: list[MetricsRecord]) -> int | None:
+    """Iterations between logged records: the most common gap (mmengine logs every
+    ``interval``), or the first iteration when only one record exists."""
+    iterations = sorted({r.iter for r in records})
+    gaps = Counter(b - a for a, b in zip(iterations, iterations[1:]))
+    if gaps:
+        return gaps.most_common(1)[0][0]
+    return iterations[0] if iterations else None
+
+
+def stream_notes(records: list[MetricsRecord], criteria: Criteria, accumulative_counts: int) -> list[str]:
+    """What a reader of the verdict should know about the stream itself."""
+    notes = []
+    counts = Counter(r.iter for r in records)
+    repeated = sorted(i for i, n in counts.items() if n > 1)
+    if repeated:
+        notes.append(
+            f"{len(repeated)} iteration(s) logged more than once ({repeated[0]}-{repeated[-1]}): a restarted trainer; "
+            "the curve keeps the later records, a crossing counts from either"
+        )
+    interval = log_interval(records)
+    if interval is not None and interval != LOGGED_MEAN_WINDOW and len(counts) > 1:
+        notes.append(
+            f"logged every {interval} iterations, but mmengine's losses and times are means over the last "
+            f"{LOGGED_MEAN_WINDOW}: the logged means {'overlap' if interval < LOGGED_MEAN_WINDOW else 'leave iterations out'}"
+        )
+    if records and interval and min(counts) > interval:
+        notes.append(
+            f"the stream starts at iteration {min(counts)}, not {interval}: iterations 1-{min(counts) - interval} are "
+            "missing (a resumed run, or a stream cut at its head)"
+        )
+    first = min(records, key=lambda r: r.iter, default=None)
+    if first is not None and is_finite(first.loss) and first.loss < criteria.target_loss:
+        notes.append(
+            f"the first logged loss ({first.loss:.4f} at step {first.step(accumulative_counts)}) is already below the "
+            f"target {criteria.target_loss}: the loss was below it before training could lower it"
+        )
+    return notes
 
 
 def judge(
@@ -86,17 +154,17 @@ def judge(
     accumulative_counts: int = 1,
 ) -> Judgement:
     curve = loss_curve(records, accumulative_counts, criteria.max_steps)
-    crossing = next((p for p in curve if is_finite(p.loss) and p.loss < criteria.target_loss), None)
+    crossing = first_crossing(records, criteria, accumulative_counts)
     if criteria.stop_on_target and crossing is not None:
-        # The run ends at the first crossing; steps the trainer logged while it was
-        # being stopped are not part of it.
-        curve = [p for p in curve if p.step <= crossing.step]
+        # The run ends at the first crossing; what the trainer logged while it was
+        # being stopped is not part of it.
+        curve = [p for p in curve if p.iter <= crossing.iter]
     finite = [point for point in curve if is_finite(point.loss)]
     non_finite = next((p for p in curve if not is_finite(p.loss)), None)
     last_step = curve[-1].step if curve else 0
     stayed_below = None
     if crossing is not None:
-        stayed_below = all(p.loss < criteria.target_loss for p in finite if p.step >= crossing.step)
+        stayed_below = all(p.loss < criteria.target_loss for p in finite if p.iter >= crossing.iter)
     lowest = min(finite, key=lambda p: p.loss, default=None)
 
     def judgement(status: str, reason: str) -> Judgement:
@@ -106,10 +174,12 @@ def judge(
             curve=curve,
             steps_completed=last_step,
             first_step_below_target=crossing.step if crossing else None,
+            first_iter_below_target=crossing.iter if crossing else None,
             loss_at_crossing=crossing.loss if crossing else None,
             final_loss=curve[-1].loss if curve else None,
             min_loss=lowest.loss if lowest else None,
             stayed_below_after_crossing=stayed_below,
+            notes=stream_notes(records, criteria, accumulative_counts),
         )
 
     target = criteria.target_loss

@@ -134,3 +134,52 @@ def test_a_run_stopped_for_a_non_finite_loss_fails_even_if_the_curve_misses_it()
     judgement = judge(records, Criteria(target_loss=2.3, max_steps=2), Termination("stopped_nonfinite_loss", "loss nan at iteration 5"), 16)
     assert judgement.status == "fail"
     assert "non-finite" in judgement.reason
+
+
+# name: (records (iter, loss), criteria, termination, accumulation, status, first crossing step, words in a note);
+# the accumulated streams hold a run's last records only (their notes say the rest is missing)
+CRAFTED = {
+    "accumulation: a crossing logged before the step's last record counts": (
+        [(15970, 2.6), (15980, 2.2), (15990, 2.4), (16000, 2.5)], Criteria(max_steps=500), COMPLETED, 32, "pass", 500, None,
+    ),
+    "accumulation: the appliance stopped at that crossing, between two records of one step": (
+        [(15970, 2.6), (15980, 2.2)], Criteria(max_steps=500, stop_on_target=True), Termination("stopped_on_target"), 32,
+        "pass", 500, None,
+    ),
+    "a restart logs a crossed iteration again above the target: the crossing still counts": (
+        [(10, 3.0), (20, 2.2), (10, 3.1), (20, 2.5), (30, 2.4)], Criteria(max_steps=30), COMPLETED, 1, "pass", 20,
+        "logged more than once",
+    ),
+    "a resumed stream says which iterations are missing": (
+        [(310, 2.6), (320, 2.5)], Criteria(max_steps=320), COMPLETED, 1, "fail", None, "iterations 1-300 are missing",
+    ),
+    "a first loss already below the target passes, and says so": (
+        [(10, 2.0), (20, 1.9)], Criteria(max_steps=20), COMPLETED, 1, "pass", 10, "already below the target",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_crafted_streams(name):
+    points, crit, termination, accumulation, status, crossing, words = CRAFTED[name]
+    judgement = judge(stream(*points), crit, termination, accumulation)
+    assert judgement.status == status, judgement.reason
+    assert judgement.first_step_below_target == crossing
+    assert words is None or any(words in note for note in judgement.notes), judgement.notes
+
+
+def test_every_logged_loss_of_an_accumulated_step_is_in_the_curve():
+    judgement = judge(stream((15980, 2.2), (16000, 2.5)), Criteria(max_steps=500), COMPLETED, 32)
+    assert [(p.iter, p.step) for p in judgement.curve] == [(15980, 500), (16000, 500)]
+    assert judgement.min_loss == pytest.approx(2.2) and judgement.final_loss == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("target", [math.nan, math.inf, -1.0, 0.0])
+def test_a_target_no_loss_can_fall_below_is_refused(target):
+    with pytest.raises(ValueError, match="finite number above 0"):
+        Criteria(target_loss=target)
+
+
+def test_a_whole_stream_has_no_notes():
+    judgement = judge(stream((10, 3.0), (20, 2.5), (30, 2.2)), Criteria(max_steps=30), COMPLETED)
+    assert judgement.status == "pass" and judgement.notes == []
