@@ -6,18 +6,22 @@ verdict can say exactly how the run departs from the pinned config.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+from bench.config_facts import ConfigFacts, top_level_values
 from bench.layout import Layout
 from bench.levers import GPU_MEMORY_CAP_VARIABLE, TOKENIZED_CACHE_MARKER, Levers
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
+# The seed's 4 nodes x 8 GPUs x 32: the global batch the criterion is stated for. The
+# epoch-based LR schedule and the samples seen in max_steps both follow the global
+# batch, so "below 2.3 within 500 steps" means the same training only at this one.
+REFERENCE_GLOBAL_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def _deviations(options: RecipeOptions) -> list[str]:
     changes = [
         "model and data paths are absolute paths into the mounted layout",
         "xtuner ThroughputHook added (the seed's metrics carry tflops and tokens_per_sec)",
+        "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads the batch, "
+        "nothing else)",
         f"fixed random seed {options.seed}",
         f"training stops after {options.max_steps} optimizer steps "
         f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",
@@ -98,7 +104,7 @@ def _deviations(options: RecipeOptions) -> list[str]:
     if options.per_device_batch != STOCK_PER_DEVICE_BATCH:
         changes.append(f"per-device batch {options.per_device_batch} instead of 32")
     if options.accumulative_counts != 1:
-        changes.append(f"gradient accumulation over {options.accumulative_counts} micro-batches")
+        changes.append(accumulation_deviation(options.accumulative_counts))
     if options.save_projector:
         changes.append("the projector's weights saved before and after training (xtuner/projector-*.safetensors)")
     if options.gpu_memory_cap_mib is not None:
@@ -189,57 +195,70 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
     return RenderedRecipe(text=text, source="template", deviations=_deviations(options))
 
 
-def from_user_config(config: Path, options: RecipeOptions) -> RenderedRecipe:
-    """A user's config at the layout root, run as written but for stop step and seed.
-
-    Those two are the benchmark's definition, so they are applied through XTuner's
-    ``--cfg-options`` rather than by editing the user's file.
-    """
-    cfg_options = [
-        "train_cfg.max_epochs=None",
-        f"train_cfg.max_iters={options.max_iters}",
-        f"randomness.seed={options.seed}",
-    ]
-    return RenderedRecipe(
-        text=config.read_text(),
-        source="user",
-        deviations=[
-            f"user config {config.name} from the layout root, used as written",
-            f"training stops after {options.max_steps} optimizer steps "
-            f"(--cfg-options {' '.join(cfg_options[:2])})",
-            f"fixed random seed {options.seed} (--cfg-options {cfg_options[2]})",
-        ],
-        cfg_options=cfg_options,
+def accumulation_deviation(accumulative_counts: int) -> str:
+    """Accumulation in words, with what it does to the schedule: mmengine steps the LR
+    schedule every micro-iteration, and the optimizer steps at the last one of each
+    step, so step s uses the LR the reference run (no accumulation) has at step
+    s + 1 - 1/k: the same schedule per step, less than one step ahead."""
+    k = accumulative_counts
+    return (
+        f"gradient accumulation over {k} micro-batches a step (the LR schedule moves every micro-iteration: "
+        f"step s runs at the reference run's LR of step s + {1 - 1 / k:.4g})"
     )
+
+
+def global_batch_plan(
+    asked: int | None, per_device_batch: int, world_size: int, reference: bool
+) -> tuple[int, int, str | None]:
+    """(global batch, accumulative_counts, problem): the asked global batch, else the
+    reference one where ``reference`` (GPU runs), else one micro-batch a step (a
+    functional check); a problem where per-device batch x processes does not divide it."""
+    per_micro_step = per_device_batch * world_size
+    target = asked if asked is not None else (REFERENCE_GLOBAL_BATCH if reference else per_micro_step)
+    if target % per_micro_step == 0:
+        return target, target // per_micro_step, None
+    workable = [b for b in range(per_device_batch, 0, -1) if target % (b * world_size) == 0][:1]
+    what = f"--global-batch {target}" if asked is not None else f"the reference global batch {target}"
+    nearest = sorted({max(1, target // per_micro_step) * per_micro_step, (target // per_micro_step + 1) * per_micro_step})
+    problem = (
+        f"{what} is not a multiple of per-device batch x processes ({per_device_batch} x {world_size} = {per_micro_step}); "
+        + (f"--per-device-batch {' or '.join(map(str, workable))} holds it" if workable
+           else f"no per-device batch holds it on {world_size} processes")
+        + f", or --global-batch {' or '.join(map(str, nearest))} runs "
+        + ("that schedule" if asked is not None else "another schedule (the verdict says it is not the reference)")
+    )  # fmt: skip
+    return target, 1, problem
+
+
+def from_user_config(config: Path, options: RecipeOptions, as_written: ConfigFacts) -> RenderedRecipe:
+    """A user's config at the layout root, run as written but for what the benchmark
+    defines: stop step and seed, and the per-device batch and accumulation that hold
+    the global batch where they differ from the file's (``as_written``). Applied
+    through XTuner's ``--cfg-options`` rather than by editing the user's file."""
+    stop = ["train_cfg.max_epochs=None", f"train_cfg.max_iters={options.max_iters}"]
+    seed = f"randomness.seed={options.seed}"
+    deviations = [
+        f"user config {config.name} from the layout root, used as written but for the options below",
+        f"training stops after {options.max_steps} optimizer steps (--cfg-options {' '.join(stop)})",
+        f"fixed random seed {options.seed} (--cfg-options {seed})",
+    ]
+    cfg_options = [*stop, seed]
+    if options.per_device_batch != as_written.per_device_batch:
+        cfg_options.append(f"train_dataloader.batch_size={options.per_device_batch}")
+        deviations.append(f"per-device batch {options.per_device_batch} instead of the file's {as_written.per_device_batch} "
+                          f"(--cfg-options {cfg_options[-1]})")  # fmt: skip
+    if options.accumulative_counts != as_written.accumulative_counts:
+        cfg_options.append(f"optim_wrapper.accumulative_counts={options.accumulative_counts}")
+        deviations.append(f"{accumulation_deviation(options.accumulative_counts)} (--cfg-options {cfg_options[-1]})")
+    return RenderedRecipe(text=config.read_text(), source="user", deviations=deviations, cfg_options=cfg_options)
 
 
 PATH_VARIABLES = ("llm_name_or_path", "visual_encoder_name_or_path", "data_path", "image_folder")
 
 
 def referenced_paths(config_text: str) -> dict[str, str]:
-    """The model and data paths a config assigns at top level.
-
-    Evaluates only string constants, names assigned earlier and ``+`` between them
-    (the pinned config builds ``data_path = data_root + '...'``); anything else is left
-    out, so a config that computes its paths some other way is not guessed at.
-    """
-    values: dict[str, str] = {}
-
-    def evaluate(node: ast.expr) -> str | None:
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            return node.value
-        if isinstance(node, ast.Name):
-            return values.get(node.id)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            left, right = evaluate(node.left), evaluate(node.right)
-            return None if left is None or right is None else left + right
-        return None
-
-    for statement in ast.parse(config_text).body:
-        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
-            target = statement.targets[0]
-            if isinstance(target, ast.Name):
-                value = evaluate(statement.value)
-                if value is not None:
-                    values[target.id] = value
-    return {name: values[name] for name in PATH_VARIABLES if name in values}
+    """The model and data paths a config assigns at top level, where they are plain
+    strings or built from them (the pinned config builds ``data_path = data_root +
+    '...'``); a config that computes its paths some other way is not guessed at."""
+    values = top_level_values(config_text)
+    return {name: values[name] for name in PATH_VARIABLES if isinstance(values.get(name), str)}

@@ -6,6 +6,7 @@ goes to the console; ``--json`` prints one JSON document for machines instead.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria
 from bench.layout import Layout
 from bench.levers import LeverRequest
-from bench.recipe import RecipeOptions
+from bench.recipe import STOCK_PER_DEVICE_BATCH, RecipeOptions
 from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, REAL_SHAPE_SPEC, SynthSpec
 from entrypoint import __version__
 from entrypoint.perf import VARIANTS
@@ -63,6 +64,13 @@ WorldSizeOption = Annotated[
 ]
 JunitOption = Annotated[Optional[Path], typer.Option(help="Also write the verdict as JUnit XML to this file.")]
 NprocOption = Annotated[Optional[int], typer.Option(min=1, help="Processes per node (default: visible GPUs).")]
+
+
+def _a_loss_target(value: float | None) -> float | None:
+    """A target the loss can fall below: finite and above 0 (checked before any work)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a loss a run can fall below: give a finite number above 0")
+    return value
 
 
 def _version_callback(value: bool):
@@ -224,11 +232,22 @@ def run(
         Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")
     ] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")] = 500,
-    target_loss: Annotated[float, typer.Option(help="The logged loss must fall strictly below this.")] = 2.3,
-    precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
-    per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
+    target_loss: Annotated[
+        float, typer.Option(callback=_a_loss_target, help="The logged loss must fall strictly below this (finite, above 0).")
+    ] = 2.3,
+    precision: Annotated[
+        Optional[Precision], typer.Option(help="LLM weights: nf4 (the pinned recipe, the default) or bf16; a user's config keeps its own.")
+    ] = None,
+    per_device_batch: Annotated[
+        Optional[int], typer.Option(min=1, help="Samples per GPU per micro-iteration (default 32, or a user's config's own).")
+    ] = None,
     global_batch: Annotated[
-        Optional[int], typer.Option(min=1, help="Hold this global batch with gradient accumulation (e.g. 1024 = the seed's 32 GPUs x 32).")
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Samples per optimizer step, held with gradient accumulation (default on GPUs: 1024, the reference run's "
+            "4 x 8 GPUs x 32, the one the target is stated for; CPU: one micro-batch).",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed, recorded in the verdict.")] = 42,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
@@ -292,8 +311,8 @@ def run(
         criteria=Criteria(target_loss=target_loss, max_steps=max_steps, stop_on_target=stop_on_target),
         recipe=RecipeOptions(
             max_steps=max_steps,
-            precision=precision.value,
-            per_device_batch=per_device_batch,
+            precision=(precision or Precision.nf4).value,
+            per_device_batch=per_device_batch or STOCK_PER_DEVICE_BATCH,
             seed=seed,
             save_checkpoint=save_checkpoint,
             eval_image=eval_image,
@@ -316,6 +335,7 @@ def run(
         nproc_per_node=nproc_per_node,
         image_sample=image_sample or None,
         watchdog=Watchdog(startup_seconds=startup_timeout, stall_seconds=stall_timeout),
+        asked=frozenset(name for name, value in (("precision", precision), ("per_device_batch", per_device_batch)) if value is not None),
     )
     _run(request, as_json, junit)
 
@@ -384,7 +404,10 @@ def check_cluster_command(
 def verdict(
     path: Annotated[Path, typer.Argument(help="A results/<run_id> folder, or a bare metrics stream (.json/.jsonl).")],
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")] = None,
-    target_loss: Annotated[Optional[float], typer.Option(help="Override the recorded target loss (default 2.3 for a bare stream).")] = None,
+    target_loss: Annotated[
+        Optional[float],
+        typer.Option(callback=_a_loss_target, help="Override the recorded target loss (default 2.3 for a bare stream)."),
+    ] = None,
     accumulative_counts: Annotated[int, typer.Option(min=1, help="Micro-iterations per step, for a bare stream.")] = 1,
     junit: JunitOption = None,
     as_json: JsonOption = False,
@@ -513,8 +536,11 @@ def perf(
     elif records is not None:
         errors.print(f"[red]invalid:[/] --records applies to a layout written here; {root} already holds one")
         raise typer.Exit(2)
+    gpus = torch.cuda.device_count() if device != Device.cpu else 0
+    # One micro-batch a step: the layout's record count gives the reference schedule per step.
     run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
-                   "--per-device-batch", str(per_device_batch), "--device", device.value, "--save-projector"]  # fmt: skip
+                   "--per-device-batch", str(per_device_batch), "--global-batch", str(per_device_batch * max(gpus, 1)),
+                   "--device", device.value, "--save-projector"]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     matmul_device = "cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu"
     matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)

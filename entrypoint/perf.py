@@ -157,7 +157,7 @@ def _completed_verdict(folder: Path, command: list[str]) -> dict | None:
 
 def _losses(verdict: dict) -> dict[int, float]:
     curve = (verdict.get("result") or {}).get("curve", [])
-    return {point["step"]: point["loss"] for point in curve if point["loss"] is not None}
+    return {point["iter"]: point["loss"] for point in curve if point["loss"] is not None}
 
 
 def _projector(verdict: dict, snapshot: str):

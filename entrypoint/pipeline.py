@@ -19,12 +19,14 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import verdict as verdict_mod
+from bench.config_facts import ConfigFacts, read_facts
 from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.flops import are_real_shapes
 from bench.inputs import describe, load_dataset
 from bench.layout import Layout
 from bench.levers import (
     MEMORY_LEVERS,
+    STOCK,
     LeverRequest,
     gpu_memory,
     memory_fallback,
@@ -34,14 +36,22 @@ from bench.levers import (
 )
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.report import write_report
-from bench.recipe import RecipeOptions, RenderedRecipe, from_user_config, render
+from bench.recipe import (
+    PRECISIONS,
+    REFERENCE_GLOBAL_BATCH,
+    RecipeOptions,
+    RenderedRecipe,
+    from_user_config,
+    global_batch_plan,
+    render,
+)
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.diagnose import ran_out_of_memory
 from entrypoint.environment import gpu_inventory_details, software
-from entrypoint.model_code import ModelCodeProbe
 from entrypoint.launch import Watchdog, process_age_seconds, run_to_end, supervise, torchrun_plan, training_plan, utc_now
+from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
 from entrypoint.topology import Topology, TopologyError, detect
@@ -65,6 +75,9 @@ class RunRequest:
     env: Mapping[str, str] | None = None  # the scheduler's variables; os.environ when None
     image_sample: int | None = 1000  # images decoded before training; None: every image
     watchdog: Watchdog = Watchdog()
+    # recipe options the user set (e.g. "per_device_batch", "precision"): a user's config
+    # keeps its own values of the others
+    asked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -212,37 +225,57 @@ def xtuner_provenance() -> tuple[str, str | None]:
     return distribution.version, commit
 
 
-def _batch_problems(request: RunRequest, world_size: int) -> tuple[int, list[Problem]]:
-    """Accumulation that holds --global-batch on this many processes."""
-    if request.global_batch is None:
-        return request.recipe.accumulative_counts, []
-    per_micro_step = request.recipe.per_device_batch * world_size
-    if request.global_batch % per_micro_step:
-        return 1, [
-            Problem(
-                "--global-batch",
-                f"{request.global_batch} is not a multiple of per-device batch x processes "
-                f"({request.recipe.per_device_batch} x {world_size} = {per_micro_step})",
-                f"choose a multiple of {per_micro_step}",
-            )
-        ]
-    return request.global_batch // per_micro_step, []
+def _user_config(request: RunRequest, device: str, config: Path) -> tuple[ConfigFacts | None, list[Problem]]:
+    """What a user's config does as written, and the options that cannot apply to it:
+    the appliance never rewrites a user's model, so precision and levers are the file's."""
+    fix = "leave the option out (the config's own value runs), edit the config, or remove it to use the built-in recipe"
+    try:
+        facts = read_facts(config.read_text())
+    except SyntaxError:
+        return None, []  # the layout checks name it
+    problems = []
+    cpu_obstacles = [
+        what for what, present in (("4-bit weights (bitsandbytes)", facts.precision == "nf4"),
+                                   ("AmpOptimWrapper", facts.optimizer_wrapper == "AmpOptimWrapper")) if present
+    ]  # fmt: skip
+    if device == "cpu" and cpu_obstacles:
+        problems.append(
+            Problem(str(config), f"a user config runs as written, and on CPU this one cannot: {' and '.join(cpu_obstacles)} "
+                    "need CUDA (the built-in recipe has a CPU variant)", "run on GPUs, or remove the config")
+        )  # fmt: skip
+    if "precision" in request.asked and facts.precision != request.recipe.precision:
+        problems.append(Problem("--precision", f"{request.recipe.precision}, but the config loads the LLM as "
+                                f"{facts.precision or 'something the appliance cannot read'}", fix))  # fmt: skip
+    asked_levers = [name for name, value in vars(request.levers).items() if value not in (None, False)]
+    if asked_levers:
+        problems.append(Problem("recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a "
+                                "user's config", fix))  # fmt: skip
+    unreadable = [key for key in facts.unreadable() if key != "train_cfg.max_iters"]  # the appliance sets max_iters
+    if unreadable:
+        problems.append(Problem(str(config), f"cannot read {', '.join(unreadable)} from it (only literal values, "
+                                "names and arithmetic are read)", "write them as literal values"))  # fmt: skip
+    return facts, problems
 
 
 def _recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int) -> dict:
+    """What ran, read back from the config XTuner was given and its --cfg-options."""
     xtuner_version, xtuner_commit = xtuner_provenance()
+    facts = read_facts(recipe.text, recipe.cfg_options)
+    global_batch = facts.per_device_batch * facts.accumulative_counts * world_size
     return {
         "source": recipe.source,
         "config_sha256": recipe.sha256,
         "appliance_version": __version__,
         "xtuner_version": xtuner_version,
         "xtuner_commit": xtuner_commit,
-        "precision": "fp32" if options.device == "cpu" else options.precision,
+        "precision": facts.precision,
         "device": options.device,
-        "per_device_batch": options.per_device_batch,
-        "accumulative_counts": options.accumulative_counts,
-        "global_batch": options.per_device_batch * options.accumulative_counts * world_size,
-        "max_iters": options.max_iters,
+        "per_device_batch": facts.per_device_batch,
+        "accumulative_counts": facts.accumulative_counts,
+        "global_batch": global_batch,
+        "reference_global_batch": REFERENCE_GLOBAL_BATCH,
+        "on_reference_schedule": global_batch == REFERENCE_GLOBAL_BATCH,
+        "max_iters": facts.max_iters,
         "seed": options.seed,
         "levers": options.levers.as_dict(),
         "deviations": recipe.deviations,
@@ -283,12 +316,21 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     disk and GPU checks, the levers; the recipe if all pass."""
     device = resolve_device(request.device, gpus)
     topology, problems = _topology(request, device, gpus)
-    accumulative_counts, batch_problems = _batch_problems(request, topology.world_size)
+    user_config, per_device_batch = None, request.recipe.per_device_batch
+    if layout.config_override.is_file():
+        user_config, user_problems = _user_config(request, device, layout.config_override)
+        problems += user_problems
+        if user_config is not None and "per_device_batch" not in request.asked and user_config.per_device_batch:
+            per_device_batch = user_config.per_device_batch
+    reference = device == "cuda" and not request.demo  # CPU runs and the demo are functional checks
+    _, accumulative_counts, batch_problem = global_batch_plan(request.global_batch, per_device_batch, topology.world_size, reference)
+    if batch_problem:
+        problems.append(Problem("--global-batch", batch_problem, "choose a per-device batch or global batch that divide"))
     inventory = gpu_inventory_details() if device == "cuda" else []
     memory, memory_messages = gpu_memory([gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env)
     unwritable = check_writable(results_parent)
     problems = [
-        *problems, *unwritable, *batch_problems,
+        *problems, *unwritable,
         *(Problem("environment", message, "set it to the simulated card's MiB, or unset it") for message in memory_messages),
         *check_layout(layout),
     ]  # fmt: skip
@@ -300,13 +342,17 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         code = probe.result()
         supports_sdpa = code.supports_sdpa
         problems += code.problems + disk_problems(results_parent)
-    levers, lever_messages = resolve_levers(
-        request.levers, device, request.recipe.precision, request.recipe.per_device_batch, list(memory.for_defaults), supports_sdpa
-    )
-    problems += [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
+    if user_config is None:
+        levers, lever_messages = resolve_levers(
+            request.levers, device, request.recipe.precision, per_device_batch, list(memory.for_defaults), supports_sdpa
+        )
+        problems += [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
+    else:
+        levers = STOCK  # a user's config runs as written
     options = replace(
-        request.recipe, device=device, accumulative_counts=accumulative_counts, levers=levers,
-        gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
+        request.recipe, device=device, per_device_batch=per_device_batch, accumulative_counts=accumulative_counts,
+        levers=levers, gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
+        precision=user_config.precision if user_config is not None and user_config.precision in PRECISIONS else request.recipe.precision,
     )  # fmt: skip
     inputs = describe(layout, dataset) if not problems else None
     if inputs is not None and levers.tokenized_cache:
@@ -320,8 +366,8 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     recipe = None
     if not problems:
         recipe = (
-            from_user_config(layout.config_override, options)
-            if layout.config_override.is_file()
+            from_user_config(layout.config_override, options, user_config)
+            if user_config is not None
             else render(layout, options, __version__)
         )
     # An unwritable --out, or no layout mounted at the root (whose results folder must

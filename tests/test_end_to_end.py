@@ -179,6 +179,56 @@ def test_user_config_at_the_root_overrides_the_template(layout_copy, tmp_path):
     assert verdict["result"]["steps_completed"] == 20
 
 
+def test_a_user_configs_verdict_says_what_ran(layout_copy, tmp_path):
+    """A user config of batch 4, asked for per-device batch 8 and global batch 16: the
+    run trains batch 8 with 2-fold accumulation (XTuner's own dump of the config it ran
+    says so), and the verdict says the same, off the reference schedule."""
+    from bench.config_facts import read_facts
+
+    config = (Path(__file__).parent / "data" / "user_config.py").read_text().replace("batch_size = 8  # per device", "batch_size = 4")
+    Layout.at(layout_copy).config_override.write_text(config)
+    out = tmp_path / "out"
+    done = llava_bench(
+        "run", "--root", str(layout_copy), "--out", str(out), "--device", "cpu", "--per-device-batch", "8",
+        "--global-batch", "16", "--max-steps", "20", "--target-loss", "1e9", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdict = json.loads(done.stdout)
+    recipe = verdict["recipe"]
+    assert (recipe["per_device_batch"], recipe["accumulative_counts"], recipe["global_batch"], recipe["max_iters"]) == (8, 2, 16, 40)
+    assert recipe["on_reference_schedule"] is False and any("not the reference 1024" in note for note in verdict["notes"])
+    (dumped,) = (only_run_dir(out) / "xtuner").glob("*.py")  # mmengine's dump of the config it ran
+    ran = read_facts(dumped.read_text())
+    assert (ran.per_device_batch, ran.accumulative_counts) == (8, 2)
+    assert verdict["result"]["curve"][-1]["iter"] == 40 and verdict["result"]["steps_completed"] == 20
+    assert verdict["throughput"]["samples_per_second"] == pytest.approx(16 / verdict["throughput"]["seconds_per_step"]["mean"])
+
+
+# name: (what the user config holds instead, run arguments, words in the refusal)
+USER_CONFIG_REFUSALS = {
+    "another precision asked": ({}, ["--precision", "bf16"], "--precision: bf16, but the config loads the LLM as fp32"),
+    "a lever asked": ({}, ["--sdpa-attention"], "sdpa_attention apply to the built-in recipe"),
+    "4-bit weights on CPU": (
+        {"quantization_config=None": "quantization_config=dict(load_in_4bit=True, bnb_4bit_quant_type='nf4')"}, [],
+        "on CPU this one cannot: 4-bit weights",
+    ),
+    "a batch the appliance cannot read": ({"batch_size = 8  # per device": "batch_size = len('abcd')"}, [], "cannot read train_dataloader.batch_size"),
+}
+
+
+@pytest.mark.parametrize("name", list(USER_CONFIG_REFUSALS))
+def test_an_option_a_user_config_cannot_take_is_refused(layout_copy, tmp_path, name):
+    replacements, arguments, words = USER_CONFIG_REFUSALS[name]
+    config = (Path(__file__).parent / "data" / "user_config.py").read_text()
+    for old, new in replacements.items():
+        assert old in config
+        config = config.replace(old, new)
+    Layout.at(layout_copy).config_override.write_text(config)
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path), "--device", "cpu", "--max-steps", "20", *arguments)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr
+
+
 def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
     """A config error only the trainer finds (preflight cannot): the optimizer refuses a text LR."""
     config = (Path(__file__).parent / "data" / "user_config.py").read_text().replace("lr = 1e-3", "lr = 'fast'")

@@ -25,7 +25,7 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     done = llava_bench(
         "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cuda",
         "--precision", precision, "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
-        "--max-steps", "60", "--target-loss", "1.0", "--json",
+        "--global-batch", str(DEMO_PER_DEVICE_BATCH * gpus), "--max-steps", "60", "--target-loss", "1.0", "--json",
     )  # fmt: skip
     print(done.stderr[-3000:])
     verdict = json.loads(done.stdout)

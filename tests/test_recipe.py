@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from bench.layout import Layout
-from bench.recipe import RecipeOptions, from_user_config, referenced_paths, render
+from bench.config_facts import ConfigFacts, read_facts
+from bench.recipe import REFERENCE_GLOBAL_BATCH, RecipeOptions, from_user_config, global_batch_plan, referenced_paths, render
 
 LAYOUT = Layout.at("/llava")
 
@@ -102,7 +103,69 @@ def test_bad_options_are_refused(bad):
 def test_user_config_is_used_as_written_with_stop_and_seed_as_cfg_options(tmp_path):
     config = tmp_path / "user.py"
     config.write_text("train_cfg = dict(max_epochs=1)\n")
-    recipe = from_user_config(config, RecipeOptions(max_steps=50, seed=3))
+    recipe = from_user_config(config, RecipeOptions(max_steps=50, seed=3), ConfigFacts(32, 1, "nf4", None))
     assert recipe.source == "user"
     assert recipe.text == "train_cfg = dict(max_epochs=1)\n"
     assert recipe.cfg_options == ["train_cfg.max_epochs=None", "train_cfg.max_iters=50", "randomness.seed=3"]
+
+
+def test_a_user_configs_batch_and_accumulation_are_set_where_they_differ_and_read_back(tmp_path):
+    """What the issue found: a user config of batch 4 asked for per-device 8 and global
+    16 ran batch 4 without accumulation. Now the two are set through --cfg-options and
+    the facts read back from the config XTuner runs say so."""
+    config = tmp_path / "user.py"
+    config.write_text("batch_size = 4\ntrain_dataloader = dict(batch_size=batch_size)\noptim_wrapper = dict(type='x')\n")
+    as_written = read_facts(config.read_text())
+    assert (as_written.per_device_batch, as_written.accumulative_counts) == (4, 1)
+    options = RecipeOptions(max_steps=20, per_device_batch=8, accumulative_counts=2)
+    recipe = from_user_config(config, options, as_written)
+    assert "train_dataloader.batch_size=8" in recipe.cfg_options and "optim_wrapper.accumulative_counts=2" in recipe.cfg_options
+    ran = read_facts(recipe.text, recipe.cfg_options)
+    assert (ran.per_device_batch, ran.accumulative_counts, ran.max_iters) == (8, 2, 40)
+    assert any("per-device batch 8 instead of the file's 4" in d for d in recipe.deviations)
+
+
+# (options, the facts the rendered config must say back)
+RENDERED = [
+    (RecipeOptions(), ConfigFacts(32, 1, "nf4", 500, "AmpOptimWrapper")),
+    (
+        RecipeOptions(precision="bf16", per_device_batch=16, accumulative_counts=4, max_steps=10),
+        ConfigFacts(16, 4, "bf16", 40, "AmpOptimWrapper"),
+    ),
+    (RecipeOptions(device="cpu", per_device_batch=8), ConfigFacts(8, 1, "fp32", 500, "OptimWrapper")),
+]
+
+
+@pytest.mark.parametrize("options, facts", RENDERED)
+def test_the_rendered_config_says_back_what_the_options_asked(options, facts):
+    assert read_facts(render(LAYOUT, options, "test").text) == facts
+
+
+@pytest.mark.parametrize("gpus, accumulation", [(1, 32), (2, 16), (8, 4), (32, 1)])
+def test_the_default_holds_the_reference_global_batch_on_any_cluster(gpus, accumulation):
+    """Rendered without GPUs for 1, 2, 8 and 32 of them at batch 32: the config XTuner
+    would run holds 1024 samples a step, the reference run's."""
+    global_batch, counts, problem = global_batch_plan(None, 32, gpus, reference=True)
+    assert (global_batch, counts, problem) == (1024, accumulation, None)
+    ran = read_facts(render(LAYOUT, RecipeOptions(accumulative_counts=counts), "test").text)
+    assert ran.per_device_batch * ran.accumulative_counts * gpus == REFERENCE_GLOBAL_BATCH
+
+
+# (asked global batch, per-device batch, processes, reference?, plan, words in the problem)
+PLANS = {
+    "3 GPUs: no batch holds 1024, the nearest global batches are named": (
+        None, 32, 3, True, (1024, 1), "no per-device batch holds it on 3 processes, or --global-batch 960 or 1056"
+    ),
+    "64 GPUs: 2048 samples a micro-step; per-device 16 holds 1024": (None, 32, 64, True, (1024, 1), "--per-device-batch 16 holds it"),
+    "another global batch, held": (64, 8, 2, True, (64, 4), None),
+    "another global batch that does not divide": (100, 8, 2, True, (100, 1), "--global-batch 100 is not a multiple"),
+    "CPU: one micro-batch a step": (None, 8, 1, False, (8, 1), None),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_global_batch_plans(name):
+    asked, batch, processes, reference, plan, words = PLANS[name]
+    global_batch, counts, problem = global_batch_plan(asked, batch, processes, reference)
+    assert (global_batch, counts) == plan
+    assert (problem is None) == (words is None) and (words is None or words in problem)
