@@ -2,17 +2,25 @@
 
 XTuner's ThroughputHook counts only the padded text tokens (the 576 image tokens are
 inserted later) and assumes weight gradients, which a frozen LLM never computes.
-This model counts what the step needs (a matmul of m x k by k x n is 2mkn FLOPs;
-NF4 matmuls count as the dense matmuls they stand for):
+This model counts per sample, s = text tokens + image tokens (a matmul of m x k by
+k x n is 2mkn FLOPs; NF4 matmuls count as the dense matmuls they stand for).
 
-- frozen LLM, per token of the full sequence (text + image tokens):
-  forward 2 x (linear parameters) + causal attention 2 x s x h per layer;
-  backward only for input gradients: the same linear FLOPs again, and twice the
-  attention FLOPs (gradients of Q, K and V); the LM head likewise;
+Model FLOPs, what the math needs (MFU divides these; the same for stock and levers):
+- frozen LLM: forward 2 x (linear parameters) + causal attention 2 x s x h per layer
+  and token; backward only for input gradients: the same linear FLOPs again, and
+  twice the attention FLOPs (gradients of Q, K and V);
+- the LM head only at the labelled positions (the caption's, which the loss reads):
+  2 x h x V a row forward and again backward;
 - frozen CLIP ViT: forward only (nothing upstream needs its gradients);
-- trained projector: forward, plus input and weight gradients (3 x forward);
-- activation checkpointing recomputes the LLM forward once more: counted in
-  ``hardware_flops``, not in the model FLOPs MFU is based on.
+- trained projector: forward, plus input and weight gradients (3 x forward).
+
+Hardware FLOPs, what the run's recipe executes (HFU divides these):
+- the recompute of every checkpointed LLM layer's forward (not the head's);
+- the LM head at every position unless the labelled-only logits lever is on;
+- stock's ViT: checkpointed and backpropagated into the pixels, so its forward is
+  recomputed and its input-gradient backward (linear again, attention twice) runs;
+  the projector is checkpointed with it (one forward more); with the ViT lever,
+  neither.
 """
 from __future__ import annotations
 
@@ -66,17 +74,38 @@ def are_real_shapes(model_shapes: dict | None) -> bool:
 @dataclass(frozen=True)
 class StepFlops:
     model_flops: float  # what the step needs; MFU divides these
-    hardware_flops: float  # plus the recomputed forward under activation checkpointing
+    hardware_flops: float  # what the recipe executes; HFU divides these
     sequence_length: float  # per sample: padded text tokens + image tokens
 
 
-def vit_forward_flops(vit: ViTShape) -> float:
-    """One image through the ViT: patch embedding, then every layer."""
+@dataclass(frozen=True)
+class RecipeWork:
+    """What the run's recipe executes beyond the math (from its levers)."""
+
+    checkpointed_llm_layers: int  # recomputed in the backward pass
+    vit_backward: bool  # stock: the ViT checkpointed and backpropagated into the pixels
+    head_at_every_position: bool  # stock: the LM head over the whole sequence
+
+    @classmethod
+    def of(cls, levers: dict, llm_layers: int) -> "RecipeWork":
+        """From a verdict's ``recipe.levers``."""
+        return cls(
+            checkpointed_llm_layers=max(0, llm_layers - levers.get("unchecked_llm_layers", 0)),
+            vit_backward=not levers.get("skip_vit_backward", False),
+            head_at_every_position=not levers.get("labelled_logits_only", False),
+        )
+
+
+STOCK_WORK = RecipeWork(checkpointed_llm_layers=INTERNLM2_20B.layers, vit_backward=True, head_at_every_position=True)
+
+
+def vit_forward_flops(vit: ViTShape) -> tuple[float, float, float]:
+    """One image through the ViT: (patch embedding, the layers' linear, the layers' attention) FLOPs."""
     tokens = vit.tokens
     patch_embedding = 2 * (3 * vit.patch * vit.patch) * vit.hidden * vit.patches
     linear = 2 * (4 * vit.hidden * vit.hidden + 2 * vit.hidden * vit.ffn) * tokens
     attention = 4 * tokens * tokens * vit.hidden  # scores and weighted sum, not causal
-    return patch_embedding + vit.layers * (linear + attention)
+    return patch_embedding, vit.layers * linear, vit.layers * attention
 
 
 def projector_forward_flops(vit: ViTShape, llm: LLMShape) -> float:
@@ -84,34 +113,40 @@ def projector_forward_flops(vit: ViTShape, llm: LLMShape) -> float:
     return 2 * (vit.hidden * llm.hidden + llm.hidden * llm.hidden) * vit.patches
 
 
-def llm_forward_flops(llm: LLMShape, sequence: float) -> tuple[float, float, float]:
-    """(linear, attention, LM head) FLOPs of one sample's forward."""
+def llm_layer_flops(llm: LLMShape, sequence: float) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one sample's forward through all decoder layers."""
     linear = 2 * llm.linear_params_per_layer * sequence * llm.layers
     attention = 2 * sequence * sequence * llm.hidden * llm.layers  # causal: half of 4 s^2 h
-    head = 2 * llm.hidden * llm.vocab * sequence
-    return linear, attention, head
+    return linear, attention
 
 
 def step_flops(
     samples: int,
     text_tokens_per_sample: float,
+    labelled_tokens_per_sample: float,
     llm: LLMShape = INTERNLM2_20B,
     vit: ViTShape = CLIP_VIT_L_336,
-    activation_checkpointing: bool = True,
+    work: RecipeWork = STOCK_WORK,
 ) -> StepFlops:
     """FLOPs of one optimizer step over ``samples`` samples (one image each)."""
     sequence = text_tokens_per_sample + vit.patches
-    linear, attention, head = llm_forward_flops(llm, sequence)
-    llm_forward = linear + attention + head
-    llm_backward = linear + 2 * attention + head  # input gradients only
-    per_sample = (
-        llm_forward
-        + llm_backward
-        + vit_forward_flops(vit)
-        + 3 * projector_forward_flops(vit, llm)
-    )
-    recompute = llm_forward if activation_checkpointing else 0.0
-    return StepFlops(samples * per_sample, samples * (per_sample + recompute), sequence)
+    linear, attention = llm_layer_flops(llm, sequence)
+    head_row = 2 * llm.hidden * llm.vocab
+    vit_embedding, vit_linear, vit_attention = vit_forward_flops(vit)
+    projector = projector_forward_flops(vit, llm)
+    model = (
+        (linear + attention) + (linear + 2 * attention)  # forward + input-gradient backward
+        + 2 * head_row * labelled_tokens_per_sample
+        + vit_embedding + vit_linear + vit_attention
+        + 3 * projector
+    )  # fmt: skip
+    recomputed = (linear + attention) * work.checkpointed_llm_layers / llm.layers
+    head_rows = sequence if work.head_at_every_position else labelled_tokens_per_sample
+    extra_head = 2 * head_row * (head_rows - labelled_tokens_per_sample)
+    # stock's ViT: its layers recomputed and backpropagated (down to the embeddings'
+    # output, which XTuner makes require gradients), and the projector recomputed
+    vit_extra = (vit_linear + vit_attention) + (vit_linear + 2 * vit_attention) + projector if work.vit_backward else 0.0
+    return StepFlops(samples * model, samples * (model + recomputed + extra_head + vit_extra), sequence)
 
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity).

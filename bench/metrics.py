@@ -19,6 +19,9 @@ class MetricsRecord:
     memory: float | None = None
     tflops: float | None = None
     tokens_per_sec: float | None = None
+    # running means over the run so far (the appliance's TokenCountHook)
+    text_tokens_per_sample: float | None = None
+    labelled_tokens_per_sample: float | None = None
 
     def step(self, accumulative_counts: int) -> int:
         """The optimizer step this micro-iteration belongs to (DESIGN §3: iter / accumulative_counts,
@@ -58,6 +61,8 @@ def parse_line(line: str) -> MetricsRecord | None:
         memory=_number(obj.get("memory")),
         tflops=_number(obj.get("tflops")),
         tokens_per_sec=_number(obj.get("tokens_per_sec")),
+        text_tokens_per_sample=_number(obj.get("text_tokens_per_sample")),
+        labelled_tokens_per_sample=_number(obj.get("labelled_tokens_per_sample")),
     )
 
 

@@ -66,6 +66,8 @@ def markdown(verdict: dict, plotted: bool) -> str:
         "",
         verdict["reason"],
         "",
+        *[f"- Note: {note}" for note in verdict["notes"]],
+        *([""] if verdict["notes"] else []),
         f"Criteria: logged loss below {criteria['target_loss']} within {criteria['max_steps']} optimizer steps"
         + (" (stop on target)" if criteria["stop_on_target"] else "")
         + (" (demo criteria for the synthetic layout; nothing about hardware)" if criteria["demo"] else "")
@@ -94,6 +96,8 @@ def markdown(verdict: dict, plotted: bool) -> str:
             f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
             f"| launch to first step, s (preflight + trainer start-up) | {_figure(timing.get('launch_to_first_step_seconds'), 1)} "
             f"({_figure(timing.get('preflight_seconds'), 1)} + {_figure(timing.get('startup_seconds'), 1)}) |",
+            f"| trainer's launch to the target, s / to {criteria['max_steps']} steps, projected | "
+            f"{_figure(timing.get('time_to_target_seconds'), 1)} / {_figure(timing.get('projected_max_steps_seconds'), 1)} |",
             f"| model FLOPs per step | {_scientific(throughput['flops_per_step'])} |",
             f"| achieved TFLOP/s per device | {_figure(flop_model.get('achieved_tflops_per_device'), 1)} |",
             f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | {_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",
@@ -116,7 +120,8 @@ def markdown(verdict: dict, plotted: bool) -> str:
     recipe, topology = verdict.get("recipe"), verdict.get("topology")
     if recipe:
         lines += ["## Recipe", "", f"`config.py` sha256 `{recipe['config_sha256']}`, XTuner {recipe['xtuner_version']}, "
-                  f"{recipe['precision']}, global batch {recipe['global_batch']}, seed {recipe['seed']}. Changes from the pinned config:", ""]  # fmt: skip
+                  f"{recipe['precision']}, global batch {recipe['global_batch']} ({'the reference' if recipe['on_reference_schedule'] else 'not the reference ' + str(recipe['reference_global_batch'])}), "
+                  f"seed {recipe['seed']}. Changes from the pinned config:", ""]  # fmt: skip
         lines += [f"- {change}" for change in recipe["deviations"]] + [""]
     if topology:
         lines += ["## Topology", "", f"{topology['nnodes']} node(s) x {topology['nproc_per_node']} process(es), "

@@ -32,7 +32,9 @@ class Throughput:
     peak_memory_mib: float | None
     xtuner_tflops_per_device: float | None  # XTuner's own figure, kept for the seed comparison
     xtuner_tokens_per_second_per_device: float | None
-    text_tokens_per_sample: float | None  # padded, as XTuner counts them
+    text_tokens_per_sample: float | None  # padded, without the image placeholder
+    text_tokens_source: str | None  # "logged" (TokenCountHook) or "estimated" (from XTuner's figures)
+    labelled_tokens_per_sample: float | None  # None unless logged
 
 
 def _mean(values: list[float]) -> float | None:
@@ -54,7 +56,7 @@ def measure(
     timed = [r for r in records if r.time is not None and r.time >= SHORTEST_CREDIBLE_SECONDS]
     window = timed[1:] if len(timed) > 1 else timed
     if not window:
-        return Throughput(None, None, 0, *([None] * 10))
+        return Throughput(None, None, 0, *([None] * 12))
     # ``time`` is seconds per micro-iteration; a step is accumulative_counts of them.
     per_step = [r.time * accumulative_counts for r in window]
     mean = statistics.fmean(per_step)
@@ -78,8 +80,19 @@ def measure(
         peak_memory_mib=max(memories, default=None),
         xtuner_tflops_per_device=_mean([r.tflops for r in window if r.tflops is not None]),
         xtuner_tokens_per_second_per_device=_mean([r.tokens_per_sec for r in window if r.tokens_per_sec is not None]),
-        # tokens_per_sec x time = the padded text tokens of one micro-batch on one device
-        text_tokens_per_sample=_mean(
-            [r.tokens_per_sec * r.time / per_device_batch for r in window if r.tokens_per_sec is not None]
-        ),
+        **_token_counts(records, window, per_device_batch),
     )
+
+
+def _token_counts(records: list[MetricsRecord], window: list[MetricsRecord], per_device_batch: int) -> dict:
+    """Text and labelled tokens a sample: the latest running means TokenCountHook logged;
+    without them, text tokens estimated as XTuner's last-iteration tokens_per_sec times
+    the interval's mean time (close, not exact), and labelled tokens unknown."""
+    logged = [r for r in records if r.text_tokens_per_sample is not None and r.labelled_tokens_per_sample is not None]
+    if logged:
+        last = max(logged, key=lambda r: r.iter)
+        return {"text_tokens_per_sample": last.text_tokens_per_sample, "text_tokens_source": "logged",
+                "labelled_tokens_per_sample": last.labelled_tokens_per_sample}  # fmt: skip
+    estimates = [r.tokens_per_sec * r.time / per_device_batch for r in window if r.tokens_per_sec is not None]
+    return {"text_tokens_per_sample": _mean(estimates), "text_tokens_source": "estimated" if estimates else None,
+            "labelled_tokens_per_sample": None}  # fmt: skip

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -18,10 +18,10 @@ import jsonschema
 
 from bench import flops as flops_mod
 from bench import throughput as throughput_mod
-from bench.criteria import EXIT_CODES, Criteria, Judgement, Termination, judge
+from bench.criteria import EXIT_CODES, Criteria, Judgement, Termination, judge, log_interval
 from bench.metrics import MetricsStream, read_stream
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERDICT_NAME = "verdict.json"
 METRICS_NAME = "metrics.jsonl"
 STEADY_WINDOW_RULE = "all logged intervals but the first (start-up); the only one if there is one"
@@ -29,10 +29,12 @@ STEADY_WINDOW_RULE = "all logged intervals but the first (start-up); the only on
 SEED_A100_SECONDS_PER_STEP = 14.258836038907369
 SEED_A100_PER_DEVICE_BATCH = 32
 FLOP_FORMULA = (
-    "per sample, s = padded text tokens + image tokens: frozen LLM forward 2*P_linear*s + 2*s^2*h*L (causal) "
-    "+ 2*h*V*s (LM head); its backward computes input gradients only: 2*P_linear*s + 4*s^2*h*L + 2*h*V*s; "
-    "frozen ViT forward only; projector forward x3 (input and weight gradients); "
-    "hardware FLOPs add one recomputed LLM forward under activation checkpointing; NF4 counts as dense"
+    "per sample, s = padded text tokens + image tokens, l = labelled tokens: model FLOPs = frozen LLM forward "
+    "2*P_linear*s + 2*s^2*h*L (causal) and its input-gradient backward 2*P_linear*s + 4*s^2*h*L, the LM head at the "
+    "labelled rows 2*h*V*l forward and backward, the frozen ViT forward, the projector forward x3 (input and weight "
+    "gradients); hardware FLOPs add what the recipe executes beyond that: each checkpointed LLM layer's forward again, "
+    "the LM head at all s rows unless the labelled-only logits lever is on, and, unless the ViT lever is on, the ViT's "
+    "layers recomputed and backpropagated (linear once, attention twice) and the projector recomputed; NF4 counts as dense"
 )
 
 
@@ -70,7 +72,7 @@ def _judgement_section(judgement: Judgement, skipped_lines: int) -> dict:
         "min_loss": judgement.min_loss,
         "stayed_below_after_crossing": judgement.stayed_below_after_crossing,
         "curve": [
-            {"step": p.step, "loss": _finite_or_none(p.loss), "finite": math.isfinite(p.loss)}
+            {"iter": p.iter, "step": p.step, "loss": _finite_or_none(p.loss), "finite": math.isfinite(p.loss)}
             for p in judgement.curve
         ],
         "skipped_metric_lines": skipped_lines,
@@ -82,11 +84,16 @@ def _flops_section(context: RunContext, measured, samples_per_step: int) -> dict
     shapes = (context.inputs or {}).get("model_shapes")
     gpus = (context.environment or {}).get("gpus") or []
     peak = flops_mod.peak_tflops(gpus[0]["name"] if gpus else None)
+    levers = (context.recipe or {}).get("levers")
+    layers = shapes["llm"]["layers"] if shapes else flops_mod.INTERNLM2_20B.layers
+    work = flops_mod.RecipeWork.of(levers, layers) if levers else flops_mod.STOCK_WORK
     section = {
         "formula": FLOP_FORMULA,
         "text_tokens_per_sample": measured.text_tokens_per_sample,
+        "text_tokens_source": measured.text_tokens_source,
+        "labelled_tokens_per_sample": measured.labelled_tokens_per_sample,
         "image_tokens_per_sample": None,
-        "activation_checkpointing": True,
+        "recipe_work": {**asdict(work), "from": "recipe.levers" if levers else "not recorded: stock assumed"},
         "flops_per_step": None,
         "hardware_flops_per_step": None,
         "achieved_tflops_per_device": None,
@@ -95,13 +102,17 @@ def _flops_section(context: RunContext, measured, samples_per_step: int) -> dict
         "hfu": None,
         "why_null": None,
     }
-    if shapes is None or measured.text_tokens_per_sample is None or measured.seconds_per_step_mean is None:
-        section["why_null"] = "model shapes or XTuner's token counts were not recorded"
+    if shapes is None or measured.seconds_per_step_mean is None:
+        section["why_null"] = "model shapes or the time per step were not recorded"
+        return section
+    if measured.labelled_tokens_per_sample is None:
+        section["why_null"] = "the metrics stream does not log the tokens a sample (the appliance's TokenCountHook)"
         return section
     vit = flops_mod.ViTShape(**shapes["vit"])
     step = flops_mod.step_flops(
-        samples_per_step, measured.text_tokens_per_sample, flops_mod.LLMShape(**shapes["llm"]), vit
-    )
+        samples_per_step, measured.text_tokens_per_sample, measured.labelled_tokens_per_sample,
+        flops_mod.LLMShape(**shapes["llm"]), vit, work,
+    )  # fmt: skip
     achieved = step.model_flops / measured.seconds_per_step_mean / context.world_size / 1e12
     section.update(
         image_tokens_per_sample=vit.patches,
@@ -134,6 +145,7 @@ def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | No
             "first_step": measured.window_first_step,
             "last_step": measured.window_last_step,
             "logged_intervals": measured.logged_intervals,
+            "log_interval": log_interval(stream.records),
             "rule": STEADY_WINDOW_RULE,
         },
         "seconds_per_step": {
@@ -182,22 +194,42 @@ def _baseline_section(context: RunContext, throughput: dict | None) -> dict:
 
 
 # The timing figures build derives from the recorded ones (not recorded themselves).
-DERIVED_TIMING = ("startup_seconds", "launch_to_first_step_seconds")
+DERIVED_TIMING = ("startup_seconds", "launch_to_first_step_seconds", "time_to_target_seconds", "projected_max_steps_seconds")
 
 
-def _timing_section(context: RunContext, stream: MetricsStream) -> dict | None:
-    """Recorded times plus start-up: the trainer's launch to the first step, from the
-    first record's arrival minus the iterations its interval spent; with preflight
-    before it, the appliance's launch to the first step."""
+def _timing_section(context: RunContext, stream: MetricsStream, crossing_iter: int | None, seconds_per_step: float | None) -> dict | None:
+    """Recorded times plus what follows from them and the stream, all from the trainer's
+    launch: start-up (to the first step: the first record's arrival minus the iterations
+    its interval spent), with preflight before it the appliance's launch to the first
+    step; the time to the record that first crossed the target (start-up plus every
+    logged interval up to it, each interval's iterations times its mean time); and
+    max_steps projected at the steady window's time per step."""
     if context.timing is None:
         return None
     startup = None
     first_seconds = context.timing.get("first_record_seconds")
-    if first_seconds is not None and stream.records and stream.records[0].time is not None:
-        startup = max(0.0, first_seconds - stream.records[0].iter * stream.records[0].time)
+    records = sorted({r.iter: r for r in stream.records}.values(), key=lambda r: r.iter)
+    if first_seconds is not None and records and records[0].time is not None:
+        startup = max(0.0, first_seconds - records[0].iter * records[0].time)
     preflight = context.timing.get("preflight_seconds")
-    launch_to_first_step = None if startup is None or preflight is None else preflight + startup
-    return {**context.timing, "startup_seconds": startup, "launch_to_first_step_seconds": launch_to_first_step}
+    to_target = None
+    if startup is not None and crossing_iter is not None:
+        spent, previous = 0.0, 0
+        for record in records:
+            if record.iter > crossing_iter or record.time is None:
+                break
+            spent, previous = spent + (record.iter - previous) * record.time, record.iter
+        to_target = startup + spent if previous == crossing_iter else None
+    projected = None
+    if startup is not None and seconds_per_step is not None:
+        projected = startup + context.criteria.max_steps * seconds_per_step
+    return {
+        **context.timing,
+        "startup_seconds": startup,
+        "launch_to_first_step_seconds": None if startup is None or preflight is None else preflight + startup,
+        "time_to_target_seconds": to_target,
+        "projected_max_steps_seconds": projected,
+    }
 
 
 def build(context: RunContext, stream: MetricsStream) -> dict:
@@ -233,12 +265,26 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
         "world_size": context.world_size,
         "recipe": context.recipe,
         "topology": context.topology,
-        "timing": _timing_section(context, stream),
+        "timing": _timing_section(
+            context, stream, judgement.first_iter_below_target, ((throughput or {}).get("seconds_per_step") or {}).get("mean")
+        ),
         "interconnect": context.interconnect,
         "environment": context.environment,
         "inputs": context.inputs,
         "problems": context.problems,
+        "notes": [*_schedule_notes(context.recipe), *judgement.notes],
     }
+
+
+def _schedule_notes(recipe: dict | None) -> list[str]:
+    """A run off the reference schedule says what its target then means."""
+    if not recipe or recipe.get("on_reference_schedule", True):
+        return []
+    return [
+        f"global batch {recipe['global_batch']}, not the reference {recipe['reference_global_batch']}: max_steps covers "
+        "other samples and the epoch-based LR schedule follows the global batch, so the target is not the reference "
+        "run's criterion (--global-batch sets it)"
+    ]
 
 
 def schema() -> dict:

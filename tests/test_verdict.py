@@ -24,6 +24,8 @@ RECIPE = {
     "per_device_batch": 32,
     "accumulative_counts": 1,
     "global_batch": 64,
+    "reference_global_batch": 1024,
+    "on_reference_schedule": False,
     "max_iters": 500,
     "seed": 42,
     "levers": STOCK.as_dict(),
@@ -118,7 +120,8 @@ def test_problems_make_the_verdict_invalid_with_exit_2():
         lambda v: v.update(exit_code=7),
         lambda v: v["criteria"].update(max_steps=0),
         lambda v: v.update(surprise=1),
-        lambda v: v["result"]["curve"].append({"step": 0, "loss": 1.0, "finite": True}),
+        lambda v: v["result"]["curve"].append({"iter": 1, "step": 0, "loss": 1.0, "finite": True}),
+        lambda v: v.update(notes="none"),
         lambda v: v["recipe"].update(precision="int8"),
         lambda v: v["throughput"]["seconds_per_step"].update(mean="fast"),
     ],
@@ -156,7 +159,7 @@ def test_nan_losses_are_written_as_null_and_flagged(tmp_path):
     stream_path = tmp_path / "m.jsonl"
     stream_path.write_text('{"iter": 10, "loss": NaN, "time": 1.0}\n')
     built = verdict_mod.from_stream(stream_path, Criteria(max_steps=10))
-    assert built["result"]["curve"] == [{"step": 10, "loss": None, "finite": False}]
+    assert built["result"]["curve"] == [{"iter": 10, "step": 10, "loss": None, "finite": False}]
     assert built["status"] == "fail"
     json.loads(verdict_mod.dumps(built))  # strict JSON: no NaN literal
 
