@@ -518,7 +518,7 @@ def perf(
     from bench.synth import write_real_shape_layout
     from entrypoint.perf import (
         DEFAULT_VARIANTS, REFERENCE_STEPS_PER_EPOCH, compare, in_fresh_process, measure_matmul_tflops,
-        projector_distances, run_variant, table, write_report,
+        compare_projectors, run_variant, table, write_report,
     )  # fmt: skip
 
     chosen = [v.value for v in variant] if variant else list(DEFAULT_VARIANTS)
@@ -546,20 +546,21 @@ def perf(
     matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)
     errors.print(f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False)
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
-    distances, movement = projector_distances(verdicts)
-    rows = compare(verdicts, matmul_tflops, distances)
-    report = write_report(out, rows, run_options, matmul_tflops, movement)
+    projectors = compare_projectors(verdicts)
+    rows = compare(verdicts, matmul_tflops, projectors)
+    report = write_report(out, rows, run_options, matmul_tflops, projectors.movement)
     if as_json:
         console.print_json(json.dumps([asdict(row) for row in rows]))
     else:
         console.print(table(rows), highlight=False)
-        if movement is not None:
+        if projectors.movement is not None:
             console.print(
-                f"stock's projector moved {movement:.2e} of its initial norm; projector distances are relative to that move",
+                f"stock's projector moved {projectors.movement:.2e} of its initial norm; projector distances are relative "
+                "to that move",
                 highlight=False,
             )
         console.print(f"written: {report}", highlight=False)
-    if any(row.termination != "completed" or row.projector_agrees is False for row in rows):
+    if any(row.termination != "completed" or row.gradient_agrees is False for row in rows):
         raise typer.Exit(1)
 
 

@@ -234,9 +234,10 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["preflight_seconds"] > 0 and workers["startup_seconds"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
-    # One CPU process is deterministic: stock's own noise is nil, and so is the lever's distance.
+    # One CPU process is deterministic: stock's own noise is nil, and so are the lever's differences.
     assert again["projector_distance"] == 0.0 and workers["projector_distance"] == 0.0
-    assert workers["projector_agrees"] is True and stock["llm_architecture"] == "InternLM2ForCausalLM"
+    assert again["gradient_difference"] == 0.0 and workers["gradient_difference"] == 0.0
+    assert workers["gradient_agrees"] is True and stock["llm_architecture"] == "InternLM2ForCausalLM"
     report = json.loads((tmp_path / "perf.json").read_text())
     assert [row["variant"] for row in report["rows"]] == ["stock", "stock-again", "workers"]
     assert report["projector_movement"] > 1e-3  # the learning rate moved the projector
@@ -256,9 +257,9 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
 def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic_layout, layout_copy, tmp_path):
     """The check can fail for the reason it exists: stock's config run with the
     projector's gradients zeroed (a broken lever, tests/zero_projector_gradient.py)
-    ends with the projector where it started, far outside stock's noise; its losses
-    alone, at this tiny layout's first logged steps, say less."""
-    from entrypoint.perf import compare, projector_distances
+    has a first gradient 100 % away from stock's and ends with the projector where it
+    started, far outside stock's noise."""
+    from entrypoint.perf import compare, compare_projectors
 
     verdicts = {}
     for name in ("stock", "stock-again"):
@@ -286,12 +287,13 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     assert done.returncode == 0, done.stderr[-3000:]
     verdicts["broken"] = json.loads(done.stdout)
     verdicts["broken"]["_run_dir"] = str(tmp_path / "broken" / verdicts["broken"]["run_id"])
-    distances, movement = projector_distances(verdicts)
-    rows = {row.variant: row for row in compare(verdicts, None, distances)}
-    assert movement > 1e-3
-    assert rows["stock-again"].projector_agrees is True
+    projectors = compare_projectors(verdicts)
+    rows = {row.variant: row for row in compare(verdicts, None, projectors)}
+    assert projectors.movement > 1e-3
+    assert rows["stock-again"].gradient_agrees is True and rows["stock-again"].gradient_difference == 0.0
+    assert rows["broken"].gradient_difference == pytest.approx(1.0)  # what it saw was zero
+    assert rows["broken"].gradient_agrees is False
     assert rows["broken"].projector_distance == pytest.approx(1.0)  # still at its start
-    assert rows["broken"].projector_agrees is False
 
 
 def test_perf_refuses_an_unknown_variant(tmp_path):

@@ -5,5 +5,10 @@ every rank of `tools/train.py`, never by the appliance itself; they may import X
 mmengine and CUDA libraries, which the appliance's own modules do not need.
 """
 
-# The projector's weights as ProjectorSnapshotHook saves them in XTuner's work dir.
-PROJECTOR_SNAPSHOTS = {"before_train": "projector-initial.safetensors", "after_train": "projector-final.safetensors"}
+# What ProjectorSnapshotHook saves in XTuner's work dir: the projector's weights before
+# and after training, and its gradient of the first backward pass.
+PROJECTOR_SNAPSHOTS = {
+    "before_train": "projector-initial.safetensors",
+    "after_train": "projector-final.safetensors",
+    "first_gradient": "projector-first-gradient.safetensors",
+}

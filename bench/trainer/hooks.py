@@ -12,31 +12,56 @@ from bench.trainer import PROJECTOR_SNAPSHOTS
 
 
 class ProjectorSnapshotHook(Hook):
-    """The projector's weights before and after training, in the work dir.
+    """The projector's weights before and after training, and its gradient of the first
+    backward pass, in the work dir.
 
-    The projector is the only module the recipe trains, so two runs that did the same
-    training end with the same projector (to their run-to-run noise); `llava-bench perf`
-    compares them, which a loss comparison alone cannot do at a tiny learning rate.
-    Rank 0 writes them: ZeRO-2 keeps every parameter whole on every rank.
+    The projector is the only module the recipe trains, so two runs that do the same
+    math give it the same first gradient (same weights, same batch) to rounding, and a
+    lever that broke the gradient gives another; `llava-bench perf` compares them. The
+    weights after many AdamW steps are compared too, but there rounding differences
+    grow (AdamW moves a weight whose gradient's sign is rounding's by a whole step).
+    Rank 0 writes them: ZeRO-2 keeps every parameter whole on every rank, and the
+    gradient is rank 0's own micro-batch's, taken as it arrives, before the reduction.
     """
 
     priority = "LOWEST"
 
+    def __init__(self):
+        self._first_gradient: dict = {}
+        self._handles: list = []
+
     def before_train(self, runner) -> None:
-        self._save(runner, PROJECTOR_SNAPSHOTS["before_train"])
-
-    def after_train(self, runner) -> None:
-        self._save(runner, PROJECTOR_SNAPSHOTS["after_train"])
-
-    @staticmethod
-    def _save(runner, name: str) -> None:
         if runner.rank != 0:
             return
+        projector = self._projector(runner)
+        self._save(runner, PROJECTOR_SNAPSHOTS["before_train"], projector.state_dict())
+        for name, parameter in projector.named_parameters():
+            self._handles.append(parameter.register_hook(lambda grad, name=name: self._keep_first(name, grad)))
+
+    def _keep_first(self, name: str, grad) -> None:
+        self._first_gradient.setdefault(name, grad.detach().float().cpu().clone())
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._handles and len(self._first_gradient) == len(self._handles):
+            self._save(runner, PROJECTOR_SNAPSHOTS["first_gradient"], self._first_gradient)
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    def after_train(self, runner) -> None:
+        if runner.rank == 0:
+            self._save(runner, PROJECTOR_SNAPSHOTS["after_train"], self._projector(runner).state_dict())
+
+    @staticmethod
+    def _projector(runner):
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        return model.projector
+
+    @staticmethod
+    def _save(runner, name: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        tensors = {key: value.detach().float().cpu().contiguous() for key, value in model.projector.state_dict().items()}
-        save_file(tensors, str(Path(runner.work_dir) / name))
+        save_file({key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}, str(Path(runner.work_dir) / name))
 
 
 class TokenCountHook(Hook):
