@@ -105,6 +105,11 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     throughput = verdict["throughput"]
     assert throughput["seconds_per_step"]["median"] > 0
     assert throughput["flops_per_step"] > 0 and throughput["flop_model"]["image_tokens_per_sample"] == 4
+    # the appliance's TokenCountHook logged the counts: the caption's tokens are a part of the text's
+    flop_model = throughput["flop_model"]
+    assert flop_model["text_tokens_source"] == "logged"
+    assert 0 < flop_model["labelled_tokens_per_sample"] < flop_model["text_tokens_per_sample"]
+    assert flop_model["recipe_work"] == {"checkpointed_llm_layers": 2, "vit_backward": True, "head_at_every_position": True, "from": "recipe.levers"}
     assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
     assert verdict["baseline"]["speedup_vs_seed_a100"] is None  # a CPU run says nothing against an A100
     assert verdict["baseline"]["why_null"] == "not run on GPUs"

@@ -85,8 +85,10 @@ class TokenCountHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         from xtuner.utils import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-        data = data_batch["data"]
-        input_ids, labels = data["input_ids"], data["labels"]
+        data = data_batch.get("data") if isinstance(data_batch, dict) else None
+        input_ids, labels = (data.get("input_ids"), data.get("labels")) if isinstance(data, dict) else (None, None)
+        if not (isinstance(input_ids, torch.Tensor) and isinstance(labels, torch.Tensor)):
+            return  # not a LLaVA batch: nothing to count, and a measurement never stops a run
         self.samples += input_ids.shape[0]
         self.text_tokens += int(input_ids.numel() - torch.count_nonzero(input_ids == IMAGE_TOKEN_INDEX))
         self.labelled_tokens += int(torch.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
