@@ -48,6 +48,7 @@ RANK_ENV := -e NNODES \
 	-e MA_NUM_HOSTS \
 	-e VC_TASK_INDEX \
 	-e VC_WORKER_HOSTS \
+	-e MA_NUM_GPUS \
 	-e SM_HOSTS \
 	-e SM_CURRENT_HOST \
 	-e SM_NUM_GPUS \

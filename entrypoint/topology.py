@@ -22,7 +22,7 @@ RANK_VARIABLES = (
     "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
     "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
     "MLP_WORKER_NUM", "MLP_ROLE_INDEX", "MLP_WORKER_0_HOST", "MLP_WORKER_0_PORT", "MLP_WORKER_GPU",
-    "VC_WORKER_NUM", "MA_NUM_HOSTS", "VC_TASK_INDEX", "VC_WORKER_HOSTS",
+    "VC_WORKER_NUM", "MA_NUM_HOSTS", "VC_TASK_INDEX", "VC_WORKER_HOSTS", "MA_NUM_GPUS",
     "SM_HOSTS", "SM_CURRENT_HOST", "SM_NUM_GPUS",
     "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME",
 )  # fmt: skip
@@ -274,13 +274,15 @@ def _modelarts(env) -> _Reading | None:
         hosts = [h.strip() for h in env["VC_WORKER_HOSTS"].split(",") if h.strip()]
         addr, addr_origin = hosts[0], f"first host of VC_WORKER_HOSTS={env['VC_WORKER_HOSTS']}"
     port, port_origin = _port(env, "MASTER_PORT")
+    nproc = _int(env, "MA_NUM_GPUS", 1)
     origins = _origins(
         nnodes=(nnodes, f"{count_name}={nnodes}"),
         node_rank=(node_rank, f"VC_TASK_INDEX={node_rank}"),
+        nproc_per_node=(nproc, f"MA_NUM_GPUS={nproc}"),
         master_addr=(addr, addr_origin),
         master_port=(port, port_origin),
     )
-    return _Reading("Huawei ModelArts", nnodes, node_rank, None, addr, port, origins=origins)
+    return _Reading("Huawei ModelArts", nnodes, node_rank, nproc, addr, port, origins=origins)
 
 
 def _sagemaker(env) -> _Reading | None:
@@ -308,17 +310,22 @@ def _sagemaker(env) -> _Reading | None:
     return _Reading("Amazon SageMaker", len(hosts), hosts.index(current), nproc, hosts[0], port, origins=origins)
 
 
-def _world_size_convention(env, world_size_means: str | None) -> _Reading | None:
+def _world_size_convention(env, world_size_means: str | None, processes_per_node: tuple[int, str] | None) -> _Reading | None:
     """WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT: the seed's (and PAI-DLC's, Volcano's) convention.
 
     WORLD_SIZE counts nodes there, but processes under torchrun-style launchers;
-    LOCAL_WORLD_SIZE or --world-size-means decides, and the reading is recorded.
+    LOCAL_WORLD_SIZE or --world-size-means decides, and the reading is recorded. Read
+    as processes, the processes per node come from LOCAL_WORLD_SIZE, else from
+    ``processes_per_node`` (NPROC_PER_NODE or --nproc-per-node, with its name).
     """
     world_size = _int(env, "WORLD_SIZE", 1)
     if world_size is None:
         return None
     rank = _int(env, "RANK")
     local_world_size = _int(env, "LOCAL_WORLD_SIZE", 1)
+    local_name = "LOCAL_WORLD_SIZE"
+    if local_world_size is None and world_size_means == "processes" and processes_per_node is not None:
+        local_world_size, local_name = processes_per_node
     reading = world_size_means or ("processes" if local_world_size is not None else "nodes")
     addr_name, addr = _first(env, "MASTER_ADDR")
     port, port_origin = _port(env, "MASTER_PORT")
@@ -339,13 +346,13 @@ def _world_size_convention(env, world_size_means: str | None) -> _Reading | None
             "or NPROC_PER_NODE to count the nodes"
         )
     if world_size % local_world_size:
-        raise TopologyError(f"WORLD_SIZE={world_size} is not a multiple of LOCAL_WORLD_SIZE={local_world_size}")
+        raise TopologyError(f"WORLD_SIZE={world_size} is not a multiple of {local_name}={local_world_size}")
     group_rank = _int(env, "GROUP_RANK")
     node_rank = group_rank if group_rank is not None else (None if rank is None else rank // local_world_size)
-    origins["nnodes"] = f"WORLD_SIZE={world_size} / LOCAL_WORLD_SIZE={local_world_size} ({why})"
-    origins["nproc_per_node"] = f"LOCAL_WORLD_SIZE={local_world_size}"
+    origins["nnodes"] = f"WORLD_SIZE={world_size} / {local_name}={local_world_size} ({why})"
+    origins["nproc_per_node"] = f"{local_name}={local_world_size}"
     if node_rank is not None:
-        origins["node_rank"] = f"GROUP_RANK={group_rank}" if group_rank is not None else f"RANK={rank} // LOCAL_WORLD_SIZE"
+        origins["node_rank"] = f"GROUP_RANK={group_rank}" if group_rank is not None else f"RANK={rank} // {local_name}"
     return _Reading(
         "WORLD_SIZE/RANK (processes)", world_size // local_world_size, node_rank, local_world_size, addr, port, "processes", origins
     )
@@ -373,8 +380,11 @@ def detect(
                     f"{first.source} says {name}={a} ({first.origins[name]}) but {second.source} says "
                     f"{name}={b} ({second.origins[name]}); set NNODES/NODE_RANK explicitly"
                 )
+    asked_nproc = (nproc_per_node, f"--nproc-per-node {nproc_per_node}") if nproc_per_node else None
+    if asked_nproc is None and _int(env, "NPROC_PER_NODE", 1):
+        asked_nproc = (_int(env, "NPROC_PER_NODE", 1), "NPROC_PER_NODE")
     if explicit is None and not schedulers:
-        legacy = _world_size_convention(env, world_size_means)
+        legacy = _world_size_convention(env, world_size_means, asked_nproc)
         schedulers = [legacy] if legacy else []
     chosen = explicit or (schedulers[0] if schedulers else None)
     if chosen is None:
@@ -416,4 +426,20 @@ def detect(
     if nproc is None:
         nproc = max(visible_gpus, 1)
         origins["nproc_per_node"] = f"visible GPUs: {visible_gpus}" if visible_gpus else "no GPU: one CPU process"
+    _check_world_size(env, chosen, world_size_means, nnodes, nproc)
     return Topology(nnodes, node_rank, nproc, master_addr, master_port, chosen.source, chosen.world_size_reading, origins)
+
+
+def _check_world_size(env, chosen: _Reading, world_size_means: str | None, nnodes: int, nproc: int) -> None:
+    """A WORLD_SIZE beside a scheduler's own variables must count what they say: the
+    nodes or the processes (as --world-size-means says, else either); never ignored."""
+    world_size = _int(env, "WORLD_SIZE", 1)
+    if world_size is None or chosen.source.startswith(("WORLD_SIZE", "explicit", "Kubeflow", "single node")):
+        return  # read by the convention itself, overridden by explicit values, or checked by PyTorchJob's
+    readings = {"nodes": nnodes, "processes": nnodes * nproc}
+    allowed = [readings[world_size_means]] if world_size_means else list(readings.values())
+    if world_size not in allowed:
+        raise TopologyError(
+            f"WORLD_SIZE={world_size} contradicts {chosen.source}: {nnodes} node(s) x {nproc} process(es) "
+            f"({chosen.origins.get('nnodes')}); unset WORLD_SIZE, or set NNODES/NODE_RANK explicitly"
+        )

@@ -24,9 +24,24 @@ CASES = [
         8, {}, (4, 2, 8, "h0", 29400), "processes",
     ),
     (
-        "--world-size-means processes with NPROC_PER_NODE",
+        "--world-size-means processes with LOCAL_WORLD_SIZE",
         {"WORLD_SIZE": "16", "RANK": "8", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "h0"},
         8, {"world_size_means": "processes"}, (2, 1, 8, "h0", 29500), "processes",
+    ),
+    (
+        "--world-size-means processes with NPROC_PER_NODE",
+        {"WORLD_SIZE": "16", "RANK": "8", "NPROC_PER_NODE": "8", "MASTER_ADDR": "h0"},
+        8, {"world_size_means": "processes"}, (2, 1, 8, "h0", 29500), "processes",
+    ),
+    (
+        "--world-size-means processes with --nproc-per-node",
+        {"WORLD_SIZE": "16", "RANK": "12", "MASTER_ADDR": "h0"},
+        8, {"world_size_means": "processes", "nproc_per_node": 4}, (4, 3, 4, "h0", 29500), "processes",
+    ),
+    (
+        "SLURM with a WORLD_SIZE that counts its processes",
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "a,b", "WORLD_SIZE": "16"},
+        8, {}, (2, 1, 8, "a", 29500), "SLURM",
     ),
     (
         "explicit variables win over the scheduler",
@@ -82,6 +97,11 @@ CASES = [
         8, {}, (2, 0, 8, "w0", 6000), "ModelArts",
     ),
     (
+        "ModelArts with MA_NUM_GPUS and no GPU visible",
+        {"VC_WORKER_NUM": "2", "VC_TASK_INDEX": "0", "VC_WORKER_HOSTS": "w0,w1", "MA_NUM_GPUS": "8"},
+        0, {}, (2, 0, 8, "w0", 29500), "ModelArts",
+    ),
+    (
         "SageMaker",
         {"SM_HOSTS": '["algo-2", "algo-1"]', "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "8"},
         8, {}, (2, 1, 8, "algo-1", 29500), "SageMaker",
@@ -126,6 +146,16 @@ REFUSALS = [
     ("SageMaker host missing from the list", {"SM_HOSTS": '["a"]', "SM_CURRENT_HOST": "b"}, {}, "not in SM_HOSTS"),
     ("SageMaker hosts not JSON", {"SM_HOSTS": "a,b", "SM_CURRENT_HOST": "a"}, {}, "JSON list"),
     ("bad --world-size-means", {}, {"world_size_means": "gpus"}, "nodes' or 'processes"),
+    (
+        "SLURM and a WORLD_SIZE that counts neither its nodes nor its processes",
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "a,b", "WORLD_SIZE": "4"},
+        {}, "WORLD_SIZE=4 contradicts SLURM: 2 node(s) x 8 process(es)",
+    ),
+    (
+        "SLURM and a WORLD_SIZE read as nodes that counts processes",
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "a,b", "WORLD_SIZE": "16"},
+        {"world_size_means": "nodes"}, "WORLD_SIZE=16 contradicts SLURM",
+    ),
 ]
 
 
@@ -157,16 +187,23 @@ def test_bad_slurm_node_lists_are_refused(bad):
         expand_nodelist(bad)
 
 
-def test_topology_command_prints_json_with_the_launch_command():
-    env = {"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "23456", "PATH": "/usr/bin:/bin"}
-    done = llava_bench("topology", "--json", "--nproc-per-node", "8", env=env)
+def test_topology_command_shows_what_run_launches_on_this_cpu_machine():
+    """What `run` would do here: one CPU process on a free port, XTuner's train.py with
+    --launcher none (no torchrun, no DeepSpeed)."""
+    done = llava_bench("topology", "--json", env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     decision = json.loads(done.stdout)
-    assert {k: decision[k] for k in ("nnodes", "node_rank", "nproc_per_node", "master_addr", "master_port")} == {
-        "nnodes": 4, "node_rank": 1, "nproc_per_node": 8, "master_addr": "10.0.0.9", "master_port": 23456,
-    }  # fmt: skip
-    assert decision["world_size_reading"] == "nodes"
-    assert "--node_rank 1" in " ".join(decision["launch_command"])
+    assert (decision["nnodes"], decision["nproc_per_node"]) == (1, 1)
+    assert decision["origins"]["master_port"] == f"free port {decision['master_port']}"
+    command = decision["launch_command"]
+    assert command[-2:] == ["--launcher", "none"] and "--deepspeed" not in command and "torch.distributed.run" not in command
+
+
+def test_topology_command_refuses_several_cpu_processes_as_run_does():
+    env = {"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "23456", "PATH": "/usr/bin:/bin"}
+    done = llava_bench("topology", "--json", "--nproc-per-node", "8", env=env)
+    assert done.returncode == 2
+    assert "4 node(s) x 8 process(es) on CPU" in done.stderr and done.stdout == ""
 
 
 def test_topology_command_refuses_with_exit_2_and_the_reason_on_stderr():
