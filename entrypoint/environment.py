@@ -25,8 +25,42 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def visible_nvml_indices(nvml_uuids: list[str], torch_uuids: list[str] | None, cuda_visible_devices: str | None) -> list[int]:
+    """Which of NVML's GPUs (it lists every GPU of the machine) are the ones this
+    process sees, in CUDA's order: by UUID where torch reports it, else by
+    CUDA_VISIBLE_DEVICES (indices or UUIDs), else all of them."""
+
+    def bare(uuid: str) -> str:
+        return uuid.strip().removeprefix("GPU-").lower()
+
+    by_uuid = {bare(uuid): index for index, uuid in enumerate(nvml_uuids)}
+    if torch_uuids:
+        return [by_uuid[bare(uuid)] for uuid in torch_uuids if bare(uuid) in by_uuid]
+    if cuda_visible_devices is None or not cuda_visible_devices.strip():
+        return list(range(len(nvml_uuids)))
+    indices = []
+    for entry in (part.strip() for part in cuda_visible_devices.split(",")):
+        if entry.isdigit() and int(entry) < len(nvml_uuids):
+            indices.append(int(entry))
+        elif bare(entry) in by_uuid:
+            indices.append(by_uuid[bare(entry)])
+        else:
+            break  # CUDA stops at the first entry it cannot match
+    return indices
+
+
+def _torch_uuids(torch, count: int) -> list[str] | None:
+    try:
+        return [str(torch.cuda.get_device_properties(index).uuid) for index in range(count)]
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def gpu_inventory_details() -> list[dict]:
-    """Every visible GPU: index, name, memory, driver, UUID (NVML, else torch)."""
+    """Every visible GPU, in CUDA's order: index, name, memory, driver, UUID (NVML,
+    matched to the visible devices; else torch)."""
+    import os
+
     import torch
 
     count = torch.cuda.device_count()
@@ -38,16 +72,18 @@ def gpu_inventory_details() -> list[dict]:
         pynvml.nvmlInit()
         driver = pynvml.nvmlSystemGetDriverVersion()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [pynvml.nvmlDeviceGetUUID(handle) for handle in handles]
+        visible = visible_nvml_indices(uuids, _torch_uuids(torch, count), os.environ.get("CUDA_VISIBLE_DEVICES"))
         return [
             {
                 "index": index,
-                "name": pynvml.nvmlDeviceGetName(handle),
-                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20,
+                "name": pynvml.nvmlDeviceGetName(handles[physical]),
+                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(handles[physical]).total // 2**20,
                 "driver": driver,
-                "uuid": pynvml.nvmlDeviceGetUUID(handle),
+                "uuid": uuids[physical],
             }
-            for index, handle in enumerate(handles)
-        ][:count]
+            for index, physical in enumerate(visible[:count])
+        ]
     except Exception:  # noqa: BLE001 - NVML is optional; torch still names the GPUs
         return [
             {
