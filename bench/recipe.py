@@ -207,6 +207,22 @@ def accumulation_deviation(accumulative_counts: int) -> str:
     )
 
 
+def warmup_problem(records: int, per_device_batch: int, world_size: int) -> str | None:
+    """Why the pinned schedule cannot run on this few records, or None. mmengine turns
+    the 3 % warm-up of one epoch into int(0.03 x iterations an epoch) iterations and
+    refuses a warm-up of none ("end should be larger than begin"), so an epoch needs
+    34 iterations: ceil(ceil(records / processes) / per-device batch) >= 34."""
+    per_rank = -(-records // world_size)
+    iterations = -(-per_rank // per_device_batch)
+    if int(0.03 * iterations) >= 1:
+        return None
+    needed = world_size * 33 * per_device_batch + 1
+    return (
+        f"{records} record(s) make {iterations} iteration(s) an epoch at per-device batch {per_device_batch} on "
+        f"{world_size} process(es); the recipe's 3 % warm-up needs at least 34 (at least {needed} records)"
+    )
+
+
 def global_batch_plan(
     asked: int | None, per_device_batch: int, world_size: int, reference: bool
 ) -> tuple[int, int, str | None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from bench.layout import Layout
 from bench.recipe import referenced_paths
 
+EXAMPLES = 3  # offending records named per kind of problem
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -87,20 +88,87 @@ def _named_files(folder: Path) -> list[tuple[str, str]]:
     return list(dict.fromkeys(named))
 
 
-def _check_dataset_json(path: Path) -> list[Problem]:
+def _check_dataset_json(path: Path) -> tuple[list | None, list[Problem]]:
+    """The records, or the problem that leaves none."""
     fix = f"download blip_laion_cc_sbu_558k.json of liuhaotian/LLaVA-Pretrain to {path}"
     if not path.is_file():
-        return [Problem(str(path), "the dataset JSON is missing", fix)]
+        return None, [Problem(str(path), "the dataset JSON is missing", fix)]
     try:
         with path.open("rb") as stream:
             records = json.load(stream)
     except (ValueError, UnicodeDecodeError) as error:
-        return [Problem(str(path), f"the dataset JSON does not parse ({error})", f"the file is damaged: {fix}")]
+        return None, [Problem(str(path), f"the dataset JSON does not parse ({error})", f"the file is damaged: {fix}")]
     except OSError as error:
-        return [Problem(str(path), f"the dataset JSON cannot be read ({error.strerror})", "make it readable")]
+        return None, [Problem(str(path), f"the dataset JSON cannot be read ({error.strerror})", "make it readable")]
     if not isinstance(records, list) or not records:
-        return [Problem(str(path), "the dataset JSON holds no records (expected a non-empty list)", fix)]
-    return []
+        return None, [Problem(str(path), "the dataset JSON holds no records (expected a non-empty list)", fix)]
+    return records, []
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def image_index(folder: Path) -> tuple[set[str], set[str]]:
+    """(the files under ``folder``, as relative paths; the relative paths of symlinks that
+    lead out of it). One walk with ``os.scandir`` (a directory entry says whether it is
+    a file, a folder or a link without a stat), so 558k images take a second or two;
+    only links are resolved, and links that stay inside are followed."""
+    root = os.path.realpath(folder)
+    files, escaping = set(), set()
+    pending, walked = [("", str(folder))], {root}
+    while pending:
+        prefix, path = pending.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                relative = prefix + entry.name
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(target, root):
+                        escaping.add(relative)
+                    elif os.path.isdir(target) and target not in walked:
+                        walked.add(target)
+                        pending.append((relative + "/", entry.path))
+                    elif os.path.isfile(target):
+                        files.add(relative)
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append((relative + "/", entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    files.add(relative)
+    return files, escaping
+
+
+def _check_image_paths(layout: Layout, records: list) -> list[Problem]:
+    """Every record's image is a file inside the images folder, after symlinks: an
+    absolute path, a ``..`` that climbs out, or a link that leads out is refused,
+    naming the records, as is a missing image."""
+    files, escaping = image_index(layout.image_folder)
+    outside, missing = [], []
+    for index, record in enumerate(records):
+        name = record.get("image") if isinstance(record, dict) else None
+        if not isinstance(name, str) or not name:
+            continue  # the deep checks name records without an image
+        where = f"#{index} (id {record.get('id')}): {name}"
+        normal = os.path.normpath(name)
+        parts = normal.split(os.sep)
+        leads_out = any("/".join(parts[: i + 1]) in escaping for i in range(len(parts)))
+        if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep) or leads_out:
+            outside.append(where)
+        elif normal not in files:
+            missing.append(where)
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:EXAMPLES]) + (" ..." if len(items) > EXAMPLES else "")
+
+    problems = []
+    if outside:
+        problems.append(Problem(str(layout.image_folder), f"{len(outside)} record(s) name an image outside the images "
+                                f"folder: {listed(outside)}", "image paths must be relative paths inside images/: fix "
+                                "the JSON or the links, or download LLaVA-Pretrain again"))  # fmt: skip
+    if missing:
+        problems.append(Problem(str(layout.image_folder), f"{len(missing)} image(s) named by the JSON are missing: "
+                                f"{listed(missing)}", "unzip images.zip again (llava-bench prepare skips the intact ones)"))  # fmt: skip
+    return problems
 
 
 def _check_images(layout: Layout) -> list[Problem]:
@@ -159,9 +227,12 @@ def check_layout(layout: Layout) -> list[Problem]:
                 "mount the prepared folder there (docker run -v ./llava:/llava) or pass --root",
             )
         ]
+    records, dataset_problems = _check_dataset_json(layout.dataset_json)
+    image_folder_problems = _check_images(layout)
     return [
-        *_check_dataset_json(layout.dataset_json),
-        *_check_images(layout),
+        *dataset_problems,
+        *image_folder_problems,
+        *(_check_image_paths(layout, records) if records is not None and not image_folder_problems else []),
         *_check_model(
             layout.llm_dir, "LLM", "internlm/internlm2-chat-20b", (TOKENIZER_FILES, ("tokenizer_config.json",))
         ),

@@ -24,6 +24,22 @@ def zip_images(layout: Layout):
     shutil.rmtree(layout.image_folder)
 
 
+def first_image(layout: Layout):
+    return layout.image_folder / json.loads(layout.dataset_json.read_text())[0]["image"]
+
+
+def set_first_image(layout: Layout, name: str) -> None:
+    records = json.loads(layout.dataset_json.read_text())
+    records[0]["image"] = name
+    layout.dataset_json.write_text(json.dumps(records))
+
+
+def link_out(path, target) -> None:
+    """``path`` moved to ``target`` outside the layout, and a link left in its place."""
+    shutil.move(path, target)
+    path.symlink_to(target)
+
+
 def remove(path):
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -59,6 +75,22 @@ BREAKAGES = {
         lambda l: l.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
         lambda l: l.config_override,
         "/nowhere/internlm2-chat-20b",
+    ),
+    "a missing image, without --deep": (
+        lambda l: first_image(l).unlink(), lambda l: l.image_folder, "named by the JSON are missing",
+    ),
+    "an absolute image path": (lambda l: set_first_image(l, "/etc/hostname"), lambda l: l.image_folder, "outside the images folder"),
+    "an image path that climbs out": (
+        lambda l: set_first_image(l, "../../../../../etc/hostname"), lambda l: l.image_folder, "outside the images folder"
+    ),
+    "an image that is a link out of the folder": (
+        lambda l: link_out(first_image(l), l.root.parent / "elsewhere.jpg"), lambda l: l.image_folder, "id 000000000",
+    ),
+    "an image folder that is a link out of the layout": (
+        lambda l: link_out(first_image(l).parent, l.root.parent / "elsewhere"), lambda l: l.image_folder, "outside the images folder",
+    ),
+    "results folder unwritable": (
+        lambda l: (l.root / "results").write_text("a file, not a folder"), lambda l: l.results_dir, "--out",
     ),
     "override does not parse": (
         lambda l: l.config_override.write_text("model = dict(\n"),
