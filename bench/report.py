@@ -24,16 +24,18 @@ def _scientific(value) -> str:
     return "n/a" if value is None else f"{value:.4e}"
 
 
-def plot(verdict: dict, metrics_path: Path, out: Path) -> bool:
-    """Loss against steps with the target line, and seconds per step; False without matplotlib."""
+def plot(verdict: dict, metrics_path: Path, out: Path) -> str | None:
+    """Loss against steps with the target line, and seconds per step; or why there is no plot."""
+    curve = verdict["result"]["curve"]
+    if not curve:
+        return "no loss was logged"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    curve = verdict["result"]["curve"]
+        return "matplotlib is not installed"
     accumulative_counts = verdict["accumulative_counts"]
     timed = [r for r in read_stream(metrics_path).records if r.time] if metrics_path.exists() else []
     figure, (losses, speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -51,10 +53,10 @@ def plot(verdict: dict, metrics_path: Path, out: Path) -> bool:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
-    return True
+    return None
 
 
-def markdown(verdict: dict, plotted: bool) -> str:
+def markdown(verdict: dict, not_plotted: str | None) -> str:
     criteria, result = verdict["criteria"], verdict["result"]
     throughput = verdict["throughput"] or {}
     flop_model = throughput.get("flop_model") or {}
@@ -80,10 +82,10 @@ def markdown(verdict: dict, plotted: bool) -> str:
         f"| {result['steps_completed']} | {_figure(result['first_step_below_target'])} | {_figure(result['final_loss'], 4)} "
         f"| {_figure(result['min_loss'], 4)} | {_figure(result['stayed_below_after_crossing'])} |",
         "",
-        f"![loss and seconds per step]({PLOT_NAME})" if plotted else "(loss.png not drawn: matplotlib is not installed)",
+        f"![loss and seconds per step]({PLOT_NAME})" if not_plotted is None else f"(loss.png not drawn: {not_plotted})",
         "",
     ]
-    if throughput:
+    if throughput and window.get("first_step") is not None:
         lines += [
             f"## Throughput (steps {window.get('first_step')}-{window.get('last_step')}: {window.get('rule')})",
             "",
@@ -126,15 +128,18 @@ def markdown(verdict: dict, plotted: bool) -> str:
     if topology:
         lines += ["## Topology", "", f"{topology['nnodes']} node(s) x {topology['nproc_per_node']} process(es), "
                   f"source: {topology['source']}.", ""]  # fmt: skip
-    for problem in verdict["problems"]:
-        lines.append(f"- **{problem['path']}**: {problem['problem']} Fix: {problem['fix']}")
+    if verdict["problems"]:
+        lines += ["## Problems (preflight refused the run)", ""]
+        lines += [f"- **{p['path']}**: {p['problem']}. Fix: {p['fix']}." for p in verdict["problems"]] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def write_report(run_dir: Path, verdict: dict) -> Path:
-    plotted = plot(verdict, run_dir / "metrics.jsonl", run_dir / PLOT_NAME)
+    not_plotted = plot(verdict, run_dir / "metrics.jsonl", run_dir / PLOT_NAME)
+    if not_plotted is not None:
+        (run_dir / PLOT_NAME).unlink(missing_ok=True)  # a redraw leaves no stale plot
     path = run_dir / REPORT_NAME
-    path.write_text(markdown(verdict, plotted))
+    path.write_text(markdown(verdict, not_plotted))
     return path
 
 

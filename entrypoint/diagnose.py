@@ -11,6 +11,7 @@ from pathlib import Path
 
 # The last line of a Python traceback: "pkg.module.SomeError: message".
 ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
+CHAIN_MARKERS = ("The above exception was the direct cause", "During handling of the above exception")
 # torchrun's ChildFailedError summary: "Root Cause (first observed failure): ... rank : 3 (local_rank: 1)"
 FIRST_FAILURE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.S)
 OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError")
@@ -40,13 +41,39 @@ def _logs(logs_dir: Path) -> list[Path]:
     return sorted(logs_dir.rglob("*.log")) if logs_dir.is_dir() else []
 
 
+def _chains(lines: list[str]) -> list[list[str]]:
+    """The exception lines of each traceback chain in a log, in order. Python prints a
+    chained exception's cause first, then "The above exception was the direct cause of
+    the following exception:" (or "During handling of the above exception ..."), then
+    the exception itself; a message that ends in ":" continues on the next line."""
+    chains: list[list[str]] = []
+    chained = False
+    for index, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith(CHAIN_MARKERS):
+            chained = True
+        elif ERROR_LINE.match(text):
+            following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            if text.endswith(":") and following and not following.startswith(CHAIN_MARKERS):
+                text = f"{text} {following}"
+            if chained and chains:
+                chains[-1].append(text)
+            else:
+                chains.append([text])
+            chained = False
+    return chains
+
+
 def last_error_line(logs_dir: Path) -> str:
-    """The last exception line any rank wrote, with the file it is in."""
+    """The last exception any rank wrote, with the file it is in, and the first cause of
+    its chain when it has one (a wrapper's message often hides the cause)."""
     found = ""
     for log in _logs(logs_dir):
-        for line in log.read_text(errors="replace").splitlines():
-            if ERROR_LINE.match(line.strip()):
-                found = f"{line.strip()} ({log.relative_to(logs_dir)})"
+        chains = _chains(log.read_text(errors="replace").splitlines())
+        if chains:
+            chain = chains[-1]
+            cause = f"; caused by {chain[0]}" if len(chain) > 1 and chain[0] != chain[-1] else ""
+            found = f"{chain[-1]}{cause} ({log.relative_to(logs_dir)})"
     return found
 
 
