@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -57,12 +58,23 @@ class Device(str, Enum):
 
 
 RootOption = Annotated[Path, typer.Option("--root", help="The mounted layout (data/, model/, results/).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
+JsonOption = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON document instead of text.")]
 WorldSizeOption = Annotated[
     Optional[WorldSizeMeans],
     typer.Option(help="How to read WORLD_SIZE when nothing else says: nodes (the seed's convention) or processes."),
 ]
-JunitOption = Annotated[Optional[Path], typer.Option(help="Also write the verdict as JUnit XML to this file.")]
+def _a_writable_file(path: Path | None) -> Path | None:
+    """An output file whose folder exists and can be written, checked before any work."""
+    if path is not None:
+        folder = path.absolute().parent
+        if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise typer.BadParameter(f"{path}: {'a folder' if path.is_dir() else f'{folder} is not a writable folder'}; name a file in one")
+    return path
+
+
+JunitOption = Annotated[
+    Optional[Path], typer.Option(callback=_a_writable_file, help="Also write the verdict as JUnit XML to this file.")
+]
 NprocOption = Annotated[Optional[int], typer.Option(min=1, help="Processes per node (default: visible GPUs).")]
 
 
@@ -82,7 +94,7 @@ def _version_callback(value: bool):
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", metavar="", callback=_version_callback, is_eager=True, help="Print the version and exit.")
     ] = False,
 ):
     """Benchmark appliance: validate a layout, run the pretraining, judge the loss curve."""
@@ -114,7 +126,9 @@ class Part(str, Enum):
 
 @app.command()
 def prepare(
-    root: Annotated[Path, typer.Option("--root", help="Where to lay out data/ and model/ (created if missing).")] = Path("llava"),
+    root: Annotated[
+        Path, typer.Option("--root", help="Where to lay out data/ and model/ (created if missing), as the other commands read it.")
+    ] = Path("/llava"),
     only: Annotated[Optional[Part], typer.Option(help="Only the models or only the dataset.")] = None,
     revision: Annotated[
         Optional[list[str]], typer.Option(help="Pin a repo: REPO=REVISION (e.g. internlm/internlm2-chat-20b=<commit>); repeatable.")
@@ -157,15 +171,22 @@ def prepare(
 @app.command()
 def validate(
     root: RootOption = Path("/llava"),
+    out: Annotated[
+        Optional[Path], typer.Option(help="Where run will write results (default: <root>/results): checked for writing.")
+    ] = None,
     deep: Annotated[
-        bool, typer.Option(help="Also check every record, decode every image, check model indexes and shapes, import the LLM's code.")
+        bool, typer.Option(metavar="", help="Also check every record, decode every image, check model indexes and shapes, import the LLM's code.")
     ] = False,
     sample: Annotated[Optional[int], typer.Option(min=1, help="With --deep: decode only this many images (a seeded sample).")] = None,
     as_json: JsonOption = False,
 ):
     """Check the layout before any model is loaded (seconds; --deep: minutes); list every problem."""
+    from entrypoint.preflight import check_writable
+
     layout = Layout.at(root)
     problems = check_layout(layout)
+    if layout.root.is_dir():
+        problems += check_writable(out.absolute() if out else layout.results_dir)
     if deep and not problems:
         problems = _deep_with_progress(layout, sample)
     if as_json:
@@ -189,9 +210,9 @@ def _deep_with_progress(layout: Layout, sample: int | None):
     with Progress("decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
         task = bar.add_task("decode", total=None)
         dataset = load_dataset(layout.dataset_json)
-        probe = ModelCodeProbe(layout.llm_dir)
-        problems = deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
-        return problems + probe.result().problems
+        with ModelCodeProbe(layout.llm_dir) as probe:
+            problems = deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            return problems + probe.result().problems
 
 
 def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
@@ -209,6 +230,17 @@ def _report(verdict: dict, path: Path | None, as_json: bool) -> None:
         console.print(f"  written: {path}", highlight=False)
 
 
+def _write_junit(verdict: dict, path: Path) -> None:
+    """The JUnit file; a failure to write it is one line and exit 3 (the verdict stands)."""
+    from bench.report import write_junit
+
+    try:
+        write_junit(verdict, path)
+    except OSError as error:
+        errors.print(f"[red]error:[/] --junit {path}: {error.strerror or error}", highlight=False)
+        raise typer.Exit(EXIT_CODES["error"]) from None
+
+
 def _run(request, as_json: bool, junit: Path | None = None) -> None:
     from entrypoint.pipeline import execute
 
@@ -217,11 +249,13 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
     except RuntimeError as error:  # e.g. --device cuda without GPUs
         errors.print(f"[red]invalid:[/] {error}")
         raise typer.Exit(EXIT_CODES["invalid"]) from None
+    except OSError as error:  # not even the verdict could be written (a full or vanished filesystem)
+        where = f" at {error.filename}" if error.filename else ""
+        errors.print(f"[red]error:[/] the results could not be written{where}: {error.strerror or error}", highlight=False)
+        raise typer.Exit(EXIT_CODES["error"]) from None
     _report(result.document, result.path, as_json)
     if junit is not None:
-        from bench.report import write_junit
-
-        write_junit(result.document, junit)
+        _write_junit(result.document, junit)
     raise typer.Exit(result.exit_code)
 
 
@@ -251,27 +285,27 @@ def run(
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed, recorded in the verdict.")] = 42,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
-    stop_on_target: Annotated[bool, typer.Option(help="End training at the first loss below target (MLPerf style).")] = False,
-    save_checkpoint: Annotated[bool, typer.Option(help="Save checkpoints every 500 steps (2 kept).")] = False,
+    stop_on_target: Annotated[bool, typer.Option(metavar="", help="End training at the first loss below target (MLPerf style).")] = False,
+    save_checkpoint: Annotated[bool, typer.Option(metavar="", help="Save checkpoints every 500 steps (2 kept).")] = False,
     eval_image: Annotated[
         Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
     ] = None,
-    stock: Annotated[bool, typer.Option(help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md).")] = False,
+    stock: Annotated[bool, typer.Option(metavar="", help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md).")] = False,
     dataloader_workers: Annotated[
         Optional[int], typer.Option(min=0, help="Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).")
     ] = None,
-    pin_memory: Annotated[Optional[bool], typer.Option(help="Pinned dataloader memory (default: on with GPUs).")] = None,
+    pin_memory: Annotated[Optional[bool], typer.Option(metavar="", help="Pinned dataloader memory (default: on with GPUs).")] = None,
     dequantize_nf4: Annotated[
         Optional[bool],
-        typer.Option(help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when every GPU has >= 78000 MiB)."),
+        typer.Option(metavar="", help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when every GPU has >= 78000 MiB)."),
     ] = None,
     tokenized_cache: Annotated[
         Optional[bool],
-        typer.Option(help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens (default: on GPUs)."),
+        typer.Option(metavar="", help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens (default: on GPUs)."),
     ] = None,
     skip_vit_backward: Annotated[
         Optional[bool],
-        typer.Option(help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs)."),
+        typer.Option(metavar="", help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs)."),
     ] = None,
     unchecked_llm_layers: Annotated[
         Optional[int],
@@ -282,16 +316,17 @@ def run(
     ] = None,
     labelled_logits_only: Annotated[
         Optional[bool],
-        typer.Option(help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs)."),
+        typer.Option(metavar="", help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs)."),
     ] = None,
     sdpa_attention: Annotated[
         Optional[bool],
         typer.Option(
+            metavar="",
             help="Run the LLM's attention through its model code's SDPA class instead of eager attention: the same function, less memory (default: on GPUs where the code has it)."
         ),
     ] = None,
     save_projector: Annotated[
-        bool, typer.Option(help="Save the projector's weights before and after training under xtuner/ (llava-bench perf compares them).")
+        bool, typer.Option(metavar="", help="Save the projector's weights before and after training under xtuner/ (llava-bench perf compares them).")
     ] = False,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
@@ -346,22 +381,26 @@ def topology(
     nproc_per_node: NprocOption = None,
     as_json: JsonOption = False,
 ):
-    """Show how this node reads the scheduler's environment, and the launch command."""
-    import os
-
-    from entrypoint.pipeline import gpu_inventory
-    from entrypoint.topology import TopologyError, detect
+    """Show how this node reads the scheduler's environment, and the command `run` launches with it."""
+    from entrypoint.launch import training_plan
+    from entrypoint.pipeline import RunRequest, gpu_inventory, resolve_device, run_topology
 
     gpus = gpu_inventory()[0]
+    device = resolve_device("auto", gpus)
+    request = RunRequest(
+        root=Path("/llava"), out=None, criteria=Criteria(), recipe=RecipeOptions(),
+        world_size_means=world_size_means.value if world_size_means else None, nproc_per_node=nproc_per_node,
+    )  # fmt: skip
+    decision, problems = run_topology(request, device, gpus)
+    if problems:
+        errors.print(f"[red]refused:[/] {problems[0].problem}; fix: {problems[0].fix}", highlight=False)
+        raise typer.Exit(EXIT_CODES["invalid"])
+    results = Path("<results>/<run_id>")
     try:
-        decision = detect(os.environ, gpus, world_size_means.value if world_size_means else None, nproc_per_node)
-    except TopologyError as error:
+        command = training_plan(results / "config.py", results / "xtuner", results / "logs", Path("/llava"), device, decision).argv
+    except FileNotFoundError as error:  # XTuner is not installed here
         errors.print(f"[red]refused:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"]) from None
-    command = [
-        "torchrun", *decision.torchrun_args(), "<xtuner>/tools/train.py", "<results>/<run_id>/config.py",
-        "--work-dir", "<results>/<run_id>/xtuner", "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch",
-    ]  # fmt: skip
     if as_json:
         print(json.dumps({**decision.as_dict(), "launch_command": command}, indent=2))
         return
@@ -436,9 +475,7 @@ def verdict(
     verdict_mod.validate(result)
     _report(result, None, as_json)
     if junit is not None:
-        from bench.report import write_junit
-
-        write_junit(result, junit)
+        _write_junit(result, junit)
     raise typer.Exit(result["exit_code"])
 
 

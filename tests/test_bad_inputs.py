@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -72,7 +73,7 @@ DEEP_CASES = {
     ),
     "gpt turn first": (lambda l: edit_records(l, lambda r: r[8]["conversations"].reverse()), "start with a human turn"),
     "duplicate ids": (lambda l: edit_records(l, lambda r: r[9].update(id=r[10]["id"])), "duplicate id"),
-    "missing image": (lambda l: first_image(l).unlink(), "image(s) missing"),
+    "missing image": (lambda l: first_image(l).unlink(), "named by the JSON are missing"),
     "truncated jpeg": (lambda l: first_image(l).write_bytes(first_image(l).read_bytes()[:200]), "does not decode"),
     "text file named .jpg": (lambda l: first_image(l).write_text("not an image"), "does not decode"),
     "wrong LLM architecture": (
@@ -137,6 +138,9 @@ RUN_CASES = {
     "global batch not a multiple": (lambda l: None, ["--global-batch", "12"], {}, "not a multiple"),
     "per-device batch zero": (lambda l: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
     "model code written for another transformers": (break_model_code, [], {}, "cannot import name 'NoSuchCache'"),
+    "a one-record dataset": (
+        lambda l: edit_records(l, lambda r: r.__delitem__(slice(1, None))), [], {}, "1 record(s) make 1 iteration(s) an epoch"
+    ),
     "simulated GPU memory not a number": (
         lambda l: None, [], {"LLAVA_BENCH_GPU_MEMORY_CAP_MIB": "80GB"}, "LLAVA_BENCH_GPU_MEMORY_CAP_MIB='80GB'"
     ),
@@ -158,3 +162,22 @@ def test_run_refuses_before_training_and_changes_nothing(layout_copy, name):
 
 def test_the_suite_holds_at_least_25_cases():
     assert len(DEEP_CASES) + len(RUN_CASES) >= 25
+
+
+@pytest.mark.parametrize("command", [["run", "--root", "/llava"], ["verdict", str(Path(__file__).parent / "data" / "seed_a100_metrics.jsonl")]])
+def test_a_junit_file_that_cannot_be_written_is_refused_before_any_work(command, tmp_path):
+    done = llava_bench(*command, "--junit", str(tmp_path / "absent" / "x.xml"))
+    assert done.returncode == 2
+    message = " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())  # typer's error box, unwrapped
+    assert "--junit" in message and "is not a writable folder" in message and "Traceback" not in message
+
+
+def test_an_invalid_runs_report_names_the_problems_and_draws_no_plot(layout_copy, tmp_path):
+    zip_images(Layout.at(layout_copy))
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *RUN)
+    assert done.returncode == 2
+    (run_dir,) = list((tmp_path / "out").iterdir())
+    report = (run_dir / "report.md").read_text()
+    assert "## Problems (preflight refused the run)" in report and "unzip" in report
+    assert "None" not in report and "## Throughput" not in report
+    assert "(loss.png not drawn: no loss was logged)" in report and not (run_dir / "loss.png").exists()
