@@ -11,6 +11,7 @@ rendezvous (a torchrun agent that reached this store instead would hang).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -18,6 +19,10 @@ from datetime import timedelta
 from entrypoint.topology import Topology
 
 STORE_PORT_OFFSET = 1
+# Waits for the other nodes run in tries this long, so that a signal is acted on
+# between them, and say what they wait for this often.
+TRY_SECONDS = 2.0
+REPORT_SECONDS = 30.0
 
 
 class AgreementError(RuntimeError):
@@ -37,26 +42,69 @@ class Fingerprint:
     preflight: str  # "ok" or "invalid": a node that refuses makes every node refuse
 
 
-def _store(topology: Topology, timeout_seconds: float):
+class _Wait:
+    """A wait for the other nodes, in short tries, with a line on stderr every
+    REPORT_SECONDS saying what it waits for and how much of its time is left."""
+
+    def __init__(self, topology: Topology, what: str, timeout_seconds: float, report_seconds: float = REPORT_SECONDS):
+        self.topology, self.what, self.timeout = topology, what, timeout_seconds
+        self.started = self.reported = time.monotonic()
+        self.report_seconds = report_seconds
+
+    def tick(self, error: RuntimeError) -> None:
+        """After a try timed out: say so now and then (a try can outlast a report's
+        interval), and give up past the deadline."""
+        now = time.monotonic()
+        if now - self.reported >= self.report_seconds:
+            self.reported = now
+            where = f"{self.topology.master_addr}:{self.topology.master_port + STORE_PORT_OFFSET}"
+            print(
+                f"llava-bench: node {self.topology.node_rank} waiting for {self.what} through {where}: "
+                f"{now - self.started:.0f} s of {self.timeout:.0f} s",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        if now - self.started >= self.timeout:
+            raise error
+
+    def remaining(self) -> float:
+        return max(0.1, min(TRY_SECONDS, self.timeout - (time.monotonic() - self.started)))
+
+
+def _store(topology: Topology, wait: _Wait):
+    """Node 0 hosts the store; the others connect to it, try by try."""
     from torch.distributed import TCPStore
 
-    return TCPStore(
-        topology.master_addr,
-        topology.master_port + STORE_PORT_OFFSET,
-        world_size=topology.nnodes,
-        is_master=topology.node_rank == 0,
-        timeout=timedelta(seconds=timeout_seconds),
-        wait_for_workers=False,
-    )
+    while True:
+        try:
+            return TCPStore(
+                topology.master_addr,
+                topology.master_port + STORE_PORT_OFFSET,
+                world_size=topology.nnodes,
+                is_master=topology.node_rank == 0,
+                timeout=timedelta(seconds=wait.timeout if topology.node_rank == 0 else wait.remaining()),
+                wait_for_workers=False,
+            )
+        except RuntimeError as error:
+            if topology.node_rank == 0:
+                raise
+            wait.tick(error)
 
 
-def _release(store, topology: Topology, key: str, timeout_seconds: float) -> None:
+def _get(store, key: str, wait: _Wait) -> bytes:
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=wait.remaining()))
+            return store.get(key)
+        except RuntimeError as error:
+            wait.tick(error)
+
+
+def _release(store, topology: Topology, key: str, wait: _Wait) -> None:
     """Node 0 keeps the store up until every node has read what it needs."""
     store.add(key, 1)
     if topology.node_rank != 0:
         return
-    deadline = time.monotonic() + timeout_seconds
-    while store.add(key, 0) < topology.nnodes and time.monotonic() < deadline:
+    while store.add(key, 0) < topology.nnodes and time.monotonic() - wait.started < wait.timeout:
         time.sleep(0.05)
 
 
@@ -76,7 +124,8 @@ def differences(fingerprints: list[Fingerprint]) -> list[str]:
 
 
 def agree(
-    topology: Topology, fingerprint: Fingerprint, run_id: str, inventory: list, timeout_seconds: float = 600
+    topology: Topology, fingerprint: Fingerprint, run_id: str, inventory: list, timeout_seconds: float = 600,
+    report_seconds: float = REPORT_SECONDS,
 ) -> tuple[str, list[Fingerprint], list[list]]:
     """(the job's run id, every node's fingerprint, every node's GPU inventory), or
     AgreementError on any fingerprint difference (inventories hold UUIDs: not compared).
@@ -86,18 +135,17 @@ def agree(
     """
     if topology.nnodes == 1:
         return run_id, [fingerprint], [inventory]
+    wait = _Wait(topology, "the other nodes' fingerprints" if topology.node_rank == 0 else "node 0", timeout_seconds, report_seconds)
     try:
-        store = _store(topology, timeout_seconds)
+        store = _store(topology, wait)
         store.set(f"fingerprint/{topology.node_rank}", json.dumps(asdict(fingerprint)))
         store.set(f"inventory/{topology.node_rank}", json.dumps(inventory))
         if topology.node_rank == 0:
             store.set("run_id", run_id)
-        job_run_id = store.get("run_id").decode()
-        fingerprints = [
-            Fingerprint(**json.loads(store.get(f"fingerprint/{rank}"))) for rank in range(topology.nnodes)
-        ]
-        inventories = [json.loads(store.get(f"inventory/{rank}")) for rank in range(topology.nnodes)]
-        _release(store, topology, "agreed", timeout_seconds)
+        job_run_id = _get(store, "run_id", wait).decode()
+        fingerprints = [Fingerprint(**json.loads(_get(store, f"fingerprint/{rank}", wait))) for rank in range(topology.nnodes)]
+        inventories = [json.loads(_get(store, f"inventory/{rank}", wait)) for rank in range(topology.nnodes)]
+        _release(store, topology, "agreed", wait)
     except RuntimeError as error:  # the store's timeouts and connection failures
         raise AgreementError(
             f"no agreement with the other nodes through {topology.master_addr}:"
@@ -114,12 +162,13 @@ def share_status(topology: Topology, status: str | None, timeout_seconds: float 
     """Node 0 publishes the job's status; the others return it (None if node 0 never says)."""
     if topology.nnodes == 1:
         return status
+    wait = _Wait(topology, "the other nodes to read the job's status" if topology.node_rank == 0 else "node 0's status", timeout_seconds)
     try:
-        store = _store(topology, timeout_seconds)
+        store = _store(topology, wait)
         if topology.node_rank == 0:
             store.set("status", status)
-        shared = store.get("status").decode()
-        _release(store, topology, "status_read", timeout_seconds)
+        shared = _get(store, "status", wait).decode()
+        _release(store, topology, "status_read", wait)
         return shared
     except RuntimeError:
         return None
@@ -130,11 +179,12 @@ def exchange(topology: Topology, key: str, value: dict, timeout_seconds: float =
     (whether to retry a failed attempt); None if some node never answered."""
     if topology.nnodes == 1:
         return [value]
+    wait = _Wait(topology, f"every node's {key}", timeout_seconds)
     try:
-        store = _store(topology, timeout_seconds)
+        store = _store(topology, wait)
         store.set(f"{key}/{topology.node_rank}", json.dumps(value))
-        answers = [json.loads(store.get(f"{key}/{rank}")) for rank in range(topology.nnodes)]
-        _release(store, topology, f"{key}/read", timeout_seconds)
+        answers = [json.loads(_get(store, f"{key}/{rank}", wait)) for rank in range(topology.nnodes)]
+        _release(store, topology, f"{key}/read", wait)
         return answers
     except RuntimeError:
         return None

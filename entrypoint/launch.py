@@ -6,6 +6,7 @@ tracebacks). ``xtuner train`` is not used: it drops the exit code (FACTS.md).
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import signal
@@ -142,24 +143,76 @@ class _StreamTail:
         return [record for record in map(parse_line, lines) if record is not None]
 
 
-class _Signals:
-    """Turns SIGINT/SIGTERM into a flag the supervision loop acts on."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived before training: the run ends as aborted. A BaseException,
+    so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.signal_name = signal.Signals(number).name
+
+
+class _Handlers:
+    """SIGINT/SIGTERM handled by ``handle`` inside the block, the previous handlers after."""
 
     def __init__(self):
-        self.received: int | None = None
         self._previous = {}
 
     def __enter__(self):
         for number in (signal.SIGINT, signal.SIGTERM):
-            self._previous[number] = signal.signal(number, self._handle)
+            self._previous[number] = signal.signal(number, self.handle)
         return self
 
-    def _handle(self, number, _frame):
-        self.received = number
+    def handle(self, number, _frame):
+        raise NotImplementedError
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+class AbortOnSignals(_Handlers):
+    """Before training: a signal raises Interrupted wherever the appliance is (preflight,
+    agreeing with the other nodes, the collective check); their children are stopped on
+    the way out. Code that swallows exceptions (a fork handler, a finalizer) can swallow
+    that one too: the signal is also kept, and ``check`` raises it at the next stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+
+    def __enter__(self):
+        self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._quiet_if_interrupted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        sys.unraisablehook = self._unraisable_hook
+        super().__exit__(*exc)
+
+    def _quiet_if_interrupted(self, unraisable) -> None:
+        """A swallowed Interrupted prints no traceback: ``check`` raises it again."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self._unraisable_hook(unraisable)
+
+    def handle(self, number, _frame):
+        self.received = number
+        raise Interrupted(number)
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+
+class SignalFlag(_Handlers):
+    """Turns SIGINT/SIGTERM into a flag: the supervision loop stops the trainer on it;
+    after training, the verdict of what ran is still written."""
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+
+    def handle(self, number, _frame):
+        self.received = number
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -179,13 +232,23 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 class CappedLog(threading.Thread):
     """Copies a pipe to a file up to a cap; past it, keeps only the last LOG_TAIL_BYTES
-    and says how much was dropped."""
+    and says how much was dropped. Should the file stop taking writes (a full disk), it
+    records why in ``failed`` and drains the pipe on, so the writer never blocks."""
 
     def __init__(self, pipe, path: Path, cap: int = LOG_CAP_BYTES):
         super().__init__(daemon=True)
         self.pipe, self.path, self.cap = pipe, path, cap
+        self.failed: OSError | None = None
 
     def run(self) -> None:
+        try:
+            self._copy()
+        except OSError as error:
+            self.failed = error
+            for _ in iter(lambda: self.pipe.read1(1 << 16), b""):
+                pass
+
+    def _copy(self) -> None:
         written = dropped = 0
         tail = bytearray()
         with open(self.path, "wb") as sink:
@@ -201,6 +264,13 @@ class CappedLog(threading.Thread):
             if tail or dropped:
                 sink.write(f"\n[llava-bench: log capped at {self.cap} bytes; {dropped} bytes dropped; the last {len(tail)} follow]\n".encode())
                 sink.write(bytes(tail))
+
+    def failure(self) -> str | None:
+        """Why the log could not be written, in words, or None."""
+        if self.failed is None:
+            return None
+        what = "disk full" if self.failed.errno == errno.ENOSPC else f"cannot write ({self.failed.strerror or self.failed})"
+        return f"{what} at {self.path}"
 
 
 @dataclass(frozen=True)
@@ -238,7 +308,7 @@ def supervise(
         pump.start()
     launched = last_progress = time.monotonic()
     last_step = 0
-    with _Signals() as signals:
+    with SignalFlag() as signals:
         try:
             while stop is None:
                 exited = process.poll() is not None
@@ -252,6 +322,10 @@ def supervise(
                 if signals.received is not None:
                     name = signal.Signals(signals.received).name
                     stop = Termination("aborted", f"{name} received; the trainer's process group was stopped")
+                    break
+                failure = next((pump.failure() for pump in pumps if pump.failure()), None)
+                if failure:
+                    stop = Termination("crashed", f"{failure}; the trainer was stopped (what was written so far is kept)")
                     break
                 silent = time.monotonic() - last_progress
                 if first_record_at is None and silent > watchdog.startup_seconds:
@@ -293,5 +367,8 @@ def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
     except subprocess.TimeoutExpired:
         _stop_group(process)
         return None
+    except BaseException:  # a signal (Interrupted): no orphaned process group
+        _stop_group(process)
+        raise
     finally:
         pump.join()

@@ -84,7 +84,8 @@ def import_problem(folder: Path, error: str, transformers_version: str) -> Probl
 
 
 class ModelCodeProbe:
-    """The child process that imports the code; started early, read when needed."""
+    """The child process that imports the code; started early, read when needed, never
+    left running (a context manager)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -93,6 +94,14 @@ class ModelCodeProbe:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             env=offline_environment(),
         )  # fmt: skip
+
+    def __enter__(self) -> "ModelCodeProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._child.poll() is None:
+            self._child.kill()
+            self._child.communicate()
 
     def result(self) -> ModelCode:
         version = metadata.version("transformers")

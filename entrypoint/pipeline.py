@@ -44,13 +44,25 @@ from bench.recipe import (
     from_user_config,
     global_batch_plan,
     render,
+    warmup_problem,
 )
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.diagnose import ran_out_of_memory
 from entrypoint.environment import gpu_inventory_details, software
-from entrypoint.launch import Watchdog, process_age_seconds, run_to_end, supervise, torchrun_plan, training_plan, utc_now
+from entrypoint.launch import (
+    AbortOnSignals,
+    Interrupted,
+    SignalFlag,
+    Watchdog,
+    process_age_seconds,
+    run_to_end,
+    supervise,
+    torchrun_plan,
+    training_plan,
+    utc_now,
+)
 from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import Problem, check_layout, check_writable
 from entrypoint.progress import ProgressPrinter
@@ -115,7 +127,8 @@ def resolve_device(requested: str, gpus: int) -> str:
     return "cpu" if requested == "cpu" or gpus == 0 else "cuda"
 
 
-def _topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
+def run_topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
+    """The topology ``run`` launches on ``device``, or the problems why it cannot."""
     env = os.environ if request.env is None else request.env
     try:
         topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
@@ -315,7 +328,7 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
     disk and GPU checks, the levers; the recipe if all pass."""
     device = resolve_device(request.device, gpus)
-    topology, problems = _topology(request, device, gpus)
+    topology, problems = run_topology(request, device, gpus)
     user_config, per_device_batch = None, request.recipe.per_device_batch
     if layout.config_override.is_file():
         user_config, user_problems = _user_config(request, device, layout.config_override)
@@ -337,9 +350,12 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
     dataset, supports_sdpa = None, None
     if not problems:
         dataset = load_dataset(layout.dataset_json)
-        probe = ModelCodeProbe(layout.llm_dir)
-        problems = deep_problems(layout, dataset, request.image_sample)
-        code = probe.result()
+        with ModelCodeProbe(layout.llm_dir) as probe:
+            problems = deep_problems(layout, dataset, request.image_sample)
+            too_few = None if user_config else warmup_problem(len(dataset.records), per_device_batch, topology.world_size)
+            if too_few:
+                problems.append(Problem(str(layout.dataset_json), too_few, "use the whole LLaVA-Pretrain JSON, or a smaller --per-device-batch"))
+            code = probe.result()
         supports_sdpa = code.supports_sdpa
         problems += code.problems + disk_problems(results_parent)
     if user_config is None:
@@ -377,8 +393,43 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
 
 
 def execute(request: RunRequest, console: Console) -> RunResult:
+    """One run to its verdict. A signal before training ends it as aborted with a
+    verdict (preflight of 558k records takes seconds; the agreement may wait minutes);
+    during training the supervisor stops the trainer; after it, what ran is written."""
     layout = Layout.at(request.root)
     results_parent = Path(request.out).absolute() if request.out else layout.results_dir
+    try:
+        with AbortOnSignals() as before_training:
+            return _execute(request, console, layout, results_parent, before_training)
+    except Interrupted as stop:
+        return _aborted_before_training(request, layout, results_parent, stop)
+
+
+def _aborted(stop: Interrupted) -> Termination:
+    return Termination("aborted", f"{stop.signal_name} received before training started; no trainer was launched")
+
+
+def _aborted_before_training(request: RunRequest, layout: Layout, results_parent: Path, stop: Interrupted) -> RunResult:
+    """A signal before the run had a folder: a verdict of its own, where it can be written."""
+    context = verdict_mod.RunContext(
+        run_id=new_run_id(),
+        criteria=request.criteria,
+        termination=_aborted(stop),
+        demo=request.demo,
+    )
+    verdict = verdict_mod.build(context, MetricsStream([], 0))
+    if check_writable(results_parent) or (request.out is None and not layout.root.is_dir()):
+        return RunResult(verdict, None, verdict["exit_code"])
+    run_dir = results_parent / context.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = verdict_mod.write(run_dir, verdict)
+    write_report(run_dir, verdict)
+    return RunResult(verdict, path, verdict["exit_code"])
+
+
+def _execute(
+    request: RunRequest, console: Console, layout: Layout, results_parent: Path, before_training: AbortOnSignals
+) -> RunResult:
     gpus, gpu_model, driver = gpu_inventory()
     checked = _preflight(request, layout, results_parent, gpus)
     device, topology, options, problems = checked.device, checked.topology, checked.options, checked.problems
@@ -392,6 +443,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             problems.append(
                 Problem("other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node")
             )
+    before_training.check()  # a signal that code on the way swallowed
     context = verdict_mod.RunContext(
         run_id=run_id,
         criteria=request.criteria,
@@ -427,25 +479,50 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         recipe=_recipe_record(recipe, options, topology.world_size),
         topology={**topology.as_dict(), "launch_command": plan.argv},
     )
-    if device == "cuda":
-        interconnect, failure = _interconnect(topology, run_dir, layout.root)
-        context = replace(context, interconnect=interconnect)
-        if failure:
-            now = utc_now()
-            context = replace(
-                context,
-                termination=Termination("crashed", failure),
-                timing={
-                    "preflight_seconds": process_age_seconds(), "started_at": now, "first_record_at": None,
-                    "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0,
-                },  # fmt: skip
-            )
-            return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
-
+    try:
+        before_training.check()
+        if device == "cuda":
+            interconnect, failure = _interconnect(topology, run_dir, layout.root)
+            context = replace(context, interconnect=interconnect)
+            if failure:
+                now = utc_now()
+                context = replace(
+                    context,
+                    termination=Termination("crashed", failure),
+                    timing={
+                        "preflight_seconds": process_age_seconds(), "started_at": now, "first_record_at": None,
+                        "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0,
+                    },  # fmt: skip
+                )
+                return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+        before_training.check()
+    except Interrupted as stop:  # the run's folder exists: its verdict goes there
+        return _finish(topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0))
     preflight_seconds = process_age_seconds()
+    run = _Run(request, console, layout, run_dir, topology, fingerprint)
+    with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
+        return _train_and_judge(run, plan, recipe, options, context, preflight_seconds, after_training)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the stages after preflight share."""
+
+    request: RunRequest
+    console: Console
+    layout: Layout
+    run_dir: Path
+    topology: Topology
+    fingerprint: Fingerprint
+
+
+def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_seconds, signals: SignalFlag) -> RunResult:
+    """Train (once more with the memory defaults taken back after an early out-of-memory
+    failure, unless a signal came), then the verdict of what ran."""
+    request, console, layout, run_dir, topology = run.request, run.console, run.layout, run.run_dir, run.topology
     outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
     fallback = memory_fallback(options.levers, request.levers) if recipe.source == "template" else None
-    if fallback is not None and _retry_agreed(topology, outcome, plan.logs_dir):
+    if fallback is not None and signals.received is None and _retry_agreed(topology, outcome, plan.logs_dir):
         first_attempt = {
             "reason": outcome.termination.detail,
             "folder": _set_aside_first_attempt(run_dir, topology.node_rank).name,
@@ -465,7 +542,7 @@ def execute(request: RunRequest, console: Console) -> RunResult:
         )
         options = replace(options, levers=fallback)
         recipe = render(layout, options, __version__)
-        plan = _write_attempt(recipe, run_dir, layout, device, topology)
+        plan = _write_attempt(recipe, run_dir, layout, options.device, topology)
         outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
         context = replace(
             context, recipe={**_recipe_record(recipe, options, topology.world_size), "memory_fallback": first_attempt}
@@ -490,7 +567,8 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             shutil.copyfile(stream_path, metrics_copy)
         else:
             metrics_copy.write_text("")
-    return _finish(topology, run_dir, context, fingerprint, read_stream(metrics_copy) if topology.node_rank == 0 else MetricsStream([], 0))
+    stream = read_stream(metrics_copy) if topology.node_rank == 0 else MetricsStream([], 0)
+    return _finish(topology, run_dir, context, run.fingerprint, stream)
 
 
 def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device: str, topology: Topology):
@@ -511,6 +589,9 @@ def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, con
         plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog,
         out_of_memory_hint=out_of_memory_hint(options.precision, options.levers),
     )  # fmt: skip
+    if outcome.termination.kind not in ("completed", "stopped_on_target"):
+        # said here too: should the verdict not be writable (a full disk), the console has it
+        console.print(f"[yellow]training {outcome.termination.kind}[/]: {outcome.termination.detail}", highlight=False)
     return outcome, started_at, round(time.monotonic() - started, 3)
 
 

@@ -60,3 +60,22 @@ def test_two_nodes_exchange_what_they_saw_and_decide_alike():
         node.join(timeout=30)
     expected = [{"out_of_memory": False}, {"out_of_memory": True}]
     assert answers == {0: expected, 1: expected}
+
+
+def test_a_node_waiting_for_an_absent_node_0_says_so_and_gives_up(capsys):
+    """Node 1 started alone: it says what it waits for (here every second, 30 s by
+    default), with the time left, and refuses at the deadline instead of hanging."""
+    import time
+
+    from entrypoint.agreement import AgreementError, agree
+    from entrypoint.topology import Topology
+    from tests.test_rendezvous import two_free_ports
+
+    port = two_free_ports()
+    topology = Topology(nnodes=2, node_rank=1, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test")
+    started = time.monotonic()
+    with pytest.raises(AgreementError, match="no agreement with the other nodes"):
+        agree(topology, NODE, "r", [], timeout_seconds=4, report_seconds=1)
+    assert time.monotonic() - started < 15
+    waits = [line for line in capsys.readouterr().err.splitlines() if "waiting for node 0" in line]
+    assert waits and waits[0].startswith("llava-bench: node 1 waiting for node 0 through 127.0.0.1:") and " s of 4 s" in waits[0]

@@ -271,6 +271,40 @@ def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_lay
     assert leftover.stdout == "", "trainer processes outlived the run"
 
 
+def _children(pid: int) -> list[str]:
+    """The command lines of a process's children (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthetic_layout, tmp_path):
+    """Preflight of LLaVA-Pretrain's 558k records takes seconds: a signal then still ends
+    in a verdict (aborted, exit 3), and the child that imports the model's code is gone."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *DEMO_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any("entrypoint.model_code" in child for child in _children(process.pid)):  # preflight is importing the code
+        assert time.monotonic() < deadline and process.poll() is None, "preflight never imported the model's code"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3, stderr
+    verdict = json.loads((only_run_dir(tmp_path) / "verdict.json").read_text())
+    verdict_mod.validate(verdict)
+    assert verdict["status"] == "aborted" and "SIGTERM received before training started" in verdict["termination"]["detail"]
+    assert not list(tmp_path.rglob("xtuner"))
+    assert subprocess.run(["pgrep", "-f", "entrypoint.model_code"], capture_output=True, text=True).stdout == ""
+
+
 def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

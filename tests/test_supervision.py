@@ -125,3 +125,47 @@ def test_process_age_counts_from_the_process_start_not_from_the_call():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     wall = time.monotonic() - started
     assert 0.5 <= float(done.stdout) <= wall + 0.02  # /proc counts in 10 ms ticks
+
+
+def test_a_crash_reason_keeps_the_root_cause_of_a_chained_error(tmp_path):
+    """What transformers prints when an optional import fails: a wrapper whose message
+    ends in ':' and continues below, raised from the real cause. Both are in the reason."""
+    program = (
+        "try:\n    import triton.no_such_module\n"
+        "except ImportError as error:\n"
+        "    raise RuntimeError('Failed to import transformers.integrations.bitsandbytes because of the following "
+        "error (look up to see its traceback):\\n' + str(error)) from error\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "rank0.stderr.log").write_text(done.stderr)
+    reason = diagnose(logs)
+    assert "RuntimeError: Failed to import transformers.integrations.bitsandbytes" in reason
+    assert "No module named 'triton" in reason.split("caused by")[0]  # the continued message
+    assert "caused by ModuleNotFoundError: No module named 'triton" in reason
+
+
+def test_a_signal_swallowed_on_the_way_is_raised_at_the_next_stage_without_a_traceback():
+    """Before training a signal raises wherever the appliance is, even inside code that
+    swallows exceptions (here a fork handler, as logging's is): it is kept and raised by
+    the next stage's check, and the swallowed one prints nothing. In a child process:
+    the fork handler cannot be unregistered."""
+    script = (
+        "import os, signal\n"
+        "from entrypoint.launch import AbortOnSignals, Interrupted\n"
+        "with AbortOnSignals() as before_training:\n"
+        "    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM) or sum(range(10**6)))\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(child, 0)\n"
+        "    print('went on')\n"
+        "    try:\n"
+        "        before_training.check()\n"
+        "    except Interrupted as stop:\n"
+        "        print('raised', stop.signal_name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[:2] == ["went on", "raised SIGTERM"], done
+    assert done.stderr == ""
