@@ -11,6 +11,10 @@ from pathlib import Path
 
 # The last line of a Python traceback: "pkg.module.SomeError: message".
 ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:.*)?$")
+# torchrun's prefixes on a rank's lines ("[rank0]: ", "[default0]:[rank0]: ") and its
+# wrapper of every rank's failure, which names no cause (its summary follows as a table).
+RANK_PREFIX = re.compile(r"^(\[\w+\]:)+ ?")
+TORCHRUN_WRAPPER = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 CHAIN_MARKERS = ("The above exception was the direct cause", "During handling of the above exception")
 # torchrun's ChildFailedError summary: "Root Cause (first observed failure): ... rank : 3 (local_rank: 1)"
 FIRST_FAILURE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.S)
@@ -48,12 +52,12 @@ def _chains(lines: list[str]) -> list[list[str]]:
     the exception itself; a message that ends in ":" continues on the next line."""
     chains: list[list[str]] = []
     chained = False
-    for index, line in enumerate(lines):
-        text = line.strip()
+    lines = [RANK_PREFIX.sub("", line.strip()) for line in lines]
+    for index, text in enumerate(lines):
         if text.startswith(CHAIN_MARKERS):
             chained = True
-        elif ERROR_LINE.match(text):
-            following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+        elif ERROR_LINE.match(text) and not text.startswith(TORCHRUN_WRAPPER):
+            following = lines[index + 1] if index + 1 < len(lines) else ""
             if text.endswith(":") and following and not following.startswith(CHAIN_MARKERS):
                 text = f"{text} {following}"
             if chained and chains:

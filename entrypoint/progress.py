@@ -10,7 +10,8 @@ from bench.metrics import MetricsRecord
 
 @dataclass
 class ProgressPrinter:
-    """Prints step, loss, s/step and ETA for each logged interval."""
+    """Prints step, loss, s/step and ETA for each logged interval. With accumulation a
+    step logs several times: the micro-batch count says where in the step it is."""
 
     console: Console
     max_steps: int
@@ -18,7 +19,10 @@ class ProgressPrinter:
 
     def __call__(self, record: MetricsRecord) -> None:
         step = record.step(self.accumulative_counts)
-        parts = [f"step {step:>5}/{self.max_steps}", f"loss {record.loss:.4f}"]
+        parts = [f"step {step:>5}/{self.max_steps}"]
+        if self.accumulative_counts > 1:
+            parts[0] += f" (micro-batch {record.iter}/{self.max_steps * self.accumulative_counts})"
+        parts.append(f"loss {record.loss:.4f}")
         if record.time:
             seconds_per_step = record.time * self.accumulative_counts
             remaining = max(self.max_steps - step, 0) * seconds_per_step

@@ -169,3 +169,33 @@ def test_a_signal_swallowed_on_the_way_is_raised_at_the_next_stage_without_a_tra
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[:2] == ["went on", "raised SIGTERM"], done
     assert done.stderr == ""
+
+
+def test_progress_under_accumulation_says_where_in_the_step_each_logged_loss_is():
+    """At global batch 1024 on one GPU a step is 32 micro-batches and logs several
+    losses: each line names its micro-batch, so repeated step numbers do not read as a
+    restart."""
+    import io
+
+    from rich.console import Console
+
+    from bench.metrics import MetricsRecord
+    from entrypoint.progress import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(Console(file=out, width=200), max_steps=10, accumulative_counts=32)
+    for iteration in (10, 20, 30, 40):
+        printer(MetricsRecord(iter=iteration, loss=12.0, time=5.0))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("  step     1/10 (micro-batch 10/320) | loss 12.0000 | 160.000 s/step")
+    assert "step     2/10 (micro-batch 40/320)" in lines[3]
+
+
+def test_a_rank_out_of_memory_on_the_h200_is_named_from_the_ranks_own_lines():
+    """Logs of a real 1 x H200 run that ran out of memory (tails kept): torchrun prefixes
+    the rank's lines with "[rank0]: " and ends with its ChildFailedError wrapper; the
+    reason names the rank's own error, not the wrapper's rule of "=" signs."""
+    reason = diagnose(DATA / "logs" / "oom-h200")
+    assert reason.startswith("rank 0 (local rank 0) failed first; out of GPU memory; hint:")
+    assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.08 GiB" in reason
+    assert "ChildFailedError" not in reason and "====" not in reason
