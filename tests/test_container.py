@@ -72,6 +72,8 @@ def engine():
         client = docker.from_env(timeout=900)
         client.ping()
     except docker.errors.DockerException:
+        client = None  # said outside the handler, so no chained traceback comes with it
+    if client is None:
         _cannot_run("no Docker engine answers")
     yield client
     client.close()

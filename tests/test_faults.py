@@ -1,7 +1,27 @@
-"""Faults of the machine itself, made real: a results filesystem that is full at the
-start or fills during training (a small tmpfs). Mounting needs root; where it is not
-allowed these tests say so in one line and do not run, unless
-LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 (`.ci/run`), which makes that a failure.
+"""The fault suite: what a hostile tester does to the appliance, case by case.
+
+Every case ends with the right exit code and a one-line reason that names the path or
+variable, never a traceback, and data/ and model/ unchanged. The cases live in tables
+by the kind of input they break:
+
+- layouts, read by plain `validate` (missing images, image paths that leave the images
+  folder): `tests/test_validate.py` BREAKAGES; by `validate --deep`:
+  `tests/test_bad_inputs.py` DEEP_CASES;
+- arguments and environments that `run` refuses before training (a one-record dataset,
+  an unwritable results folder, a `--junit` nobody can write, bad scheduler
+  variables): `tests/test_bad_inputs.py` RUN_CASES and the `--junit` cases;
+- scheduler readings (`--world-size-means processes` with NPROC_PER_NODE, SLURM with a
+  contradicting WORLD_SIZE, ModelArts' MA_NUM_GPUS, nothing set): `tests/test_topology.py`;
+- the GPU inventory under CUDA_VISIBLE_DEVICES: `tests/test_environment.py`;
+- signals before and during training: `tests/test_end_to_end.py`, `tests/test_supervision.py`;
+- a node that waits for an absent node 0: `tests/test_agreement.py`;
+- here: the machine itself (a results filesystem full at the start or filling during
+  training, on a real tmpfs), a machine without a Docker engine running the container
+  tests, and the options every command shares.
+
+Mounting needs root; where it is not allowed the disk tests say so in one line and do
+not run, unless LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 (`.ci/run`), which makes that a
+failure.
 """
 from __future__ import annotations
 
@@ -73,3 +93,35 @@ def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(synth
     assert stopped_in < 60
     assert "disk full at" in stdout and "Traceback" not in stdout + stderr
     assert subprocess.run(["pgrep", "-f", str(small)], capture_output=True, text=True).stdout == ""
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
+    """`make test` on a machine without Docker: one line saying why the container tests
+    did not run; where they are required (CI), the same line as a failure."""
+    env = {key: value for key, value in os.environ.items() if key != "LLAVA_BENCH_REQUIRE_CONTAINER_TESTS"}
+    env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"
+    if required:
+        env["LLAVA_BENCH_REQUIRE_CONTAINER_TESTS"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "container", "-p", "no:cacheprovider", str(Path(__file__).parent / "test_container.py")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == (1 if required else 0), output
+    assert "container tests not run:" in output and "Traceback" not in output
+    assert len(output.splitlines()) < 40, output  # not pages of traceback
+
+
+@pytest.mark.parametrize("command", ["prepare", "validate", "run", "perf", "verdict", "topology", "check-cluster", "demo"])
+def test_every_command_shows_its_flags_as_flags_and_one_default_root(command):
+    """A flag's help shows no <bool> (it takes no value), and every command that reads a
+    layout defaults to the same root, /llava (demo and perf write their own)."""
+    done = subprocess.run([sys.executable, "-m", "entrypoint", command, "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    flags = [line for line in done.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+    assert flags == []
+    root = [line for line in done.stdout.splitlines() if "--root" in line]
+    if command in ("prepare", "validate", "run", "check-cluster"):
+        assert root and "[default: /llava]" in root[0], root
