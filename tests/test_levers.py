@@ -475,3 +475,53 @@ def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]
+
+
+def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int = 16, hidden: int = 256):
+    """The projector's gradient of one forward and backward in ``dtype``: InternLM2's own
+    code, ``layers`` deep at width ``hidden`` with random weights (std 0.02), on a padded
+    batch of 4 with 48 tokens each; the same weights and batch for every call."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    paths = Layout.at(layout)
+    config = AutoConfig.from_pretrained(paths.llm_dir, trust_remote_code=True)
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = layers, hidden, hidden * 8 // 3
+    config.num_attention_heads, config.num_key_value_heads, config.attn_implementation = hidden // 32, hidden // 128, attention
+    llm = AutoModelForCausalLM.from_config(config, trust_remote_code=True, attn_implementation=attention)
+    torch.manual_seed(7)
+    for _, parameter in sorted(llm.named_parameters()):
+        torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() == 2 else torch.nn.init.ones_(parameter)
+    torch.manual_seed(0)  # the projector's initial weights
+    model = LLaVAModel(
+        llm=llm, visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir), freeze_llm=True, freeze_visual_encoder=True
+    ).train().to(dtype)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config.vocab_size - 1, (4, 48), generator=generator)
+    ids[:, 0], ids[:, 1] = 1, IMAGE_TOKEN_INDEX
+    labels, mask = ids.clone(), torch.ones(4, 48, dtype=torch.bool)
+    labels[:, :2], labels[1, 30:], mask[1, 30:] = -100, -100, False  # the second sample padded
+    size = model.visual_encoder.config.image_size
+    pixels = torch.randn(4, 3, size, size, generator=generator).to(dtype)
+    model({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}, mode="loss")["loss"].backward()
+    return torch.cat([p.grad.double().flatten() for p in model.projector.parameters()])
+
+
+def test_sdpa_in_half_precision_is_as_near_the_exact_gradient_as_eager_attention(synthetic_layout):
+    """In fp16 and bf16 eager and SDPA attention round differently, and their first
+    projector gradients differ by about as much as each differs from the exact (float64)
+    one; so a half-precision difference from stock alone cannot tell rounding from a
+    changed function. Held against the exact gradient, SDPA is no farther from it than
+    stock's eager attention: the same function (in float64 they agree to eager's float32
+    softmax), rounded in another order. A lever that changed the function would be far
+    outside."""
+    import torch
+
+    exact = _first_projector_gradient(synthetic_layout, "sdpa", torch.float64)
+    distance = lambda gradient: float((gradient - exact).norm() / exact.norm())  # noqa: E731
+    assert distance(_first_projector_gradient(synthetic_layout, "eager", torch.float64)) < 1e-6
+    for dtype in (torch.float16, torch.bfloat16):
+        eager, sdpa = (distance(_first_projector_gradient(synthetic_layout, a, dtype)) for a in ("eager", "sdpa"))
+        assert 0 < sdpa < 1.5 * eager, (dtype, sdpa, eager)
