@@ -186,7 +186,7 @@ def validate(
     layout = Layout.at(root)
     problems = check_layout(layout)
     if layout.root.is_dir():
-        problems += check_writable(out.absolute() if out else layout.results_dir)
+        problems += check_writable(out.absolute() if out else layout.results_dir, layout)
     if deep and not problems:
         problems = _deep_with_progress(layout, sample)
     if as_json:
@@ -459,7 +459,11 @@ def verdict(
         if not (path / verdict_mod.VERDICT_NAME).is_file():
             errors.print(f"[red]invalid:[/] {path} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
             raise typer.Exit(EXIT_CODES["invalid"])
-        stored = json.loads((path / verdict_mod.VERDICT_NAME).read_text())["criteria"]
+        try:
+            stored = json.loads((path / verdict_mod.VERDICT_NAME).read_text())["criteria"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            errors.print(f"[red]invalid:[/] {path / verdict_mod.VERDICT_NAME} is not a readable verdict ({error}); run `llava-bench run` again")
+            raise typer.Exit(EXIT_CODES["invalid"]) from None
         criteria = Criteria(
             target_loss=stored["target_loss"] if target_loss is None else target_loss,
             max_steps=stored["max_steps"] if max_steps is None else max_steps,
@@ -467,6 +471,17 @@ def verdict(
         )
         result = verdict_mod.recompute(path, criteria)
     else:
+        from bench.metrics import read_stream
+
+        try:
+            records = read_stream(path).records
+        except OSError as error:
+            records, problem = [], f"cannot be read ({error})"
+        else:
+            problem = "holds no training record (a JSON line with iter and loss)"
+        if not records:
+            errors.print(f"[red]invalid:[/] {path} {problem}; give a results/<run_id> folder or XTuner's metrics stream")
+            raise typer.Exit(EXIT_CODES["invalid"])
         criteria = Criteria(
             target_loss=2.3 if target_loss is None else target_loss,
             max_steps=500 if max_steps is None else max_steps,

@@ -341,7 +341,7 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         problems.append(Problem("--global-batch", batch_problem, "choose a per-device batch or global batch that divide"))
     inventory = gpu_inventory_details() if device == "cuda" else []
     memory, memory_messages = gpu_memory([gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env)
-    unwritable = check_writable(results_parent)
+    unwritable = check_writable(results_parent, layout)
     problems = [
         *problems, *unwritable,
         *(Problem("environment", message, "set it to the simulated card's MiB, or unset it") for message in memory_messages),
@@ -418,7 +418,7 @@ def _aborted_before_training(request: RunRequest, layout: Layout, results_parent
         demo=request.demo,
     )
     verdict = verdict_mod.build(context, MetricsStream([], 0))
-    if check_writable(results_parent) or (request.out is None and not layout.root.is_dir()):
+    if check_writable(results_parent, layout) or (request.out is None and not layout.root.is_dir()):
         return RunResult(verdict, None, verdict["exit_code"])
     run_dir = results_parent / context.run_id
     run_dir.mkdir(parents=True, exist_ok=True)

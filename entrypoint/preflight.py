@@ -243,8 +243,20 @@ def check_layout(layout: Layout) -> list[Problem]:
     ]
 
 
-def check_writable(folder: Path) -> list[Problem]:
-    """The results folder must be creatable and writable (a read-only mount needs --out)."""
+def check_writable(folder: Path, layout: Layout | None = None) -> list[Problem]:
+    """The results folder must be creatable and writable (a read-only mount needs --out),
+    and outside the layout's data/ and model/, which the appliance never writes."""
+    if layout is not None:
+        real = Path(os.path.realpath(folder))
+        for protected in (layout.data_dir, layout.model_dir):
+            if real.is_relative_to(os.path.realpath(protected)):
+                return [
+                    Problem(
+                        str(folder),
+                        f"the results folder is inside {protected}, which the appliance never writes",
+                        "pass --out to a folder outside data/ and model/ (default: the layout's results/)",
+                    )
+                ]
     probe = folder
     while not probe.exists():
         probe = probe.parent

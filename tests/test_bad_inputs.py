@@ -181,3 +181,32 @@ def test_an_invalid_runs_report_names_the_problems_and_draws_no_plot(layout_copy
     assert "## Problems (preflight refused the run)" in report and "unzip" in report
     assert "None" not in report and "## Throughput" not in report
     assert "(loss.png not drawn: no loss was logged)" in report and not (run_dir / "loss.png").exists()
+
+
+@pytest.mark.parametrize("inside", ["data", "model/internlm2-chat-20b"])
+def test_results_inside_data_or_model_are_refused_and_nothing_is_written_there(layout_copy, inside):
+    """The appliance never writes the user's data or models, not even when --out points there."""
+    before = tree_digest(layout_copy, "data", "model")
+    for command in (["validate"], ["run", *RUN]):
+        done = llava_bench(*command, "--root", str(layout_copy), "--out", str(layout_copy / inside / "results"))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "which the appliance never writes" in done.stdout + done.stderr
+    assert not (layout_copy / inside / "results").exists()
+    assert tree_digest(layout_copy, "data", "model") == before
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [("not a metrics stream\n", "holds no training record"), (None, "is not a readable verdict")],
+)
+def test_verdict_of_something_that_is_no_run_is_invalid(tmp_path, content, words):
+    """A text file given as a stream, or a results folder whose verdict.json is broken: exit 2, one line."""
+    if content is None:
+        path = tmp_path / "run"
+        path.mkdir()
+        (path / "verdict.json").write_text("{")
+    else:
+        path = tmp_path / "notes.txt"
+        path.write_text(content)
+    done = llava_bench("verdict", str(path))
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
