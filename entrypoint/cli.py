@@ -439,6 +439,25 @@ def check_cluster_command(
     raise typer.Exit(exit_code)
 
 
+def _stored_verdict(run_dir: Path) -> dict:
+    """A results folder's verdict.json, schema-checked; exit 2 naming the file if it is
+    missing, does not parse or is not a verdict of this schema."""
+    import jsonschema
+
+    stored = run_dir / verdict_mod.VERDICT_NAME
+    if not stored.is_file():
+        errors.print(f"[red]invalid:[/] {run_dir} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
+        raise typer.Exit(EXIT_CODES["invalid"])
+    try:
+        document = json.loads(stored.read_text())
+        verdict_mod.validate(document)
+    except (OSError, ValueError, jsonschema.ValidationError) as error:
+        why = error.message if isinstance(error, jsonschema.ValidationError) else str(error)
+        errors.print(f"[red]invalid:[/] {stored} is not a readable verdict ({why}); run `llava-bench run` again")
+        raise typer.Exit(EXIT_CODES["invalid"]) from None
+    return document
+
+
 @app.command()
 def verdict(
     path: Annotated[Path, typer.Argument(help="A results/<run_id> folder, or a bare metrics stream (.json/.jsonl).")],
@@ -456,14 +475,7 @@ def verdict(
         errors.print(f"[red]invalid:[/] {path} does not exist; give a results/<run_id> folder or a metrics stream")
         raise typer.Exit(EXIT_CODES["invalid"])
     if path.is_dir():
-        if not (path / verdict_mod.VERDICT_NAME).is_file():
-            errors.print(f"[red]invalid:[/] {path} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
-            raise typer.Exit(EXIT_CODES["invalid"])
-        try:
-            stored = json.loads((path / verdict_mod.VERDICT_NAME).read_text())["criteria"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            errors.print(f"[red]invalid:[/] {path / verdict_mod.VERDICT_NAME} is not a readable verdict ({error}); run `llava-bench run` again")
-            raise typer.Exit(EXIT_CODES["invalid"]) from None
+        stored = _stored_verdict(path)["criteria"]
         criteria = Criteria(
             target_loss=stored["target_loss"] if target_loss is None else target_loss,
             max_steps=stored["max_steps"] if max_steps is None else max_steps,
@@ -499,11 +511,12 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A results/<run_id> fold
     """(Re)draw report.md and loss.png of a results folder from its verdict."""
     from bench.report import write_report
 
-    stored = run_dir / verdict_mod.VERDICT_NAME
-    if not stored.is_file():
-        errors.print(f"[red]invalid:[/] {run_dir} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
-        raise typer.Exit(EXIT_CODES["invalid"])
-    path = write_report(run_dir, json.loads(stored.read_text()))
+    stored = _stored_verdict(run_dir)
+    try:
+        path = write_report(run_dir, stored)
+    except OSError as error:
+        errors.print(f"[red]error:[/] the report could not be written in {run_dir} ({error})")
+        raise typer.Exit(EXIT_CODES["error"]) from None
     console.print(f"written: {path} and {run_dir / 'loss.png'}", highlight=False)
 
 

@@ -196,17 +196,24 @@ def test_results_inside_data_or_model_are_refused_and_nothing_is_written_there(l
 
 
 @pytest.mark.parametrize(
-    "content, words",
-    [("not a metrics stream\n", "holds no training record"), (None, "is not a readable verdict")],
+    "command, content, words",
+    [
+        ("verdict", "not a metrics stream\n", "holds no training record"),
+        ("verdict", "{", "is not a readable verdict"),
+        ("report", "{", "is not a readable verdict"),
+        ("report", "{}", "is not a readable verdict"),
+    ],
 )
-def test_verdict_of_something_that_is_no_run_is_invalid(tmp_path, content, words):
-    """A text file given as a stream, or a results folder whose verdict.json is broken: exit 2, one line."""
-    if content is None:
+def test_verdict_and_report_of_something_that_is_no_run_are_invalid(tmp_path, command, content, words):
+    """A text file given as a stream, or a results folder whose verdict.json is broken
+    or no verdict: exit 2, one line naming the file, no traceback."""
+    if content.startswith("{"):
         path = tmp_path / "run"
         path.mkdir()
-        (path / "verdict.json").write_text("{")
+        (path / "verdict.json").write_text(content)
     else:
         path = tmp_path / "notes.txt"
         path.write_text(content)
-    done = llava_bench("verdict", str(path))
-    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+    done = llava_bench(command, str(path))
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr

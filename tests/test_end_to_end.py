@@ -302,7 +302,8 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     verdict_mod.validate(verdict)
     assert verdict["status"] == "aborted" and "SIGTERM received before training started" in verdict["termination"]["detail"]
     assert not list(tmp_path.rglob("xtuner"))
-    assert subprocess.run(["pgrep", "-f", "entrypoint.model_code"], capture_output=True, text=True).stdout == ""
+    probe = f"entrypoint.model_code {Layout.at(synthetic_layout).llm_dir}"  # this run's probe, not another's
+    assert subprocess.run(["pgrep", "-f", probe], capture_output=True, text=True).stdout == ""
 
 
 def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, tmp_path):
