@@ -109,14 +109,21 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same layout.")] = 0,
 ):
     """Write a tiny synthetic layout with the real folder structure (random tiny models)."""
+    layout = _write_synthetic(directory, SynthSpec(samples=samples, seed=seed))
+    console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
+
+
+def _write_synthetic(folder: Path, spec: SynthSpec) -> Layout:
+    """The synthetic layout, or exit 2 naming the folder that cannot take it."""
     from bench.synth import write_synthetic_layout
 
     try:
-        layout = write_synthetic_layout(directory, SynthSpec(samples=samples, seed=seed))
+        return write_synthetic_layout(folder, spec)
     except FileExistsError as error:
-        errors.print(f"[red]error:[/] {error}")
-        raise typer.Exit(2) from None
-    console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
+        errors.print(f"[red]invalid:[/] {error}")
+    except OSError as error:
+        errors.print(f"[red]invalid:[/] the synthetic layout cannot be written to {folder} ({error}); choose a writable folder")
+    raise typer.Exit(EXIT_CODES["invalid"])
 
 
 class Part(str, Enum):
@@ -527,13 +534,12 @@ def demo(
     as_json: JsonOption = False,
 ):
     """synth + run on whatever is here (CPU is fine), with demo criteria stated in the verdict."""
-    from bench.synth import write_synthetic_layout
     from entrypoint.pipeline import RunRequest
 
     layout = Layout.at(root / "llava")
     if not layout.dataset_json.exists():
         (console if not as_json else errors).print(f"writing the synthetic layout to {layout.root}", highlight=False)
-        write_synthetic_layout(layout.root, SynthSpec(samples=DEMO_SAMPLES))
+        _write_synthetic(layout.root, SynthSpec(samples=DEMO_SAMPLES))
     request = RunRequest(
         root=layout.root,
         out=None,

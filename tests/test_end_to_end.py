@@ -46,6 +46,15 @@ def test_synth_refuses_a_folder_that_holds_a_layout(synthetic_layout):
     assert "already holds a layout" in done.stderr
 
 
+@pytest.mark.parametrize("command", [["synth"], ["demo", "--root"]])
+def test_synth_and_demo_into_a_folder_that_cannot_be_written_are_invalid(command, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = llava_bench(*command, str(blocker / "inside"))
+    assert done.returncode == 2, done.stderr
+    assert "cannot be written to" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synthetic_layout):
     """One real training run, shared by the assertions below."""
