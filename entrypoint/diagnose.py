@@ -20,6 +20,7 @@ CHAIN_MARKERS = ("The above exception was the direct cause", "During handling of
 FIRST_FAILURE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.S)
 OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError")
 OUT_OF_MEMORY_WHAT = "out of GPU memory"
+DISK_FULL = re.compile(r"No space left on device|\[Errno 28\]")
 KNOWN_FAILURES = (
     (OUT_OF_MEMORY, OUT_OF_MEMORY_WHAT, "a smaller --per-device-batch with --global-batch to keep the global batch"),
     (
@@ -32,6 +33,11 @@ KNOWN_FAILURES = (
         re.compile(r"NCCL error|ncclSystemError|ncclInternalError|ncclUnhandledCudaError|ncclRemoteError"),
         "NCCL failed",
         "check the network interface variables (NCCL_SOCKET_IFNAME, NCCL_IB_*) and run llava-bench check-cluster",
+    ),
+    (
+        DISK_FULL,
+        "a filesystem the trainer writes is full",
+        "free space on it, or pass --out to a folder on a larger filesystem",
     ),
     (
         re.compile(r"exitcode\s*:\s*-9|Signal 9 \(SIGKILL\)"),

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
-from entrypoint.diagnose import diagnose, last_lines
+from entrypoint.diagnose import DISK_FULL, diagnose, last_lines
 from entrypoint.topology import Topology
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
 LOG_CAP_BYTES = 200 * 2**20  # per captured stream; a runaway rank cannot fill the disk
 LOG_TAIL_BYTES = 2**20  # kept from the end of a stream that went over the cap
+DISK_FULL_BYTES = 64 * 2**20  # less free than this where the results are: that disk is the full one
 
 
 def utc_now() -> str:
@@ -273,6 +274,16 @@ class CappedLog(threading.Thread):
         return f"{what} at {self.path}"
 
 
+def disk_full_at(folder: Path) -> str | None:
+    """"disk full at FOLDER" when the filesystem holding it has (next to) no space left:
+    a trainer that died of ENOSPC ran out there, not on some other filesystem."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return f"disk full at {folder}" if stats.f_bavail * stats.f_frsize < DISK_FULL_BYTES else None
+
+
 @dataclass(frozen=True)
 class Watchdog:
     """A run that shows no progress is stopped rather than left to hold the cluster."""
@@ -349,7 +360,10 @@ def supervise(
         termination = Termination("completed")
     else:
         cause = diagnose(plan.logs_dir, out_of_memory_hint)
-        termination = Termination("crashed", f"trainer exit code {exit_code}" + (f"; {cause}" if cause else ""))
+        full = disk_full_at(work_dir) if DISK_FULL.search(cause) else None
+        termination = Termination(
+            "crashed", (f"{full}: " if full else "") + f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
+        )
     return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
 
 

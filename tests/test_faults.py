@@ -125,3 +125,22 @@ def test_every_command_shows_its_flags_as_flags_and_one_default_root(command):
     root = [line for line in done.stdout.splitlines() if "--root" in line]
     if command in ("prepare", "validate", "run", "check-cluster"):
         assert root and "[default: /llava]" in root[0], root
+
+
+@pytest.mark.parametrize("filled", [True, False])
+def test_a_trainer_that_dies_of_a_full_disk_names_the_results_folder_only_if_it_is_full(tmp_path, filled):
+    """The trainer may hit the full disk before the appliance's own log writes do: its
+    ENOSPC crash reads "disk full at" the results folder when that filesystem is full,
+    and names the failure with a hint when the full one is elsewhere."""
+    from entrypoint.launch import LaunchPlan, supervise
+
+    with tmpfs(tmp_path / "results", "100m") as results:  # above DISK_FULL_BYTES free unless filled
+        if filled:
+            fill(results)
+        script = "import sys; sys.stderr.write('OSError: [Errno 28] No space left on device\\n'); sys.exit(1)"
+        plan = LaunchPlan([sys.executable, "-c", script], dict(os.environ), tmp_path, tmp_path / "logs", distributed=False)
+        outcome = supervise(plan, results, on_record=lambda record: None)
+    detail = outcome.termination.detail
+    assert outcome.termination.kind == "crashed"
+    assert detail.startswith(f"disk full at {results}: trainer exit code 1") == filled, detail
+    assert "a filesystem the trainer writes is full; hint: free space on it" in detail
