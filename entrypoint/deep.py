@@ -16,14 +16,13 @@ from pathlib import Path
 
 from bench.inputs import DatasetJson
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
-from entrypoint.preflight import Problem
+from entrypoint.preflight import Problem, examples
 
 LLM_ARCHITECTURES = {
     "InternLM2ForCausalLM",  # the real model
     "LlamaForCausalLM",  # Llama-shaped stand-ins (the synthetic layout)
 }
 CLIP_IMAGE_SIZE, CLIP_PATCH = 336, 14  # max_length = 2048 - (336/14)^2 assumes these
-EXAMPLES = 3  # offending records named per kind of problem
 
 
 def record_problems(records: list, json_path: Path) -> list[Problem]:
@@ -57,7 +56,7 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
     problems = [
         Problem(
             str(json_path),
-            f"{len(where)} record(s) {kind}: {', '.join(where[:EXAMPLES])}" + (" ..." if len(where) > EXAMPLES else ""),
+            f"{len(where)} record(s) {kind}: {examples(where)}",
             "the JSON is not LLaVA-Pretrain's: download blip_laion_cc_sbu_558k.json again",
         )
         for kind, where in kinds.items()
@@ -66,7 +65,7 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
         problems.append(
             Problem(
                 str(json_path),
-                f"{len(duplicates)} duplicate id(s): {', '.join(duplicates[:EXAMPLES])}",
+                f"{len(duplicates)} duplicate id(s): {examples(duplicates)}",
                 "each sample must appear once: download the JSON again",
             )
         )
@@ -107,7 +106,7 @@ def image_problems(
     return [
         Problem(
             str(image_folder),
-            f"{len(bad)} image(s) {failure} {checked}: {', '.join(bad[:EXAMPLES])}" + (" ..." if len(bad) > EXAMPLES else ""),
+            f"{len(bad)} image(s) {failure} {checked}: {examples(bad)}",
             "unzip images.zip again (llava-bench prepare skips the intact ones)",
         )
         for failure, bad in failures.items()

@@ -97,9 +97,9 @@ def last_lines(logs_dir: Path) -> str:
     return "; ".join(parts)
 
 
-def ran_out_of_memory(logs_dir: Path) -> bool:
-    """Whether any rank's log reports a CUDA out-of-memory error."""
-    return any(OUT_OF_MEMORY.search(log.read_text(errors="replace")) for log in _logs(logs_dir))
+def logs_report(logs_dir: Path, failure: re.Pattern) -> bool:
+    """Whether any rank's log reports ``failure`` (OUT_OF_MEMORY, DISK_FULL)."""
+    return any(failure.search(log.read_text(errors="replace")) for log in _logs(logs_dir))
 
 
 def diagnose(logs_dir: Path, out_of_memory_hint: str | None = None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
-from entrypoint.diagnose import DISK_FULL, diagnose, last_lines
+from entrypoint.diagnose import DISK_FULL, diagnose, last_lines, logs_report
 from entrypoint.topology import Topology
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
@@ -153,11 +153,14 @@ class Interrupted(BaseException):
         self.signal_name = signal.Signals(number).name
 
 
-class _Handlers:
-    """SIGINT/SIGTERM handled by ``handle`` inside the block, the previous handlers after."""
+class SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag (``received``) inside the block, the previous
+    handlers after: the supervision loop stops the trainer on it; after training, the
+    verdict of what ran is still written."""
 
     def __init__(self):
         self._previous = {}
+        self.received: int | None = None
 
     def __enter__(self):
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -165,22 +168,18 @@ class _Handlers:
         return self
 
     def handle(self, number, _frame):
-        raise NotImplementedError
+        self.received = number
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
 
-class AbortOnSignals(_Handlers):
+class AbortOnSignals(SignalFlag):
     """Before training: a signal raises Interrupted wherever the appliance is (preflight,
     agreeing with the other nodes, the collective check); their children are stopped on
     the way out. Code that swallows exceptions (a fork handler, a finalizer) can swallow
     that one too: the signal is also kept, and ``check`` raises it at the next stage."""
-
-    def __init__(self):
-        super().__init__()
-        self.received: int | None = None
 
     def __enter__(self):
         self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._quiet_if_interrupted
@@ -196,24 +195,12 @@ class AbortOnSignals(_Handlers):
             self._unraisable_hook(unraisable)
 
     def handle(self, number, _frame):
-        self.received = number
+        super().handle(number, _frame)
         raise Interrupted(number)
 
     def check(self) -> None:
         if self.received is not None:
             raise Interrupted(self.received)
-
-
-class SignalFlag(_Handlers):
-    """Turns SIGINT/SIGTERM into a flag: the supervision loop stops the trainer on it;
-    after training, the verdict of what ran is still written."""
-
-    def __init__(self):
-        super().__init__()
-        self.received: int | None = None
-
-    def handle(self, number, _frame):
-        self.received = number
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -360,7 +347,7 @@ def supervise(
         termination = Termination("completed")
     else:
         cause = diagnose(plan.logs_dir, out_of_memory_hint)
-        full = disk_full_at(work_dir) if DISK_FULL.search(cause) else None
+        full = disk_full_at(work_dir) if logs_report(plan.logs_dir, DISK_FULL) else None
         termination = Termination(
             "crashed", (f"{full}: " if full else "") + f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
         )

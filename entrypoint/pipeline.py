@@ -49,7 +49,7 @@ from bench.recipe import (
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
-from entrypoint.diagnose import ran_out_of_memory
+from entrypoint.diagnose import OUT_OF_MEMORY, logs_report
 from entrypoint.environment import gpu_inventory_details, software
 from entrypoint.launch import (
     AbortOnSignals,
@@ -480,7 +480,6 @@ def _execute(
         topology={**topology.as_dict(), "launch_command": plan.argv},
     )
     try:
-        before_training.check()
         if device == "cuda":
             interconnect, failure = _interconnect(topology, run_dir, layout.root)
             context = replace(context, interconnect=interconnect)
@@ -600,7 +599,7 @@ def _retry_agreed(topology: Topology, outcome, logs_dir: Path) -> bool:
     (the node that reads the metrics) saw no step logged. The nodes exchange what they saw."""
     seen = {
         "crashed": outcome.termination.kind == "crashed",
-        "out_of_memory": ran_out_of_memory(logs_dir),
+        "out_of_memory": logs_report(logs_dir, OUT_OF_MEMORY),
         "stepped": outcome.first_record_at is not None,
     }
     answers = exchange(topology, "memory-retry", seen)

@@ -105,6 +105,11 @@ def _check_dataset_json(path: Path) -> tuple[list | None, list[Problem]]:
     return records, []
 
 
+def examples(items: list[str]) -> str:
+    """The first EXAMPLES offenders, and "..." where there are more."""
+    return ", ".join(items[:EXAMPLES]) + (" ..." if len(items) > EXAMPLES else "")
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
@@ -157,17 +162,14 @@ def _check_image_paths(layout: Layout, records: list) -> list[Problem]:
         elif normal not in files:
             missing.append(where)
 
-    def listed(items: list[str]) -> str:
-        return ", ".join(items[:EXAMPLES]) + (" ..." if len(items) > EXAMPLES else "")
-
     problems = []
     if outside:
         problems.append(Problem(str(layout.image_folder), f"{len(outside)} record(s) name an image outside the images "
-                                f"folder: {listed(outside)}", "image paths must be relative paths inside images/: fix "
+                                f"folder: {examples(outside)}", "image paths must be relative paths inside images/: fix "
                                 "the JSON or the links, or download LLaVA-Pretrain again"))  # fmt: skip
     if missing:
         problems.append(Problem(str(layout.image_folder), f"{len(missing)} image(s) named by the JSON are missing: "
-                                f"{listed(missing)}", "unzip images.zip again (llava-bench prepare skips the intact ones)"))  # fmt: skip
+                                f"{examples(missing)}", "unzip images.zip again (llava-bench prepare skips the intact ones)"))  # fmt: skip
     return problems
 
 
