@@ -263,6 +263,12 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
     _report(result.document, result.path, as_json)
     if junit is not None:
         _write_junit(result.document, junit)
+    if result.document["status"] == "aborted":
+        # A signal can stop a library mid-operation (a process pool, a lock) and leave the
+        # interpreter's shutdown waiting on it forever; the verdict is written: end now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(result.exit_code)
     raise typer.Exit(result.exit_code)
 
 
