@@ -171,7 +171,7 @@ def resolve_levers(
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
-        return STOCK, (["--stock turns every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
+        return STOCK, (["--stock (and --float32-reference) turn every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
     on_gpu = device == "cuda"
     applies = on_gpu and precision == "nf4"
     fits = bool(gpu_memory_mib) and min(gpu_memory_mib) >= DEQUANTIZED_NF4_MIB

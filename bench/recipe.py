@@ -15,6 +15,7 @@ from string import Template
 from bench.config_facts import ConfigFacts, top_level_values
 from bench.layout import Layout
 from bench.levers import GPU_MEMORY_CAP_VARIABLE, TOKENIZED_CACHE_MARKER, Levers
+from bench.trainer import COMPARED_STEPS
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32
@@ -22,6 +23,8 @@ STOCK_PER_DEVICE_BATCH = 32
 # epoch-based LR schedule and the samples seen in max_steps both follow the global
 # batch, so "below 2.3 within 500 steps" means the same training only at this one.
 REFERENCE_GLOBAL_BATCH = 1024
+# The pinned config logs the metrics every 10 iterations; a shorter run logs at its end.
+PINNED_LOG_INTERVAL = 10
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class RecipeOptions:
     eval_image: Path | None = None
     save_projector: bool = False  # the projector's weights before and after, for perf's comparison
     gpu_memory_cap_mib: int | None = None  # each rank's allocator capped: a smaller card simulated
+    # The math reference on GPUs: stock's recipe with every float in float32 (no fp16,
+    # bf16 or TF32), which perf holds the levers' and stock's own rounding against.
+    float32_reference: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -51,6 +57,13 @@ class RecipeOptions:
                 raise ValueError(f"{name} must be at least 1")
         if self.levers.dequantize_nf4 and (self.device, self.precision) != ("cuda", "nf4"):
             raise ValueError("dequantize_nf4 applies to NF4 on GPUs")
+        if self.float32_reference and not self.levers.stock:
+            raise ValueError("float32_reference is stock's recipe: every lever off")
+
+    @property
+    def computes_in_float32(self) -> bool:
+        """Every float in float32: the CPU variant, or the float32 reference on GPUs."""
+        return self.device == "cpu" or self.float32_reference
 
     @property
     def max_iters(self) -> int:
@@ -66,6 +79,7 @@ class RenderedRecipe:
     source: str  # "template" or "user"
     deviations: list[str] = field(default_factory=list)
     cfg_options: list[str] = field(default_factory=list)  # train.py --cfg-options, user configs only
+    float32: bool = False  # GPUs: DeepSpeed without fp16/bf16 and TF32 off (the float32 reference)
 
     @property
     def sha256(self) -> str:
@@ -88,6 +102,11 @@ def _deviations(options: RecipeOptions) -> list[str]:
         f"training stops after {options.max_steps} optimizer steps "
         f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",
     ]
+    if options.max_iters < PINNED_LOG_INTERVAL:
+        changes.append(
+            f"metrics logged every {options.max_iters} iterations instead of {PINNED_LOG_INTERVAL}, so a run this short "
+            "logs its loss"
+        )
     if options.eval_image is None:
         changes.append("EvaluateChatHook off (its default image is a URL, which fails offline)")
     else:
@@ -101,12 +120,22 @@ def _deviations(options: RecipeOptions) -> list[str]:
         )
     elif options.precision == "bf16":
         changes.append("LLM weights in bf16 without 4-bit quantization")
+    if options.float32_reference and options.device == "cuda":
+        changes.append(
+            "float32 reference: the LLM "
+            + ("in float32 with NF4 compute in float32" if options.precision == "nf4" else "weights in float32")
+            + ", DeepSpeed without fp16 or bf16, TF32 off (NVIDIA_TF32_OVERRIDE=0): the same math without half-precision "
+            "rounding, for llava-bench perf's gradient check; not a benchmark run"
+        )
     if options.per_device_batch != STOCK_PER_DEVICE_BATCH:
         changes.append(f"per-device batch {options.per_device_batch} instead of 32")
     if options.accumulative_counts != 1:
         changes.append(accumulation_deviation(options.accumulative_counts))
     if options.save_projector:
-        changes.append("the projector's weights saved before and after training (xtuner/projector-*.safetensors)")
+        changes.append(
+            f"the projector's weights saved before training and after step {COMPARED_STEPS}, and its first gradient "
+            "(xtuner/projector-*.safetensors)"
+        )
     if options.gpu_memory_cap_mib is not None:
         changes.append(
             f"each rank's GPU memory capped at {options.gpu_memory_cap_mib} MiB to simulate a smaller card "
@@ -126,12 +155,9 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         raise ValueError("the tokenized-cache lever needs tokenized_cache_folder")
     on_cpu = options.device == "cpu"
     model_levers = options.levers.model_kwargs
-    if on_cpu:
-        llm_dtype, quantization = "torch.float32", "None"
-    elif options.precision == "nf4":
-        llm_dtype, quantization = "torch.float16", "nf4_quantization"
-    else:
-        llm_dtype, quantization = "torch.bfloat16", "None"
+    half = {"nf4": "torch.float16", "bf16": "torch.bfloat16"}[options.precision]
+    llm_dtype = "torch.float32" if options.computes_in_float32 else half
+    quantization = "nf4_quantization" if options.precision == "nf4" and not on_cpu else "None"
     evaluate_chat_hook = ""
     if options.eval_image is not None:
         evaluate_chat_hook = (
@@ -170,7 +196,11 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
             + ("from bench.trainer.hooks import ProjectorSnapshotHook\n" if options.save_projector else "")
         ),
         llm_extras="".join(f"\n        {name}={value!r}," for name, value in options.levers.llm_kwargs.items()),
-        projector_snapshot_hook="\n    dict(type=ProjectorSnapshotHook)," if options.save_projector else "",
+        projector_snapshot_hook=(
+            f"\n    dict(type=ProjectorSnapshotHook, compared_iters={COMPARED_STEPS * options.accumulative_counts}),"
+            if options.save_projector
+            else ""
+        ),
         model_type="LeveredLLaVAModel" if model_levers else "LLaVAModel",
         model_extras="".join(f"\n    {name}={value!r}," for name, value in model_levers.items()),
         dataset_type="CachedLLaVADataset" if options.levers.tokenized_cache else "LLaVADataset",
@@ -178,8 +208,10 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
             f"\n    cache_folder={str(options.tokenized_cache_folder)!r}," if options.levers.tokenized_cache else ""
         ),
         max_iters=options.max_iters,
+        log_interval=min(PINNED_LOG_INTERVAL, options.max_iters),
         llm_dtype=llm_dtype,
         quantization=quantization,
+        nf4_compute_dtype="torch.float32" if options.float32_reference else "torch.float16",
         optim_wrapper_type="OptimWrapper" if on_cpu else "AmpOptimWrapper",
         amp_options="" if on_cpu else "\n    loss_scale='dynamic',\n    dtype='float16'",
         evaluate_chat_hook=evaluate_chat_hook,
@@ -192,7 +224,9 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         dist_backend=repr("gloo" if on_cpu else "nccl"),
         seed=options.seed,
     )
-    return RenderedRecipe(text=text, source="template", deviations=_deviations(options))
+    return RenderedRecipe(
+        text=text, source="template", deviations=_deviations(options), float32=options.float32_reference and not on_cpu
+    )
 
 
 def accumulation_deviation(accumulative_counts: int) -> str:

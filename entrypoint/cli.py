@@ -22,6 +22,7 @@ from bench.layout import Layout
 from bench.levers import LeverRequest
 from bench.recipe import STOCK_PER_DEVICE_BATCH, RecipeOptions
 from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, REAL_SHAPE_SPEC, SynthSpec
+from bench.trainer import COMPARED_STEPS
 from entrypoint import __version__
 from entrypoint.perf import VARIANTS
 from entrypoint.preflight import check_layout
@@ -339,7 +340,15 @@ def run(
         ),
     ] = None,
     save_projector: Annotated[
-        bool, typer.Option(metavar="", help="Save the projector's weights before and after training under xtuner/ (llava-bench perf compares them).")
+        bool, typer.Option(metavar="", help=f"Save the projector's first gradient and its weights before training and after step {COMPARED_STEPS} under xtuner/ (llava-bench perf compares them).")
+    ] = False,
+    float32_reference: Annotated[
+        bool,
+        typer.Option(
+            metavar="",
+            help="Stock's recipe with every float in float32 (no fp16, bf16 or TF32; implies --stock): the exact math "
+            "llava-bench perf holds gradients against. GPUs; not a benchmark run.",
+        ),
     ] = False,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
@@ -365,9 +374,10 @@ def run(
             save_checkpoint=save_checkpoint,
             eval_image=eval_image,
             save_projector=save_projector,
+            float32_reference=float32_reference,
         ),
         levers=LeverRequest(
-            stock=stock,
+            stock=stock or float32_reference,
             dataloader_workers=dataloader_workers,
             pin_memory=pin_memory,
             dequantize_nf4=dequantize_nf4,
@@ -567,7 +577,7 @@ def perf(
     variant: Annotated[
         Optional[list[Variant]],
         typer.Option(
-            help="Recipe variants to run, in order (repeatable; default: stock, stock-again, default); see docs/PERFORMANCE.md."
+            help="Recipe variants to run, in order (repeatable; default: exact, stock, default); see docs/PERFORMANCE.md."
         ),
     ] = None,
     steps: Annotated[int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")] = 30,
@@ -625,19 +635,19 @@ def perf(
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
     projectors = compare_projectors(verdicts)
     rows = compare(verdicts, matmul_tflops, projectors)
-    report = write_report(out, rows, run_options, matmul_tflops, projectors.movement)
+    report = write_report(out, rows, run_options, matmul_tflops, projectors)
     if as_json:
         console.print_json(json.dumps([asdict(row) for row in rows]))
     else:
         console.print(table(rows), highlight=False)
         if projectors.movement is not None:
             console.print(
-                f"stock's projector moved {projectors.movement:.2e} of its initial norm; projector distances are relative "
-                "to that move",
+                f"the projector is compared with {projectors.reference}'s: in {COMPARED_STEPS} steps it moved "
+                f"{projectors.movement:.2e} of its initial norm, and distances are relative to that move",
                 highlight=False,
             )
         console.print(f"written: {report}", highlight=False)
-    if any(row.termination != "completed" or row.gradient_agrees is False for row in rows):
+    if any(row.termination != "completed" or False in (row.gradient_agrees, row.projector_agrees) for row in rows):
         raise typer.Exit(1)
 
 

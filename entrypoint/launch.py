@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +55,21 @@ def xtuner_train_script() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tools" / "train.py"
 
 
+# XTuner's own ZeRO-2 config, by the name the seed passes to --deepspeed.
+DEEPSPEED_CONFIG = "deepspeed_zero2"
+
+
+def write_float32_deepspeed_config(folder: Path) -> Path:
+    """XTuner's ZeRO-2 config without its fp16 and bf16 sections, written into ``folder``.
+    Both are "auto", which XTuner turns into bf16 on a GPU that has it; without them
+    DeepSpeed trains in float32 (the float32 reference)."""
+    packaged = xtuner_train_script().parent.parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIG}.json"
+    config = {key: value for key, value in json.loads(packaged.read_text()).items() if key not in ("fp16", "bf16")}
+    path = folder / f"{DEEPSPEED_CONFIG}_float32.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
@@ -96,11 +112,13 @@ def training_plan(
     device: str,
     topology: Topology,
     cfg_options: list[str] = (),
+    deepspeed: str | Path = DEEPSPEED_CONFIG,
 ) -> LaunchPlan:
     """The exact training command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU.
 
     ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
-    relative paths (``./data/...``) resolves them there.
+    relative paths (``./data/...``) resolves them there. ``deepspeed`` other than XTuner's
+    config is the float32 reference's, which also runs with TF32 off.
     """
     train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
     if cfg_options:
@@ -108,8 +126,11 @@ def training_plan(
     if device == "cpu":
         argv = [sys.executable, *train_args, "--launcher", "none"]
         return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=False)
-    program = [*train_args, "--deepspeed", "deepspeed_zero2", "--launcher", "pytorch"]
-    return torchrun_plan(topology, program, logs_dir, cwd)
+    program = [*train_args, "--deepspeed", str(deepspeed), "--launcher", "pytorch"]
+    plan = torchrun_plan(topology, program, logs_dir, cwd)
+    if deepspeed != DEEPSPEED_CONFIG:
+        plan.env["NVIDIA_TF32_OVERRIDE"] = "0"  # cuBLAS and cuDNN (the ViT's convolution) in true float32
+    return plan
 
 
 @dataclass

@@ -3,11 +3,14 @@
 Each variant is a real `llava-bench run` of the same layout with the same seed, steps
 and global batch, differing only in its lever options; the table compares time per
 step, data share, peak memory, MFU and start-up with the stock run, and whether each
-variant did the same math: the projector (the only trained module) gets the same
-gradient in the first backward pass as stock's, to rounding (a lever that broke it,
-down to one that zeroed it, is far outside). Also shown: the loss curve against
-stock's, and the projector after the last step against stock's, held against a
-second stock run's difference (in bf16 rounding differences grow over AdamW steps).
+variant did the same math. That check holds the projector (the only trained module)
+against a reference: its gradient in the first backward pass (same weights, same
+batch) and its weights after COMPARED_STEPS AdamW steps. The reference is the
+float32 run (`exact`) where it ran, and a variant agrees when it is no farther from it
+than stock's own half-precision rounding allows; without it, the reference is stock
+and the allowance a second stock run's difference. A lever that broke the gradient,
+down to one that zeroed it, is far outside either. Also shown: the loss curve against
+stock's.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.trainer import PROJECTOR_SNAPSHOTS
+from bench.trainer import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
 
 # Variant name -> `llava-bench run` lever options. Each single-lever variant is stock
 # with one lever switched on, so its own effect is measured.
@@ -42,8 +45,11 @@ def _only(lever: str, *on: str) -> list[str]:
 
 
 VARIANTS = {
+    # The math reference: stock in float32, for the compared steps only (the last
+    # --max-steps given wins), as float32 is the slowest run by far on GPUs.
+    "exact": ["--float32-reference", "--max-steps", str(COMPARED_STEPS)],
     "stock": ["--stock"],
-    "stock-again": ["--stock"],  # stock's run-to-run noise, which the others are held against
+    "stock-again": ["--stock"],  # stock's run-to-run noise: the allowance where exact did not run
     "workers": _only("dataloader_workers", "--dataloader-workers", "4", "--pin-memory"),
     "dequantize": _only("dequantize_nf4", "--dequantize-nf4"),
     "tokenized-cache": _only("tokenized_cache", "--tokenized-cache"),
@@ -53,16 +59,20 @@ VARIANTS = {
     "sdpa": _only("sdpa_attention", "--sdpa-attention"),
     "default": [],
 }
-DEFAULT_VARIANTS = ("stock", "stock-again", "default")
-# A variant did stock's math when its first projector gradient (same weights, same
-# batch) is within this many times the second stock run's difference from stock's
-# (both runs differ from stock by run-to-run noise, whose size one sample only
-# estimates)...
+DEFAULT_VARIANTS = ("exact", "stock", "default")
+# The reference runs, in order of preference, and whose difference from each is the
+# rounding a variant is allowed: against exact, stock's (its half precision); against
+# stock, a second stock run's.
+ALLOWANCE_FROM = {"exact": "stock", "stock": "stock-again"}
+# A variant did the reference's math when its projector (first gradient, weights after
+# the compared steps) is within this many times stock's own difference from the
+# reference (another half-precision rounding of the same function may land farther
+# than stock's did; one sample only estimates its size)...
 PROJECTOR_NOISE_FACTOR = 2.0
-# ...or within this share of it, which rounding alone stays under: the recipe trains
-# in bf16 (8 significant bits, up to 0.2 % a rounding), and a lever that sums in
-# another order moves a gradient through 48 layers by a few tenths of a percent;
-# a lever that broke the gradient is at 100 % (docs/PERFORMANCE.md).
+# ...or within this share of it, which rounding alone stays under where stock's own
+# difference is nil (a deterministic stock against itself, or on CPU, where stock is
+# float32): a lever that sums in another order moves a gradient by a few tenths of a
+# percent; one that broke the gradient is at 100 % (docs/PERFORMANCE.md).
 GRADIENT_ROUNDING = 0.02
 # Iterations an epoch of the reference run (558,128 records at global batch 1024):
 # a perf layout with this many steps an epoch has the reference's LR schedule per
@@ -86,10 +96,10 @@ class PerfRow:
     max_loss_difference: float | None  # over the steps both logged, vs stock
     limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
     times_limit: float | None  # seconds per step / that limit
-    gradient_difference: float | None  # |first projector gradient - stock's| / |stock's|
-    gradient_agrees: bool | None  # the math check (gradient_agrees); None without the snapshots
-    projector_distance: float | None  # |final projector - stock's| / |stock's final - its start|
-    projector_vs_noise: float | None  # that distance / the second stock run's
+    gradient_difference: float | None  # |first projector gradient - the reference's| / |the reference's|
+    gradient_agrees: bool | None  # the math check on it (agrees); None without the snapshots
+    projector_distance: float | None  # |projector after the compared steps - the reference's| / the reference's move
+    projector_agrees: bool | None  # the math check on it
     llm_architecture: str | None  # InternLM2ForCausalLM, or the stand-in's
     levers: dict | None
     run_dir: str
@@ -182,48 +192,67 @@ def _projector(verdict: dict, snapshot: str):
 
 @dataclass(frozen=True)
 class ProjectorComparison:
-    """Each variant's projector against stock's (only variants that saved theirs)."""
+    """Each variant's projector against the reference run's (variants that saved theirs)."""
 
-    gradient_differences: dict[str, float]  # |first gradient - stock's| / |stock's|
-    distances: dict[str, float]  # |final weights - stock's| / |stock's final - its start|
-    movement: float | None  # |stock's final - its start| / |its start|: the LR moved it
+    reference: str | None  # "exact" where it ran, else "stock"; None: neither saved its projector
+    allowance_from: str | None  # whose difference from the reference is the rounding allowed: stock's or stock-again's
+    gradient_differences: dict[str, float]  # |first gradient - the reference's| / |the reference's|
+    distances: dict[str, float]  # |weights after the compared steps - the reference's| / the reference's move
+    movement: float | None  # the reference's move over the compared steps / its initial norm: the LR moved it
+
+    def agrees(self, variant: str) -> tuple[bool | None, bool | None]:
+        """Whether the first gradient and the weights after the compared steps are the
+        reference's; not judged against exact without stock's own difference to allow."""
+        if self.reference == "exact" and self.allowance_from is None:
+            return None, None
+        return tuple(
+            agrees(values.get(variant), values.get(self.allowance_from) if self.allowance_from else None)
+            for values in (self.gradient_differences, self.distances)
+        )
 
 
 def compare_projectors(verdicts: dict[str, dict]) -> ProjectorComparison:
-    """Each variant's first projector gradient and final projector against stock's."""
-    stock = verdicts.get("stock") or {}
-    snapshots = {key: _projector(stock, name) for key, name in PROJECTOR_SNAPSHOTS.items()}
-    gradient, start, final = snapshots["first_gradient"], snapshots["before_train"], snapshots["after_train"]
+    """Each variant's first projector gradient and its weights after the compared steps,
+    against the reference run's: exact where it saved them, else stock."""
+    first_gradient = PROJECTOR_SNAPSHOTS["first_gradient"]
+    saved = [name for name in ALLOWANCE_FROM if _projector(verdicts.get(name) or {}, first_gradient) is not None]
+    if not saved:
+        return ProjectorComparison(None, None, {}, {}, None)
+    reference = saved[0]
+    allowance_from = ALLOWANCE_FROM[reference] if ALLOWANCE_FROM[reference] in verdicts else None
+    own = {key: _projector(verdicts[reference], name) for key, name in PROJECTOR_SNAPSHOTS.items()}
+    gradient, start, compared = own["first_gradient"], own["before_train"], own["after_compared_steps"]
     differences, distances, movement = {}, {}, None
     for variant, verdict in verdicts.items():
-        own = _projector(verdict, PROJECTOR_SNAPSHOTS["first_gradient"])
-        if own is not None and gradient is not None and float(gradient.norm()) > 0:
-            differences[variant] = float((own - gradient).norm() / gradient.norm())
-    if start is not None and final is not None and float((final - start).norm()) > 0:
-        move = float((final - start).norm())
+        first = _projector(verdict, first_gradient)
+        if first is not None and float(gradient.norm()) > 0:
+            differences[variant] = float((first - gradient).norm() / gradient.norm())
+    if start is not None and compared is not None and float((compared - start).norm()) > 0:
+        move = float((compared - start).norm())
         movement = move / float(start.norm())
         for variant, verdict in verdicts.items():
-            weights = _projector(verdict, PROJECTOR_SNAPSHOTS["after_train"])
+            weights = _projector(verdict, PROJECTOR_SNAPSHOTS["after_compared_steps"])
             if weights is not None:
-                distances[variant] = float((weights - final).norm()) / move
-    return ProjectorComparison(differences, distances, movement)
+                distances[variant] = float((weights - compared).norm()) / move
+    return ProjectorComparison(reference, allowance_from, differences, distances, movement)
 
 
-def gradient_agrees(difference: float | None, noise: float | None) -> bool | None:
-    """Whether a variant's first projector gradient is stock's: within twice the second
-    stock run's difference or GRADIENT_ROUNDING, whichever is larger; None when either
-    run saved none."""
-    if difference is None:
+def agrees(difference: float | None, allowance: float | None) -> bool | None:
+    """Whether a variant's projector is the reference's: within PROJECTOR_NOISE_FACTOR
+    times stock's own difference (``allowance``) or GRADIENT_ROUNDING, whichever is
+    larger. None when the variant saved none, or when that bound reaches 1, the
+    distance of a zeroed gradient or an untrained projector: stock's own rounding is
+    then too large for the check to tell a broken lever from a sound one."""
+    bound = max(PROJECTOR_NOISE_FACTOR * (allowance or 0.0), GRADIENT_ROUNDING)
+    if difference is None or bound >= 1:
         return None
-    return difference <= max(PROJECTOR_NOISE_FACTOR * (noise or 0.0), GRADIENT_ROUNDING)
+    return difference <= bound
 
 
 def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: ProjectorComparison) -> list[PerfRow]:
     """One row per variant, against the stock variant when there is one, against the
-    matmul limit when the step's FLOPs are known, and, for the projector, against
-    stock's and the second stock run's (``projectors`` from compare_projectors)."""
-    distance_noise = projectors.distances.get("stock-again")
-    gradient_noise = projectors.gradient_differences.get("stock-again")
+    matmul limit when the step's FLOPs are known, and, for the projector, against the
+    reference run's (``projectors`` from compare_projectors)."""
     stock = verdicts.get("stock")
     stock_speed = ((stock or {}).get("throughput") or {}).get("seconds_per_step", {}).get("median")
     stock_losses = _losses(stock) if stock else {}
@@ -236,6 +265,7 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
         common = sorted(set(losses) & set(stock_losses))
         flops = throughput.get("flops_per_step")
         limit = flops / verdict["world_size"] / (matmul_tflops * 1e12) if flops and matmul_tflops else None
+        gradient_agrees, projector_agrees = projectors.agrees(variant)
         rows.append(
             PerfRow(
                 variant=variant,
@@ -251,21 +281,15 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
                 limit_seconds_per_step=limit,
                 times_limit=speed / limit if speed and limit else None,
                 gradient_difference=projectors.gradient_differences.get(variant),
-                gradient_agrees=gradient_agrees(projectors.gradient_differences.get(variant), gradient_noise),
+                gradient_agrees=gradient_agrees,
                 projector_distance=projectors.distances.get(variant),
-                projector_vs_noise=_ratio(projectors.distances.get(variant), distance_noise),
+                projector_agrees=projector_agrees,
                 llm_architecture=next(iter(((verdict.get("inputs") or {}).get("llm") or {}).get("architectures") or []), None),
                 levers=(verdict.get("recipe") or {}).get("levers"),
                 run_dir=verdict.get("_run_dir", ""),
             )
         )
     return rows
-
-
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    if value is None or not reference:
-        return None
-    return value / reference
 
 
 def table(rows: list[PerfRow]) -> str:
@@ -276,17 +300,17 @@ def table(rows: list[PerfRow]) -> str:
 
     lines = [
         "variant     run        s/step  x stock  data  peak MiB   MFU  pre s  start s  max |dloss|  x limit"
-        "  grad diff  agrees  proj dist  x noise"
+        "  grad diff  agrees  proj dist  agrees"
     ]
+    word = {None: "-", True: "yes", False: "NO"}  # -: not measured, or the allowance cannot tell
     for row in rows:
-        agrees = {None: "-", True: "yes", False: "NO"}[row.gradient_agrees]
         lines.append(
             f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} {cell(row.ratio_vs_stock, '8.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
             f" {cell(row.preflight_seconds, '6.1f')} {cell(row.startup_seconds, '8.1f')}"
             f" {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
-            f" {cell(row.gradient_difference, '10.2e')} {agrees:>7} {cell(row.projector_distance, '10.2e')}"
-            f" {cell(row.projector_vs_noise, '8.2f')}"
+            f" {cell(row.gradient_difference, '10.2e')} {word[row.gradient_agrees]:>7}"
+            f" {cell(row.projector_distance, '10.2e')} {word[row.projector_agrees]:>7}"
         )
     architectures = {row.llm_architecture for row in rows} - {"InternLM2ForCausalLM"}
     if architectures:
@@ -295,13 +319,16 @@ def table(rows: list[PerfRow]) -> str:
 
 
 def write_report(
-    out: Path, rows: list[PerfRow], run_options: list[str], matmul_tflops: float | None, projector_movement: float | None
+    out: Path, rows: list[PerfRow], run_options: list[str], matmul_tflops: float | None, projectors: ProjectorComparison
 ) -> Path:
     path = out / "perf.json"
     document = {
         "run_options": run_options,
         "matmul_tflops_per_device": matmul_tflops,
-        "projector_movement": projector_movement,  # |stock's final projector - its start| / |its start|
+        "compared_steps": COMPARED_STEPS,
+        "projector_reference": projectors.reference,
+        "projector_allowance_from": projectors.allowance_from,
+        "projector_movement": projectors.movement,  # the reference's move over the compared steps / its initial norm
         "rows": [asdict(row) for row in rows],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")

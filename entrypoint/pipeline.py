@@ -52,6 +52,7 @@ from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.diagnose import OUT_OF_MEMORY, logs_report
 from entrypoint.environment import gpu_inventory_details, software
 from entrypoint.launch import (
+    DEEPSPEED_CONFIG,
     AbortOnSignals,
     Interrupted,
     SignalFlag,
@@ -62,6 +63,7 @@ from entrypoint.launch import (
     torchrun_plan,
     training_plan,
     utc_now,
+    write_float32_deepspeed_config,
 )
 from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import Problem, check_layout, check_writable
@@ -574,9 +576,10 @@ def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device
     """config.py of this attempt and the command that trains it."""
     config_path = run_dir / "config.py"
     config_path.write_text(recipe.text)
+    deepspeed = write_float32_deepspeed_config(run_dir) if recipe.float32 else DEEPSPEED_CONFIG
     return training_plan(
         config_path, run_dir / "xtuner", run_dir / "logs" / f"node-{topology.node_rank}",
-        layout.root, device, topology, recipe.cfg_options,
+        layout.root, device, topology, recipe.cfg_options, deepspeed,
     )  # fmt: skip
 
 

@@ -296,6 +296,86 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     assert rows["broken"].projector_distance == pytest.approx(1.0)  # still at its start
 
 
+def _saved_projector(folder: Path, initial, gradient, compared) -> dict:
+    """A run folder holding the three projector snapshots; its verdict as perf reads it."""
+    from safetensors.torch import save_file
+
+    from bench.trainer import PROJECTOR_SNAPSHOTS
+
+    (folder / "xtuner").mkdir(parents=True)
+    for key, tensor in (("before_train", initial), ("first_gradient", gradient), ("after_compared_steps", compared)):
+        save_file({"weight": tensor}, str(folder / "xtuner" / PROJECTOR_SNAPSHOTS[key]))
+    return {"_run_dir": str(folder)}
+
+
+# variant -> (its first gradient's difference from the exact one, its move's), and whether each agrees:
+# stock differs by 10 % (its half-precision rounding), so anything within 20 % of exact agrees.
+AGAINST_EXACT = {
+    "stock": ((0.10, 0.10), (True, True)),
+    "rounds-otherwise": ((0.18, 0.15), (True, True)),
+    "scaled-gradient": ((0.50, 0.10), (False, True)),
+    "zeroed-gradient": ((1.00, 1.00), (False, False)),
+}
+
+
+def test_with_an_exact_run_each_variant_is_held_against_it_with_stocks_rounding_as_the_allowance(tmp_path):
+    """The check on the GPUs' half precision, where stock itself is off the float32
+    math: a variant within twice stock's difference agrees; a lever that scaled or
+    zeroed the gradient does not, however large stock's own rounding."""
+    import torch
+
+    from entrypoint.perf import compare, compare_projectors
+
+    initial, gradient, move = torch.ones(64), torch.linspace(-1, 1, 64), torch.full((64,), 0.01)
+    noise = torch.sin(torch.arange(64.0))  # a direction off both, scaled to each difference
+    verdicts = {"exact": _saved_projector(tmp_path / "exact", initial, gradient, initial + move)}
+    for variant, ((gradient_off, move_off), _) in AGAINST_EXACT.items():
+        verdicts[variant] = _saved_projector(
+            tmp_path / variant, initial,
+            gradient + noise / noise.norm() * gradient.norm() * gradient_off,
+            initial + move + noise / noise.norm() * move.norm() * move_off,
+        )  # fmt: skip
+    projectors = compare_projectors(verdicts)
+    assert (projectors.reference, projectors.allowance_from) == ("exact", "stock")
+    assert projectors.movement == pytest.approx(0.01)
+    rows = {row.variant: row for row in compare({k: {**v, "termination": {"kind": "completed"}, "world_size": 1}
+                                                 for k, v in verdicts.items()}, None, projectors)}  # fmt: skip
+    assert rows["exact"].gradient_difference == 0.0 and rows["exact"].gradient_agrees is True
+    for variant, ((gradient_off, move_off), expected) in AGAINST_EXACT.items():
+        row = rows[variant]
+        assert (row.gradient_difference, row.projector_distance) == (pytest.approx(gradient_off, rel=1e-4), pytest.approx(move_off, rel=1e-4))
+        assert (row.gradient_agrees, row.projector_agrees) == expected, variant
+
+
+def test_a_check_whose_allowance_reaches_a_broken_levers_distance_says_it_cannot_tell():
+    """Measured on the 20B shapes (docs/PERFORMANCE.md): stock's weights after the
+    compared steps were 0.66 of their move from the float32 run's; twice that exceeds
+    the 1.0 of a projector that never trained, so that check cannot fail and says so."""
+    from entrypoint.perf import agrees
+
+    assert agrees(0.66, 0.66) is None and agrees(5.0, 0.5) is None
+    assert agrees(0.33, 0.34) is True and agrees(1.0, 0.34) is False
+    assert agrees(0.019, 0.0) is True and agrees(0.03, None) is False  # the rounding floor where stock's own is nil
+
+
+def test_against_exact_without_stock_nothing_is_judged(tmp_path):
+    """Without stock, no half-precision allowance was measured: a GPU variant 33 % off
+    a float32 run is neither passed nor failed."""
+    import torch
+
+    from entrypoint.perf import compare_projectors
+
+    initial, gradient = torch.ones(8), torch.arange(8.0)
+    verdicts = {
+        "exact": _saved_projector(tmp_path / "exact", initial, gradient, initial + 0.01),
+        "default": _saved_projector(tmp_path / "default", initial, gradient * 1.33, initial + 0.02),
+    }
+    projectors = compare_projectors(verdicts)
+    assert (projectors.reference, projectors.allowance_from) == ("exact", None)
+    assert projectors.gradient_differences["default"] == pytest.approx(0.33, rel=1e-4)
+    assert projectors.agrees("default") == (None, None)
+
+
 def test_perf_refuses_an_unknown_variant(tmp_path):
     done = llava_bench("perf", "--root", str(tmp_path), "--variant", "turbo")
     assert done.returncode == 2
@@ -334,7 +414,7 @@ def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy,
 def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
     done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--stock", "--dataloader-workers", "2")
     assert done.returncode == 2
-    assert "--stock turns every lever off" in done.stderr
+    assert "--stock (and --float32-reference) turn every lever off" in done.stderr
 
 
 def _one_training_step(layout: Path, model_class, attention: str = "eager", **levers) -> tuple[Counter, float, list]:

@@ -78,6 +78,40 @@ def test_cpu_variant_uses_fp32_plain_optimizer_and_gloo():
     assert "is_bf16_supported" in recipe.text
 
 
+def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_precision(tmp_path):
+    """The math reference perf holds gradients against: the same quantized weights,
+    every float in float32, DeepSpeed's ZeRO-2 config as XTuner ships it less its fp16
+    and bf16 sections (XTuner turns their "auto" into bf16 on an H200), TF32 off."""
+    import json
+
+    from entrypoint.launch import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config, xtuner_train_script
+    from entrypoint.topology import detect
+
+    recipe = render(LAYOUT, RecipeOptions(float32_reference=True), "test")
+    stock = render(LAYOUT, RecipeOptions(), "test")
+    assert "torch_dtype=torch.float32" in recipe.text and "bnb_4bit_compute_dtype=torch.float32" in recipe.text
+    assert "bnb_4bit_compute_dtype=torch.float16" in stock.text and "quantization_config=nf4_quantization" in recipe.text
+    assert recipe.float32 and not stock.float32
+    assert any("float32 reference" in change and "not a benchmark run" in change for change in recipe.deviations)
+    written = json.loads(write_float32_deepspeed_config(tmp_path).read_text())
+    shipped = json.loads((xtuner_train_script().parent.parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIG}.json").read_text())
+    assert {"fp16", "bf16"} <= set(shipped) and written == {k: v for k, v in shipped.items() if k not in ("fp16", "bf16")}
+    assert written["zero_optimization"]["stage"] == 2
+    topology = detect({}, 1)
+    plan = training_plan(tmp_path / "config.py", tmp_path, tmp_path, tmp_path, "cuda", topology, [], tmp_path / "ds.json")
+    assert plan.argv[plan.argv.index("--deepspeed") + 1] == str(tmp_path / "ds.json")
+    assert plan.env["NVIDIA_TF32_OVERRIDE"] == "0"
+    usual = training_plan(tmp_path / "config.py", tmp_path, tmp_path, tmp_path, "cuda", topology)
+    assert usual.argv[usual.argv.index("--deepspeed") + 1] == DEEPSPEED_CONFIG and "NVIDIA_TF32_OVERRIDE" not in usual.env
+
+
+def test_the_float32_reference_takes_no_levers():
+    from bench.levers import Levers
+
+    with pytest.raises(ValueError, match="every lever off"):
+        RecipeOptions(float32_reference=True, levers=Levers(skip_vit_backward=True))
+
+
 def test_options_are_rendered_and_recorded():
     options = RecipeOptions(max_steps=100, accumulative_counts=4, per_device_batch=16, seed=7,
                             save_checkpoint=True, eval_image=Path("/llava/view.jpg"))  # fmt: skip
@@ -88,6 +122,12 @@ def test_options_are_rendered_and_recorded():
     assert "evaluation_images='/llava/view.jpg'" in recipe.text
     for words in ("seed 7", "100 optimizer steps", "per-device batch 16", "accumulation over 4", "checkpoints every 500"):
         assert any(words in d for d in recipe.deviations), words
+
+
+def test_a_run_shorter_than_the_logging_interval_logs_at_its_end():
+    short = render(LAYOUT, RecipeOptions(max_steps=3), "test")
+    assert "interval=3)" in short.text and any("logged every 3 iterations instead of 10" in d for d in short.deviations)
+    assert "interval=10)" in render(LAYOUT, RecipeOptions(), "test").text
 
 
 def test_rendering_is_deterministic():
@@ -133,6 +173,9 @@ RENDERED = [
         ConfigFacts(16, 4, "bf16", 40, "AmpOptimWrapper"),
     ),
     (RecipeOptions(device="cpu", per_device_batch=8), ConfigFacts(8, 1, "fp32", 500, "OptimWrapper")),
+    # the float32 reference keeps NF4's weights (their compute in float32); bf16's are held in float32
+    (RecipeOptions(float32_reference=True), ConfigFacts(32, 1, "nf4", 500, "AmpOptimWrapper")),
+    (RecipeOptions(precision="bf16", float32_reference=True), ConfigFacts(32, 1, "fp32", 500, "AmpOptimWrapper")),
 ]
 
 

@@ -12,21 +12,22 @@ from bench.trainer import PROJECTOR_SNAPSHOTS
 
 
 class ProjectorSnapshotHook(Hook):
-    """The projector's weights before and after training, and its gradient of the first
-    backward pass, in the work dir.
+    """The projector's weights before training and after ``compared_iters``
+    micro-iterations, and its gradient of the first backward pass, in the work dir.
 
     The projector is the only module the recipe trains, so two runs that do the same
     math give it the same first gradient (same weights, same batch) to rounding, and a
-    lever that broke the gradient gives another; `llava-bench perf` compares them. The
-    weights after many AdamW steps are compared too, but there rounding differences
-    grow (AdamW moves a weight whose gradient's sign is rounding's by a whole step).
+    lever that broke the gradient gives another; `llava-bench perf` compares them, and
+    the weights after the first few AdamW steps too (later, rounding differences grow:
+    AdamW moves a weight whose gradient's sign is rounding's by a whole step).
     Rank 0 writes them: ZeRO-2 keeps every parameter whole on every rank, and the
     gradient is rank 0's own micro-batch's, taken as it arrives, before the reduction.
     """
 
     priority = "LOWEST"
 
-    def __init__(self):
+    def __init__(self, compared_iters: int):
+        self._compared_iters = compared_iters
         self._first_gradient: dict = {}
         self._handles: list = []
 
@@ -47,10 +48,8 @@ class ProjectorSnapshotHook(Hook):
             for handle in self._handles:
                 handle.remove()
             self._handles = []
-
-    def after_train(self, runner) -> None:
-        if runner.rank == 0:
-            self._save(runner, PROJECTOR_SNAPSHOTS["after_train"], self._projector(runner).state_dict())
+        if runner.rank == 0 and runner.iter + 1 == self._compared_iters:  # runner.iter: this iteration's index
+            self._save(runner, PROJECTOR_SNAPSHOTS["after_compared_steps"], self._projector(runner).state_dict())
 
     @staticmethod
     def _projector(runner):
