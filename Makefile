@@ -98,6 +98,8 @@ run:
 	$(IMAGE)
 
 lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 
 # Record the digest of the base image for users who can pull it (never invented: it is

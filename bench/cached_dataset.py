@@ -6,6 +6,7 @@ max_length and the library versions, so it is saved once under the results folde
 a folder named by their hash (bench/levers.py) and memory-mapped by every rank of later
 runs. Imported only by rendered configs, inside the trainer processes.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,10 @@ class CachedLLaVADataset(LLaVADataset):
             self.pad_image_to_square = pad_image_to_square
             return
         super().__init__(
-            image_folder=image_folder, image_processor=image_processor, pad_image_to_square=pad_image_to_square, **kwargs
+            image_folder=image_folder,
+            image_processor=image_processor,
+            pad_image_to_square=pad_image_to_square,
+            **kwargs,
         )
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             self._save(folder)

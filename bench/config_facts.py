@@ -7,6 +7,7 @@ names assigned earlier, arithmetic, ``dict(...)``, ``int(...)`` and ``float(...)
 calls, lists, and names the config imports (``Symbol``, e.g. ``torch.float16``);
 anything else is unknown, never guessed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,10 +22,16 @@ class Symbol:
     """A name the config imports or an attribute of one (``AmpOptimWrapper``, ``torch.float16``)."""
 
     name: str
+
+
 OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow,
-}  # fmt: skip
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
+}
 CONVERSIONS = {"int": int, "float": float}
 
 
@@ -74,7 +81,11 @@ def top_level_values(config_text: str) -> dict:
     the evaluator cannot tell). Raises SyntaxError for text that is not Python."""
     values: dict = {}
     for statement in ast.parse(config_text).body:
-        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name):
+        if (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+        ):
             values[statement.targets[0].id] = _evaluate(statement.value, values)
     return values
 

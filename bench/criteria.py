@@ -3,6 +3,7 @@
 A pure function of the metrics records, the criteria and how the training process
 ended (DESIGN §3), so ``llava-bench verdict`` can recompute it offline.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,9 +96,12 @@ def first_crossing(records: list[MetricsRecord], criteria: Criteria, accumulativ
     restart superseded included: logging an iteration again does not undo a loss the
     run already reached."""
     crossings = [
-        r for r in records
-        if 1 <= r.step(accumulative_counts) <= criteria.max_steps and is_finite(r.loss) and r.loss < criteria.target_loss
-    ]  # fmt: skip
+        r
+        for r in records
+        if 1 <= r.step(accumulative_counts) <= criteria.max_steps
+        and is_finite(r.loss)
+        and r.loss < criteria.target_loss
+    ]
     first = min(crossings, key=lambda r: r.iter, default=None)
     return None if first is None else CurvePoint(first.iter, first.step(accumulative_counts), first.loss)
 
@@ -131,7 +135,8 @@ def stream_notes(records: list[MetricsRecord], criteria: Criteria, accumulative_
     if interval is not None and interval != LOGGED_MEAN_WINDOW and len(counts) > 1:
         notes.append(
             f"logged every {interval} iterations, but mmengine's losses and times are means over the last "
-            f"{LOGGED_MEAN_WINDOW}: the logged means {'overlap' if interval < LOGGED_MEAN_WINDOW else 'leave iterations out'}"
+            f"{LOGGED_MEAN_WINDOW}: the logged means "
+            f"{'overlap' if interval < LOGGED_MEAN_WINDOW else 'leave iterations out'}"
         )
     if records and interval and min(counts) > interval:
         notes.append(
@@ -195,8 +200,7 @@ def judge(
     if crossing is not None:
         return judgement(
             "pass",
-            f"loss {crossing.loss:.4f} < {target} at step {crossing.step} "
-            f"(within {criteria.max_steps} steps)",
+            f"loss {crossing.loss:.4f} < {target} at step {crossing.step} (within {criteria.max_steps} steps)",
         )
     if not curve:
         return judgement("error", "the metrics stream holds no training record")

@@ -22,6 +22,7 @@ Hardware FLOPs, what the run's recipe executes (HFU divides these):
   the projector is checkpointed with it (one forward more); with the ViT lever,
   neither.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -135,17 +136,22 @@ def step_flops(
     vit_embedding, vit_linear, vit_attention = vit_forward_flops(vit)
     projector = projector_forward_flops(vit, llm)
     model = (
-        (linear + attention) + (linear + 2 * attention)  # forward + input-gradient backward
+        (linear + attention)
+        + (linear + 2 * attention)  # forward + input-gradient backward
         + 2 * head_row * labelled_tokens_per_sample
-        + vit_embedding + vit_linear + vit_attention
+        + vit_embedding
+        + vit_linear
+        + vit_attention
         + 3 * projector
-    )  # fmt: skip
+    )
     recomputed = (linear + attention) * work.checkpointed_llm_layers / llm.layers
     head_rows = sequence if work.head_at_every_position else labelled_tokens_per_sample
     extra_head = 2 * head_row * (head_rows - labelled_tokens_per_sample)
     # stock's ViT: its layers recomputed and backpropagated (down to the embeddings'
     # output, which XTuner makes require gradients), and the projector recomputed
-    vit_extra = (vit_linear + vit_attention) + (vit_linear + 2 * vit_attention) + projector if work.vit_backward else 0.0
+    vit_extra = (
+        (vit_linear + vit_attention) + (vit_linear + 2 * vit_attention) + projector if work.vit_backward else 0.0
+    )
     return StepFlops(samples * model, samples * (model + recomputed + extra_head + vit_extra), sequence)
 
 

@@ -1,5 +1,6 @@
 """What the run was fed: dataset and model identities, and the model shapes the FLOP
 model needs. Recorded in the verdict so the figures can be recomputed and compared."""
+
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,9 @@ def describe(layout: Layout, dataset: DatasetJson) -> dict:
         # The hub commits `llava-bench prepare` resolved, where it downloaded the files.
         "sources": [
             json.loads(record.read_text())
-            for record in (folder / SOURCE_RECORD_NAME for folder in (layout.llm_dir, layout.clip_dir, layout.pretrain_dir))
+            for record in (
+                folder / SOURCE_RECORD_NAME for folder in (layout.llm_dir, layout.clip_dir, layout.pretrain_dir)
+            )
             if record.is_file()
         ],
     }

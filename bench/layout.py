@@ -3,6 +3,7 @@
 One place names every path, so preflight, recipe rendering and the synthetic
 layout cannot disagree about the folder structure.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Named in the rendered config (bench/recipe.py) only when one of these levers is 
 the stock recipe builds XTuner's own class. Imports XTuner: only the trainer
 processes load this module.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,12 @@ class LeveredLLaVAModel(LLaVAModel):
     """
 
     def __init__(
-        self, *args, skip_vit_backward: bool = False, unchecked_llm_layers: int = 0, labelled_logits_only: bool = False, **kwargs
+        self,
+        *args,
+        skip_vit_backward: bool = False,
+        unchecked_llm_layers: int = 0,
+        labelled_logits_only: bool = False,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.labelled_logits_only = labelled_logits_only

@@ -4,6 +4,7 @@ Each lever is a recipe option recorded in the verdict; the stock values reproduc
 pinned config exactly (`--stock`). A lever stays only if it computes the same thing:
 same data order, same weights' values, same global batch and schedule.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,7 +88,9 @@ class Levers:
         """How the levers change the config, in words (the math stays the same)."""
         changes = []
         if self.dataloader_workers:
-            changes.append(f"{self.dataloader_workers} dataloader workers per rank instead of 0 (same sampler, same order)")
+            changes.append(
+                f"{self.dataloader_workers} dataloader workers per rank instead of 0 (same sampler, same order)"
+            )
         if self.pin_memory:
             changes.append("pinned dataloader memory")
         if self.dequantize_nf4:
@@ -98,7 +101,8 @@ class Levers:
         if self.skip_vit_backward:
             changes.append(
                 "the frozen ViT runs without autograd, with no recomputation or backward pass through it "
-                "(nothing read those gradients), and the projector without checkpointing; the projector's gradients are the same"
+                "(nothing read those gradients), and the projector without checkpointing; the projector's gradients "
+                "are the same"
             )
         if self.unchecked_llm_layers:
             changes.append(
@@ -171,7 +175,11 @@ def resolve_levers(
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
-        return STOCK, (["--stock (and --float32-reference) turn every lever off; leave out the lever options"] if any(v is not None for v in asked) else [])
+        return STOCK, (
+            ["--stock (and --float32-reference) turn every lever off; leave out the lever options"]
+            if any(v is not None for v in asked)
+            else []
+        )
     on_gpu = device == "cuda"
     applies = on_gpu and precision == "nf4"
     fits = bool(gpu_memory_mib) and min(gpu_memory_mib) >= DEQUANTIZED_NF4_MIB
@@ -244,9 +252,10 @@ def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: P
     """Where the tokenized dataset of these inputs lives: a folder named by the hash of
     everything the tokens depend on, so a changed input never meets a stale cache."""
     tokenizer_files = sorted(
-        p for p in llm_dir.iterdir()
+        p
+        for p in llm_dir.iterdir()
         if p.is_file() and (p.name.startswith("tokeniz") or p.name in ("special_tokens_map.json", "added_tokens.json"))
-    )  # fmt: skip
+    )
     identity = {
         "dataset_sha256": dataset_sha256,
         "tokenizer": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files},
@@ -277,7 +286,11 @@ def from_pretrained_dequantized(**kwargs):
                 continue
             weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
             linear = torch.nn.Linear(
-                child.in_features, child.out_features, bias=child.bias is not None, device=weight.device, dtype=weight.dtype
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
             )
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
             if child.bias is not None:

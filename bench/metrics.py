@@ -1,4 +1,5 @@
 """Read XTuner/mmengine metrics streams: one JSON object a line (``vis_data/<ts>.json``)."""
+
 from __future__ import annotations
 
 import json
@@ -90,9 +91,5 @@ def is_finite(value: float) -> bool:
 
 def find_stream(work_dir: Path) -> Path | None:
     """The newest metrics stream XTuner wrote under ``work_dir`` (not the scalars.json copy)."""
-    candidates = [
-        path
-        for path in Path(work_dir).glob("*/vis_data/*.json")
-        if path.name != "scalars.json"
-    ]
+    candidates = [path for path in Path(work_dir).glob("*/vis_data/*.json") if path.name != "scalars.json"]
     return max(candidates, key=lambda path: path.name, default=None)

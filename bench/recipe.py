@@ -4,6 +4,7 @@ The template holds the pinned config's math; this module fills in only what must
 differ (paths, stop step, seed, precision, device) and lists each change, so the
 verdict can say exactly how the run departs from the pinned config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,7 +97,8 @@ def _deviations(options: RecipeOptions) -> list[str]:
     changes = [
         "model and data paths are absolute paths into the mounted layout",
         "xtuner ThroughputHook added (the seed's metrics carry tflops and tokens_per_sec)",
-        "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads the batch, "
+        "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads "
+        "the batch, "
         "nothing else)",
         f"fixed random seed {options.seed}",
         f"training stops after {options.max_steps} optimizer steps "
@@ -104,27 +106,25 @@ def _deviations(options: RecipeOptions) -> list[str]:
     ]
     if options.max_iters < PINNED_LOG_INTERVAL:
         changes.append(
-            f"metrics logged every {options.max_iters} iterations instead of {PINNED_LOG_INTERVAL}, so a run this short "
+            f"metrics logged every {options.max_iters} iterations instead of {PINNED_LOG_INTERVAL}, so a run this "
+            "short "
             "logs its loss"
         )
     if options.eval_image is None:
         changes.append("EvaluateChatHook off (its default image is a URL, which fails offline)")
     else:
         changes.append(f"EvaluateChatHook uses the local image {options.eval_image}")
-    changes.append(
-        "checkpoints every 500 steps, 2 kept" if options.save_checkpoint else "no checkpoints saved"
-    )
+    changes.append("checkpoints every 500 steps, 2 kept" if options.save_checkpoint else "no checkpoints saved")
     if options.device == "cpu":
-        changes.append(
-            "CPU variant: fp32 LLM without quantization, plain OptimWrapper, gloo, no DeepSpeed"
-        )
+        changes.append("CPU variant: fp32 LLM without quantization, plain OptimWrapper, gloo, no DeepSpeed")
     elif options.precision == "bf16":
         changes.append("LLM weights in bf16 without 4-bit quantization")
     if options.float32_reference and options.device == "cuda":
         changes.append(
             "float32 reference: the LLM "
             + ("in float32 with NF4 compute in float32" if options.precision == "nf4" else "weights in float32")
-            + ", DeepSpeed without fp16 or bf16, TF32 off (NVIDIA_TF32_OVERRIDE=0): the same math without half-precision "
+            + ", DeepSpeed without fp16 or bf16, TF32 off (NVIDIA_TF32_OVERRIDE=0): the same math without "
+            "half-precision "
             "rounding, for llava-bench perf's gradient check; not a benchmark run"
         )
     if options.per_device_batch != STOCK_PER_DEVICE_BATCH:
@@ -144,7 +144,11 @@ def _deviations(options: RecipeOptions) -> list[str]:
     changes += options.levers.deviations()
     if options.levers.tokenized_cache:
         folder = options.tokenized_cache_folder
-        state = "reused from an earlier run" if (folder / TOKENIZED_CACHE_MARKER).is_file() else "saved there for later runs"
+        state = (
+            "reused from an earlier run"
+            if (folder / TOKENIZED_CACHE_MARKER).is_file()
+            else "saved there for later runs"
+        )
         changes.append(f"tokenized dataset kept in {folder} ({state}; the same tokens)")
     return changes
 
@@ -170,11 +174,7 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
     text = _template().substitute(
         appliance_version=appliance_version,
         # xtuner 0.2.0 asks torch.cpu.is_bf16_supported(), which torch lacks; harmless elsewhere.
-        compat_shims=(
-            "\n__import__('torch').cpu.is_bf16_supported = lambda *args, **kwargs: False\n"
-            if on_cpu
-            else ""
-        )
+        compat_shims=("\n__import__('torch').cpu.is_bf16_supported = lambda *args, **kwargs: False\n" if on_cpu else "")
         + (
             f"\n__import__('bench.trainer.memory', fromlist=['x']).cap_gpu_memory({options.gpu_memory_cap_mib})\n"
             if options.gpu_memory_cap_mib is not None
@@ -188,7 +188,9 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         accumulative_counts=options.accumulative_counts,
         dataloader_num_workers=options.levers.dataloader_workers,
         dataloader_extras="\n    pin_memory=True," if options.levers.pin_memory else "",
-        llm_loader="from_pretrained_dequantized" if options.levers.dequantize_nf4 else "AutoModelForCausalLM.from_pretrained",
+        llm_loader="from_pretrained_dequantized"
+        if options.levers.dequantize_nf4
+        else "AutoModelForCausalLM.from_pretrained",
         lever_imports=(
             ("from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "")
             + ("from bench.cached_dataset import CachedLLaVADataset\n" if options.levers.tokenized_cache else "")
@@ -216,8 +218,7 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         amp_options="" if on_cpu else "\n    loss_scale='dynamic',\n    dtype='float16'",
         evaluate_chat_hook=evaluate_chat_hook,
         checkpoint_hook=(
-            "dict(type=CheckpointHook, by_epoch=False, interval=save_steps,"
-            " max_keep_ckpts=save_total_limit)"
+            "dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit)"
             if options.save_checkpoint
             else "None"
         ),
@@ -269,14 +270,20 @@ def global_batch_plan(
         return target, target // per_micro_step, None
     workable = [b for b in range(per_device_batch, 0, -1) if target % (b * world_size) == 0][:1]
     what = f"--global-batch {target}" if asked is not None else f"the reference global batch {target}"
-    nearest = sorted({max(1, target // per_micro_step) * per_micro_step, (target // per_micro_step + 1) * per_micro_step})
+    nearest = sorted(
+        {max(1, target // per_micro_step) * per_micro_step, (target // per_micro_step + 1) * per_micro_step}
+    )
     problem = (
-        f"{what} is not a multiple of per-device batch x processes ({per_device_batch} x {world_size} = {per_micro_step}); "
-        + (f"--per-device-batch {' or '.join(map(str, workable))} holds it" if workable
-           else f"no per-device batch holds it on {world_size} processes")
+        f"{what} is not a multiple of per-device batch x processes ({per_device_batch} x {world_size} = "
+        f"{per_micro_step}); "
+        + (
+            f"--per-device-batch {' or '.join(map(str, workable))} holds it"
+            if workable
+            else f"no per-device batch holds it on {world_size} processes"
+        )
         + f", or --global-batch {' or '.join(map(str, nearest))} runs "
         + ("that schedule" if asked is not None else "another schedule (the verdict says it is not the reference)")
-    )  # fmt: skip
+    )
     return target, 1, problem
 
 
@@ -295,8 +302,10 @@ def from_user_config(config: Path, options: RecipeOptions, as_written: ConfigFac
     cfg_options = [*stop, seed]
     if options.per_device_batch != as_written.per_device_batch:
         cfg_options.append(f"train_dataloader.batch_size={options.per_device_batch}")
-        deviations.append(f"per-device batch {options.per_device_batch} instead of the file's {as_written.per_device_batch} "
-                          f"(--cfg-options {cfg_options[-1]})")  # fmt: skip
+        deviations.append(
+            f"per-device batch {options.per_device_batch} instead of the file's {as_written.per_device_batch} "
+            f"(--cfg-options {cfg_options[-1]})"
+        )
     if options.accumulative_counts != as_written.accumulative_counts:
         cfg_options.append(f"optim_wrapper.accumulative_counts={options.accumulative_counts}")
         deviations.append(f"{accumulation_deviation(options.accumulative_counts)} (--cfg-options {cfg_options[-1]})")

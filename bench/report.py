@@ -3,6 +3,7 @@
 All three are derived from verdict.json (and the copied metrics stream for the
 speed plot), so they can be redrawn at any time with ``llava-bench report``.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -79,7 +80,8 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
         "",
         "| steps completed | first step below target | final loss | minimum loss | stayed below after crossing |",
         "| --- | --- | --- | --- | --- |",
-        f"| {result['steps_completed']} | {_figure(result['first_step_below_target'])} | {_figure(result['final_loss'], 4)} "
+        f"| {result['steps_completed']} | {_figure(result['first_step_below_target'])} | "
+        f"{_figure(result['final_loss'], 4)} "
         f"| {_figure(result['min_loss'], 4)} | {_figure(result['stayed_below_after_crossing'])} |",
         "",
         f"![loss and seconds per step]({PLOT_NAME})" if not_plotted is None else f"(loss.png not drawn: {not_plotted})",
@@ -91,19 +93,26 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
             "",
             "| figure | value |",
             "| --- | --- |",
-            f"| seconds per step, mean / median / p95 | {_figure(speed.get('mean'))} / {_figure(speed.get('median'))} / {_figure(speed.get('p95'))} |",
-            f"| samples/s per device / cluster | {_figure(throughput['samples_per_second_per_device'], 2)} / {_figure(throughput['samples_per_second'], 2)} |",
+            f"| seconds per step, mean / median / p95 | {_figure(speed.get('mean'))} / "
+            f"{_figure(speed.get('median'))} / {_figure(speed.get('p95'))} |",
+            f"| samples/s per device / cluster | {_figure(throughput['samples_per_second_per_device'], 2)} / "
+            f"{_figure(throughput['samples_per_second'], 2)} |",
             f"| tokens/s incl. image tokens (cluster) | {_figure(throughput['tokens_per_second'], 1)} |",
             f"| data loading share of a step | {_figure(throughput['data_time_share'], 3)} |",
             f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
-            f"| launch to first step, s (preflight + trainer start-up) | {_figure(timing.get('launch_to_first_step_seconds'), 1)} "
+            "| launch to first step, s (preflight + trainer start-up) | "
+            f"{_figure(timing.get('launch_to_first_step_seconds'), 1)} "
             f"({_figure(timing.get('preflight_seconds'), 1)} + {_figure(timing.get('startup_seconds'), 1)}) |",
             f"| trainer's launch to the target, s / to {criteria['max_steps']} steps, projected | "
-            f"{_figure(timing.get('time_to_target_seconds'), 1)} / {_figure(timing.get('projected_max_steps_seconds'), 1)} |",
+            f"{_figure(timing.get('time_to_target_seconds'), 1)} / "
+            f"{_figure(timing.get('projected_max_steps_seconds'), 1)} |",
             f"| model FLOPs per step | {_scientific(throughput['flops_per_step'])} |",
             f"| achieved TFLOP/s per device | {_figure(flop_model.get('achieved_tflops_per_device'), 1)} |",
-            f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | {_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",
-            f"| XTuner's own tflops / tokens_per_sec per device (text only) | {_figure(throughput['xtuner_reported']['tflops_per_device'], 1)} / {_figure(throughput['xtuner_reported']['tokens_per_second_per_device'], 1)} |",
+            f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | "
+            f"{_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",
+            "| XTuner's own tflops / tokens_per_sec per device (text only) | "
+            f"{_figure(throughput['xtuner_reported']['tflops_per_device'], 1)} / "
+            f"{_figure(throughput['xtuner_reported']['tokens_per_second_per_device'], 1)} |",
             "",
             f"FLOP model: {flop_model.get('formula')}."
             + (f" MFU is null: {flop_model['why_null']}." if flop_model.get("why_null") else ""),
@@ -121,13 +130,28 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
         ]
     recipe, topology = verdict.get("recipe"), verdict.get("topology")
     if recipe:
-        lines += ["## Recipe", "", f"`config.py` sha256 `{recipe['config_sha256']}`, XTuner {recipe['xtuner_version']}, "
-                  f"{recipe['precision']}, global batch {recipe['global_batch']} ({'the reference' if recipe['on_reference_schedule'] else 'not the reference ' + str(recipe['reference_global_batch'])}), "
-                  f"seed {recipe['seed']}. Changes from the pinned config:", ""]  # fmt: skip
+        schedule = (
+            "the reference"
+            if recipe["on_reference_schedule"]
+            else f"not the reference {recipe['reference_global_batch']}"
+        )
+        lines += [
+            "## Recipe",
+            "",
+            f"`config.py` sha256 `{recipe['config_sha256']}`, XTuner {recipe['xtuner_version']}, "
+            f"{recipe['precision']}, global batch {recipe['global_batch']} "
+            f"({schedule}), "
+            f"seed {recipe['seed']}. Changes from the pinned config:",
+            "",
+        ]
         lines += [f"- {change}" for change in recipe["deviations"]] + [""]
     if topology:
-        lines += ["## Topology", "", f"{topology['nnodes']} node(s) x {topology['nproc_per_node']} process(es), "
-                  f"source: {topology['source']}.", ""]  # fmt: skip
+        lines += [
+            "## Topology",
+            "",
+            f"{topology['nnodes']} node(s) x {topology['nproc_per_node']} process(es), source: {topology['source']}.",
+            "",
+        ]
     if verdict["problems"]:
         lines += ["## Problems (preflight refused the run)", ""]
         lines += [f"- **{p['path']}**: {p['problem']}. Fix: {p['fix']}." for p in verdict["problems"]] + [""]
@@ -146,16 +170,23 @@ def write_report(run_dir: Path, verdict: dict) -> Path:
 def write_junit(verdict: dict, path: Path) -> None:
     """One test case, "loss below target within max_steps", for CI systems that read JUnit XML."""
     status = verdict["status"]
-    suite = ET.Element("testsuite", name="llava-bench", tests="1",
-                       failures=str(int(status == "fail")), errors=str(int(status not in ("pass", "fail"))))  # fmt: skip
+    suite = ET.Element(
+        "testsuite",
+        name="llava-bench",
+        tests="1",
+        failures=str(int(status == "fail")),
+        errors=str(int(status not in ("pass", "fail"))),
+    )
     properties = ET.SubElement(suite, "properties")
     median = ((verdict.get("throughput") or {}).get("seconds_per_step") or {}).get("median")
     for name, value in (("status", status), ("run_id", verdict["run_id"]), ("seconds_per_step_median", median)):
         ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
     case = ET.SubElement(
-        suite, "testcase", classname="llava-bench",
+        suite,
+        "testcase",
+        classname="llava-bench",
         name=f"loss below {verdict['criteria']['target_loss']} within {verdict['criteria']['max_steps']} steps",
-    )  # fmt: skip
+    )
     if status == "fail":
         ET.SubElement(case, "failure", message=verdict["reason"])
     elif status != "pass":

@@ -14,6 +14,7 @@ frozen LLM reads as words.
 - Until the projector maps patch features onto those word embeddings, the caption's
   words are guesses; once it does, the loss drops.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -176,6 +177,7 @@ def _write_tokenizer(directory: Path, corpus: list[str], vocab_size: int):
 def _chat_example(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
     """Token ids and labels laid out as XTuner lays out a LLaVA sample with the
     internlm2_chat template, the image slot holding the words the image shows."""
+
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
@@ -199,7 +201,7 @@ def _train_llm(model, tokenizer, samples: list[Sample], spec: SynthSpec) -> None
     width = max(len(ids) for ids, _ in examples)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in examples])
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in examples])
+    labels = torch.tensor([label + [-100] * (width - len(label)) for _, label in examples])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -264,7 +266,6 @@ def _new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
     not import with the installed transformers, a Llama of the same shape stands in
     (the same dimensions; Llama's own attention and names); the second value says why.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype_name = str(dtype).removeprefix("torch.")
@@ -273,7 +274,9 @@ def _new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
         directory.mkdir(parents=True, exist_ok=True)
         for name in INTERNLM2_CODE_FILES:
             shutil.copyfile(code / name, directory / name)
-        (directory / "config.json").write_text(json.dumps(internlm2_config(shape, tokenizer, dtype_name), indent=2) + "\n")
+        (directory / "config.json").write_text(
+            json.dumps(internlm2_config(shape, tokenizer, dtype_name), indent=2) + "\n"
+        )
         try:
             config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=dtype), None
@@ -284,11 +287,21 @@ def _new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
     else:
         why = "the installed xtuner does not ship InternLM2's model code (xtuner/_lite/modelings/internlm2)"
     config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=32_768,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype=dtype_name,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=32_768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        torch_dtype=dtype_name,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM._from_config(config, torch_dtype=dtype), why
 
 
@@ -306,7 +319,14 @@ def _write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpe
     the stand-in's reason, or None."""
     import torch
 
-    shape = LLMShape(hidden=spec.llm_hidden, layers=spec.llm_layers, heads=4, kv_heads=2, ffn=spec.llm_hidden * 2, vocab=len(tokenizer))
+    shape = LLMShape(
+        hidden=spec.llm_hidden,
+        layers=spec.llm_layers,
+        heads=4,
+        kv_heads=2,
+        ffn=spec.llm_hidden * 2,
+        vocab=len(tokenizer),
+    )
     model, why = _new_llm(directory, shape, tokenizer, torch.float32)
     _train_llm(model, tokenizer, samples, spec)
     _save_llm(model, directory, tokenizer)
@@ -333,7 +353,9 @@ def _write_clip(directory: Path, config) -> None:
 
     size = config.image_size
     CLIPVisionModel(config).save_pretrained(directory, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        directory
+    )
 
 
 def _start_layout(root: str | Path, spec: SynthSpec):
@@ -398,9 +420,14 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC,
     torch.cuda.empty_cache()
     vit = CLIP_VIT_L_336
     vision = CLIPVisionConfig(
-        hidden_size=vit.hidden, intermediate_size=vit.ffn, num_hidden_layers=vit.layers, num_attention_heads=16,
-        image_size=vit.image_size, patch_size=vit.patch, projection_dim=768,
-    )  # fmt: skip
+        hidden_size=vit.hidden,
+        intermediate_size=vit.ffn,
+        num_hidden_layers=vit.layers,
+        num_attention_heads=16,
+        image_size=vit.image_size,
+        patch_size=vit.patch,
+        projection_dim=768,
+    )
     _write_clip(layout.clip_dir, vision)
     _mark_synthetic(layout, spec, random_weights=True, llm_stand_in=stand_in)
     return layout

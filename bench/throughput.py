@@ -4,6 +4,7 @@ The first logged interval holds start-up effects (allocator warm-up, kernel
 selection, the first data loads), so it is left out whenever later ones exist; the
 window used is always stated.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ import statistics
 from dataclasses import dataclass
 
 from bench.metrics import MetricsRecord
-
 
 # No training step takes less than a microsecond: a shorter logged time is not a
 # measurement (and rates divided by it would overflow to infinity).
@@ -91,8 +91,14 @@ def _token_counts(records: list[MetricsRecord], window: list[MetricsRecord], per
     logged = [r for r in records if r.text_tokens_per_sample is not None and r.labelled_tokens_per_sample is not None]
     if logged:
         last = max(logged, key=lambda r: r.iter)
-        return {"text_tokens_per_sample": last.text_tokens_per_sample, "text_tokens_source": "logged",
-                "labelled_tokens_per_sample": last.labelled_tokens_per_sample}  # fmt: skip
+        return {
+            "text_tokens_per_sample": last.text_tokens_per_sample,
+            "text_tokens_source": "logged",
+            "labelled_tokens_per_sample": last.labelled_tokens_per_sample,
+        }
     estimates = [r.tokens_per_sec * r.time / per_device_batch for r in window if r.tokens_per_sec is not None]
-    return {"text_tokens_per_sample": _mean(estimates), "text_tokens_source": "estimated" if estimates else None,
-            "labelled_tokens_per_sample": None}  # fmt: skip
+    return {
+        "text_tokens_per_sample": _mean(estimates),
+        "text_tokens_source": "estimated" if estimates else None,
+        "labelled_tokens_per_sample": None,
+    }

@@ -4,6 +4,7 @@ The verdict is a pure function of recorded inputs: the run context stored inside
 ``verdict.json`` and the copied metrics stream. ``recompute`` rebuilds it from
 exactly those two, so a third party can check every figure.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ FLOP_FORMULA = (
     "labelled rows 2*h*V*l forward and backward, the frozen ViT forward, the projector forward x3 (input and weight "
     "gradients); hardware FLOPs add what the recipe executes beyond that: each checkpointed LLM layer's forward again, "
     "the LM head at all s rows unless the labelled-only logits lever is on, and, unless the ViT lever is on, the ViT's "
-    "layers recomputed and backpropagated (linear once, attention twice) and the projector recomputed; NF4 counts as dense"
+    "layers recomputed and backpropagated (linear once, attention twice) and the projector recomputed; NF4 counts as "
+    "dense"
 )
 
 
@@ -110,9 +112,13 @@ def _flops_section(context: RunContext, measured, samples_per_step: int) -> dict
         return section
     vit = flops_mod.ViTShape(**shapes["vit"])
     step = flops_mod.step_flops(
-        samples_per_step, measured.text_tokens_per_sample, measured.labelled_tokens_per_sample,
-        flops_mod.LLMShape(**shapes["llm"]), vit, work,
-    )  # fmt: skip
+        samples_per_step,
+        measured.text_tokens_per_sample,
+        measured.labelled_tokens_per_sample,
+        flops_mod.LLMShape(**shapes["llm"]),
+        vit,
+        work,
+    )
     achieved = step.model_flops / measured.seconds_per_step_mean / context.world_size / 1e12
     section.update(
         image_tokens_per_sample=vit.patches,
@@ -155,9 +161,7 @@ def _throughput_section(context: RunContext, stream: MetricsStream) -> dict | No
         },
         "samples_per_second_per_device": measured.samples_per_second_per_device,
         "samples_per_second": measured.samples_per_second,
-        "tokens_per_second": (
-            None if tokens_per_sample is None else tokens_per_sample * measured.samples_per_second
-        ),
+        "tokens_per_second": (None if tokens_per_sample is None else tokens_per_sample * measured.samples_per_second),
         "data_time_share": measured.data_time_share,
         "peak_memory_mib": measured.peak_memory_mib,
         "flops_per_step": flop_model["flops_per_step"],
@@ -194,10 +198,17 @@ def _baseline_section(context: RunContext, throughput: dict | None) -> dict:
 
 
 # The timing figures build derives from the recorded ones (not recorded themselves).
-DERIVED_TIMING = ("startup_seconds", "launch_to_first_step_seconds", "time_to_target_seconds", "projected_max_steps_seconds")
+DERIVED_TIMING = (
+    "startup_seconds",
+    "launch_to_first_step_seconds",
+    "time_to_target_seconds",
+    "projected_max_steps_seconds",
+)
 
 
-def _timing_section(context: RunContext, stream: MetricsStream, crossing_iter: int | None, seconds_per_step: float | None) -> dict | None:
+def _timing_section(
+    context: RunContext, stream: MetricsStream, crossing_iter: int | None, seconds_per_step: float | None
+) -> dict | None:
     """Recorded times plus what follows from them and the stream, all from the trainer's
     launch: start-up (to the first step: the first record's arrival minus the iterations
     its interval spent), with preflight before it the appliance's launch to the first
@@ -266,7 +277,10 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
         "recipe": context.recipe,
         "topology": context.topology,
         "timing": _timing_section(
-            context, stream, judgement.first_iter_below_target, ((throughput or {}).get("seconds_per_step") or {}).get("mean")
+            context,
+            stream,
+            judgement.first_iter_below_target,
+            ((throughput or {}).get("seconds_per_step") or {}).get("mean"),
         ),
         "interconnect": context.interconnect,
         "environment": context.environment,
@@ -281,7 +295,8 @@ def _schedule_notes(recipe: dict | None) -> list[str]:
     if not recipe or recipe.get("on_reference_schedule", True):
         return []
     return [
-        f"global batch {recipe['global_batch']}, not the reference {recipe['reference_global_batch']}: max_steps covers "
+        f"global batch {recipe['global_batch']}, not the reference {recipe['reference_global_batch']}: max_steps "
+        "covers "
         "other samples and the epoch-based LR schedule follows the global batch, so the target is not the reference "
         "run's criterion (--global-batch sets it)"
     ]
@@ -380,4 +395,3 @@ def from_stream(path: Path, criteria: Criteria, accumulative_counts: int = 1) ->
         accumulative_counts=accumulative_counts,
     )
     return build(context, read_stream(path))
-

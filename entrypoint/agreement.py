@@ -8,6 +8,7 @@ After training, node 0 publishes the job's status so every node exits with it.
 The store listens on master_port + 1, leaving master_port to torchrun's own
 rendezvous (a torchrun agent that reached this store instead would hang).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ class _Wait:
             print(
                 f"llava-bench: node {self.topology.node_rank} waiting for {self.what} through {where}: "
                 f"{now - self.started:.0f} s of {self.timeout:.0f} s",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                file=sys.stderr,
+                flush=True,
+            )
         if now - self.started >= self.timeout:
             raise error
 
@@ -124,7 +126,11 @@ def differences(fingerprints: list[Fingerprint]) -> list[str]:
 
 
 def agree(
-    topology: Topology, fingerprint: Fingerprint, run_id: str, inventory: list, timeout_seconds: float = 600,
+    topology: Topology,
+    fingerprint: Fingerprint,
+    run_id: str,
+    inventory: list,
+    timeout_seconds: float = 600,
     report_seconds: float = REPORT_SECONDS,
 ) -> tuple[str, list[Fingerprint], list[list]]:
     """(the job's run id, every node's fingerprint, every node's GPU inventory), or
@@ -135,7 +141,12 @@ def agree(
     """
     if topology.nnodes == 1:
         return run_id, [fingerprint], [inventory]
-    wait = _Wait(topology, "the other nodes' fingerprints" if topology.node_rank == 0 else "node 0", timeout_seconds, report_seconds)
+    wait = _Wait(
+        topology,
+        "the other nodes' fingerprints" if topology.node_rank == 0 else "node 0",
+        timeout_seconds,
+        report_seconds,
+    )
     try:
         store = _store(topology, wait)
         store.set(f"fingerprint/{topology.node_rank}", json.dumps(asdict(fingerprint)))
@@ -143,7 +154,9 @@ def agree(
         if topology.node_rank == 0:
             store.set("run_id", run_id)
         job_run_id = _get(store, "run_id", wait).decode()
-        fingerprints = [Fingerprint(**json.loads(_get(store, f"fingerprint/{rank}", wait))) for rank in range(topology.nnodes)]
+        fingerprints = [
+            Fingerprint(**json.loads(_get(store, f"fingerprint/{rank}", wait))) for rank in range(topology.nnodes)
+        ]
         inventories = [json.loads(_get(store, f"inventory/{rank}", wait)) for rank in range(topology.nnodes)]
         _release(store, topology, "agreed", wait)
     except RuntimeError as error:  # the store's timeouts and connection failures
@@ -162,7 +175,11 @@ def share_status(topology: Topology, status: str | None, timeout_seconds: float 
     """Node 0 publishes the job's status; the others return it (None if node 0 never says)."""
     if topology.nnodes == 1:
         return status
-    wait = _Wait(topology, "the other nodes to read the job's status" if topology.node_rank == 0 else "node 0's status", timeout_seconds)
+    wait = _Wait(
+        topology,
+        "the other nodes to read the job's status" if topology.node_rank == 0 else "node 0's status",
+        timeout_seconds,
+    )
     try:
         store = _store(topology, wait)
         if topology.node_rank == 0:

@@ -3,6 +3,7 @@
 Exit codes (DESIGN §1): 0 pass, 1 fail, 2 invalid, 3 error or aborted. Human output
 goes to the console; ``--json`` prints one JSON document for machines instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,12 +65,16 @@ WorldSizeOption = Annotated[
     Optional[WorldSizeMeans],
     typer.Option(help="How to read WORLD_SIZE when nothing else says: nodes (the seed's convention) or processes."),
 ]
+
+
 def _a_writable_file(path: Path | None) -> Path | None:
     """An output file whose folder exists and can be written, checked before any work."""
     if path is not None:
         folder = path.absolute().parent
         if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise typer.BadParameter(f"{path}: {'a folder' if path.is_dir() else f'{folder} is not a writable folder'}; name a file in one")
+            raise typer.BadParameter(
+                f"{path}: {'a folder' if path.is_dir() else f'{folder} is not a writable folder'}; name a file in one"
+            )
     return path
 
 
@@ -95,7 +100,10 @@ def _version_callback(value: bool):
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", metavar="", callback=_version_callback, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", metavar="", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ):
     """Benchmark appliance: validate a layout, run the pretraining, judge the loss curve."""
@@ -123,7 +131,9 @@ def _write_synthetic(folder: Path, spec: SynthSpec) -> Layout:
     except FileExistsError as error:
         errors.print(f"[red]invalid:[/] {error}")
     except OSError as error:
-        errors.print(f"[red]invalid:[/] the synthetic layout cannot be written to {folder} ({error}); choose a writable folder")
+        errors.print(
+            f"[red]invalid:[/] the synthetic layout cannot be written to {folder} ({error}); choose a writable folder"
+        )
     raise typer.Exit(EXIT_CODES["invalid"])
 
 
@@ -135,11 +145,15 @@ class Part(str, Enum):
 @app.command()
 def prepare(
     root: Annotated[
-        Path, typer.Option("--root", help="Where to lay out data/ and model/ (created if missing), as the other commands read it.")
+        Path,
+        typer.Option(
+            "--root", help="Where to lay out data/ and model/ (created if missing), as the other commands read it."
+        ),
     ] = Path("/llava"),
     only: Annotated[Optional[Part], typer.Option(help="Only the models or only the dataset.")] = None,
     revision: Annotated[
-        Optional[list[str]], typer.Option(help="Pin a repo: REPO=REVISION (e.g. internlm/internlm2-chat-20b=<commit>); repeatable.")
+        Optional[list[str]],
+        typer.Option(help="Pin a repo: REPO=REVISION (e.g. internlm/internlm2-chat-20b=<commit>); repeatable."),
     ] = None,
 ):
     """Download the models and LLaVA-Pretrain from the hub (HF_ENDPOINT, HF_TOKEN honoured), unpack, validate."""
@@ -155,14 +169,18 @@ def prepare(
             errors.print(f"[red]invalid:[/] --revision {pin!r}: write REPO=REVISION")
             raise typer.Exit(EXIT_CODES["invalid"])
         pins[repo] = rev
-    with Progress("unpacking images.zip", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
+    with Progress(
+        "unpacking images.zip", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=errors, transient=True
+    ) as bar:
         task = bar.add_task("unpack", total=None)
         try:
             done = prepare_layout(
-                root, only.value if only else None, pins,
+                root,
+                only.value if only else None,
+                pins,
                 say=lambda line: console.print(line, highlight=False),
                 progress=lambda completed, total: bar.update(task, completed=completed, total=total),
-            )  # fmt: skip
+            )
         except PrepareError as error:
             errors.print(f"[red]prepare stopped:[/] {error}", highlight=False)
             raise typer.Exit(EXIT_CODES["invalid"]) from None
@@ -180,12 +198,19 @@ def prepare(
 def validate(
     root: RootOption = Path("/llava"),
     out: Annotated[
-        Optional[Path], typer.Option(help="Where run will write results (default: <root>/results): checked for writing.")
+        Optional[Path],
+        typer.Option(help="Where run will write results (default: <root>/results): checked for writing."),
     ] = None,
     deep: Annotated[
-        bool, typer.Option(metavar="", help="Also check every record, decode every image, check model indexes and shapes, import the LLM's code.")
+        bool,
+        typer.Option(
+            metavar="",
+            help="Also check every record, decode every image, check model indexes and shapes, import the LLM's code.",
+        ),
     ] = False,
-    sample: Annotated[Optional[int], typer.Option(min=1, help="With --deep: decode only this many images (a seeded sample).")] = None,
+    sample: Annotated[
+        Optional[int], typer.Option(min=1, help="With --deep: decode only this many images (a seeded sample).")
+    ] = None,
     as_json: JsonOption = False,
 ):
     """Check the layout before any model is loaded (seconds; --deep: minutes); list every problem."""
@@ -198,7 +223,11 @@ def validate(
     if deep and not problems:
         problems = _deep_with_progress(layout, sample)
     if as_json:
-        print(json.dumps({"root": str(layout.root), "valid": not problems, "problems": [p.as_dict() for p in problems]}, indent=2))
+        print(
+            json.dumps(
+                {"root": str(layout.root), "valid": not problems, "problems": [p.as_dict() for p in problems]}, indent=2
+            )
+        )
     elif problems:
         errors.print(f"[red]invalid layout[/] {layout.root}: {len(problems)} problem(s)", highlight=False)
         for problem in problems:
@@ -215,11 +244,15 @@ def _deep_with_progress(layout: Layout, sample: int | None):
     from entrypoint.deep import deep_problems
     from entrypoint.model_code import ModelCodeProbe
 
-    with Progress("decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True) as bar:
+    with Progress(
+        "decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True
+    ) as bar:
         task = bar.add_task("decode", total=None)
         dataset = load_dataset(layout.dataset_json)
         with ModelCodeProbe(layout.llm_dir) as probe:
-            problems = deep_problems(layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            problems = deep_problems(
+                layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
             return problems + probe.result().problems
 
 
@@ -259,7 +292,9 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
         raise typer.Exit(EXIT_CODES["invalid"]) from None
     except OSError as error:  # not even the verdict could be written (a full or vanished filesystem)
         where = f" at {error.filename}" if error.filename else ""
-        errors.print(f"[red]error:[/] the results could not be written{where}: {error.strerror or error}", highlight=False)
+        errors.print(
+            f"[red]error:[/] the results could not be written{where}: {error.strerror or error}", highlight=False
+        )
         raise typer.Exit(EXIT_CODES["error"]) from None
     _report(result.document, result.path, as_json)
     if junit is not None:
@@ -276,71 +311,110 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
 @app.command()
 def run(
     root: RootOption = Path("/llava"),
-    out: Annotated[
-        Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")
-    ] = None,
-    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")] = 500,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")] = None,
+    max_steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")
+    ] = 500,
     target_loss: Annotated[
-        float, typer.Option(callback=_a_loss_target, help="The logged loss must fall strictly below this (finite, above 0).")
+        float,
+        typer.Option(callback=_a_loss_target, help="The logged loss must fall strictly below this (finite, above 0)."),
     ] = 2.3,
     precision: Annotated[
-        Optional[Precision], typer.Option(help="LLM weights: nf4 (the pinned recipe, the default) or bf16; a user's config keeps its own.")
+        Optional[Precision],
+        typer.Option(help="LLM weights: nf4 (the pinned recipe, the default) or bf16; a user's config keeps its own."),
     ] = None,
     per_device_batch: Annotated[
-        Optional[int], typer.Option(min=1, help="Samples per GPU per micro-iteration (default 32, or a user's config's own).")
+        Optional[int],
+        typer.Option(min=1, help="Samples per GPU per micro-iteration (default 32, or a user's config's own)."),
     ] = None,
     global_batch: Annotated[
         Optional[int],
         typer.Option(
             min=1,
-            help="Samples per optimizer step, held with gradient accumulation (default on GPUs: 1024, the reference run's "
+            help="Samples per optimizer step, held with gradient accumulation (default on GPUs: 1024, the reference "
+            "run's "
             "4 x 8 GPUs x 32, the one the target is stated for; CPU: one micro-batch).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed, recorded in the verdict.")] = 42,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
-    stop_on_target: Annotated[bool, typer.Option(metavar="", help="End training at the first loss below target (MLPerf style).")] = False,
-    save_checkpoint: Annotated[bool, typer.Option(metavar="", help="Save checkpoints every 500 steps (2 kept).")] = False,
+    stop_on_target: Annotated[
+        bool, typer.Option(metavar="", help="End training at the first loss below target (MLPerf style).")
+    ] = False,
+    save_checkpoint: Annotated[
+        bool, typer.Option(metavar="", help="Save checkpoints every 500 steps (2 kept).")
+    ] = False,
     eval_image: Annotated[
         Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
     ] = None,
-    stock: Annotated[bool, typer.Option(metavar="", help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md).")] = False,
+    stock: Annotated[
+        bool,
+        typer.Option(metavar="", help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md)."),
+    ] = False,
     dataloader_workers: Annotated[
-        Optional[int], typer.Option(min=0, help="Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).")
+        Optional[int],
+        typer.Option(
+            min=0, help="Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0)."
+        ),
     ] = None,
-    pin_memory: Annotated[Optional[bool], typer.Option(metavar="", help="Pinned dataloader memory (default: on with GPUs).")] = None,
+    pin_memory: Annotated[
+        Optional[bool], typer.Option(metavar="", help="Pinned dataloader memory (default: on with GPUs).")
+    ] = None,
     dequantize_nf4: Annotated[
         Optional[bool],
-        typer.Option(metavar="", help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when every GPU has >= 78000 MiB)."),
+        typer.Option(
+            metavar="",
+            help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when "
+            "every GPU has >= 78000 MiB).",
+        ),
     ] = None,
     tokenized_cache: Annotated[
         Optional[bool],
-        typer.Option(metavar="", help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens (default: on GPUs)."),
+        typer.Option(
+            metavar="",
+            help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens "
+            "(default: on GPUs).",
+        ),
     ] = None,
     skip_vit_backward: Annotated[
         Optional[bool],
-        typer.Option(metavar="", help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs)."),
+        typer.Option(
+            metavar="",
+            help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on "
+            "with GPUs).",
+        ),
     ] = None,
     unchecked_llm_layers: Annotated[
         Optional[int],
         typer.Option(
             min=0,
-            help="Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the smallest GPU holds; 0 on CPU).",
+            help="Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the "
+            "smallest GPU holds; 0 on CPU).",
         ),
     ] = None,
     labelled_logits_only: Annotated[
         Optional[bool],
-        typer.Option(metavar="", help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs)."),
+        typer.Option(
+            metavar="",
+            help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on "
+            "GPUs).",
+        ),
     ] = None,
     sdpa_attention: Annotated[
         Optional[bool],
         typer.Option(
             metavar="",
-            help="Run the LLM's attention through its model code's SDPA class instead of eager attention: the same function, less memory (default: on GPUs where the code has it)."
+            help="Run the LLM's attention through its model code's SDPA class instead of eager attention: the same "
+            "function, less memory (default: on GPUs where the code has it).",
         ),
     ] = None,
     save_projector: Annotated[
-        bool, typer.Option(metavar="", help=f"Save the projector's first gradient and its weights before training and after step {COMPARED_STEPS} under xtuner/ (llava-bench perf compares them).")
+        bool,
+        typer.Option(
+            metavar="",
+            help="Save the projector's first gradient and its weights before training and after step "
+            f"{COMPARED_STEPS} under xtuner/ (llava-bench perf compares them).",
+        ),
     ] = False,
     float32_reference: Annotated[
         bool,
@@ -352,9 +426,17 @@ def run(
     ] = False,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
-    image_sample: Annotated[int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")] = 1000,
-    startup_timeout: Annotated[float, typer.Option(min=1, help="Seconds from launch to the first training step before the run counts as stalled.")] = 3600,
-    stall_timeout: Annotated[float, typer.Option(min=1, help="Seconds without new metrics, once training runs, before the run counts as stalled.")] = 1800,
+    image_sample: Annotated[
+        int, typer.Option(min=0, help="Images decoded before training (a seeded sample); 0: every image.")
+    ] = 1000,
+    startup_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds from launch to the first training step before the run counts as stalled."),
+    ] = 3600,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds without new metrics, once training runs, before the run counts as stalled."),
+    ] = 1800,
     junit: JunitOption = None,
     as_json: JsonOption = False,
 ):
@@ -393,7 +475,11 @@ def run(
         nproc_per_node=nproc_per_node,
         image_sample=image_sample or None,
         watchdog=Watchdog(startup_seconds=startup_timeout, stall_seconds=stall_timeout),
-        asked=frozenset(name for name, value in (("precision", precision), ("per_device_batch", per_device_batch)) if value is not None),
+        asked=frozenset(
+            name
+            for name, value in (("precision", precision), ("per_device_batch", per_device_batch))
+            if value is not None
+        ),
     )
     _run(request, as_json, junit)
 
@@ -411,24 +497,33 @@ def topology(
     gpus = gpu_inventory()[0]
     device = resolve_device("auto", gpus)
     request = RunRequest(
-        root=Path("/llava"), out=None, criteria=Criteria(), recipe=RecipeOptions(),
-        world_size_means=world_size_means.value if world_size_means else None, nproc_per_node=nproc_per_node,
-    )  # fmt: skip
+        root=Path("/llava"),
+        out=None,
+        criteria=Criteria(),
+        recipe=RecipeOptions(),
+        world_size_means=world_size_means.value if world_size_means else None,
+        nproc_per_node=nproc_per_node,
+    )
     decision, problems = run_topology(request, device, gpus)
     if problems:
         errors.print(f"[red]refused:[/] {problems[0].problem}; fix: {problems[0].fix}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"])
     results = Path("<results>/<run_id>")
     try:
-        command = training_plan(results / "config.py", results / "xtuner", results / "logs", Path("/llava"), device, decision).argv
+        command = training_plan(
+            results / "config.py", results / "xtuner", results / "logs", Path("/llava"), device, decision
+        ).argv
     except FileNotFoundError as error:  # XTuner is not installed here
         errors.print(f"[red]refused:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"]) from None
     if as_json:
         print(json.dumps({**decision.as_dict(), "launch_command": command}, indent=2))
         return
-    console.print(f"[bold]{decision.source}[/]: node {decision.node_rank} of {decision.nnodes}, "
-                  f"{decision.nproc_per_node} process(es) per node, world size {decision.world_size}", highlight=False)
+    console.print(
+        f"[bold]{decision.source}[/]: node {decision.node_rank} of {decision.nnodes}, "
+        f"{decision.nproc_per_node} process(es) per node, world size {decision.world_size}",
+        highlight=False,
+    )
     for name, origin in decision.origins.items():
         console.print(f"  {name:<15} {getattr(decision, name)!s:<20} from {origin}", highlight=False)
     if decision.world_size_reading:
@@ -439,7 +534,9 @@ def topology(
 @app.command("check-cluster")
 def check_cluster_command(
     root: RootOption = Path("/llava"),
-    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else CPU processes with gloo.")] = Device.auto,
+    device: Annotated[
+        Device, typer.Option(help="auto: every visible GPU, else CPU processes with gloo.")
+    ] = Device.auto,
     world_size_means: WorldSizeOption = None,
     nproc_per_node: NprocOption = None,
     as_json: JsonOption = False,
@@ -448,9 +545,14 @@ def check_cluster_command(
     from entrypoint.pipeline import RunRequest, check_cluster
 
     request = RunRequest(
-        root=root, out=None, criteria=Criteria(), recipe=RecipeOptions(), device=device.value,
-        world_size_means=world_size_means.value if world_size_means else None, nproc_per_node=nproc_per_node,
-    )  # fmt: skip
+        root=root,
+        out=None,
+        criteria=Criteria(),
+        recipe=RecipeOptions(),
+        device=device.value,
+        world_size_means=world_size_means.value if world_size_means else None,
+        nproc_per_node=nproc_per_node,
+    )
     report, exit_code = check_cluster(request)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -469,7 +571,9 @@ def _stored_verdict(run_dir: Path) -> dict:
 
     stored = run_dir / verdict_mod.VERDICT_NAME
     if not stored.is_file():
-        errors.print(f"[red]invalid:[/] {run_dir} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?")
+        errors.print(
+            f"[red]invalid:[/] {run_dir} holds no {verdict_mod.VERDICT_NAME}; is it a results/<run_id> folder?"
+        )
         raise typer.Exit(EXIT_CODES["invalid"])
     try:
         document = json.loads(stored.read_text())
@@ -484,10 +588,14 @@ def _stored_verdict(run_dir: Path) -> dict:
 @app.command()
 def verdict(
     path: Annotated[Path, typer.Argument(help="A results/<run_id> folder, or a bare metrics stream (.json/.jsonl).")],
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")
+    ] = None,
     target_loss: Annotated[
         Optional[float],
-        typer.Option(callback=_a_loss_target, help="Override the recorded target loss (default 2.3 for a bare stream)."),
+        typer.Option(
+            callback=_a_loss_target, help="Override the recorded target loss (default 2.3 for a bare stream)."
+        ),
     ] = None,
     accumulative_counts: Annotated[int, typer.Option(min=1, help="Micro-iterations per step, for a bare stream.")] = 1,
     junit: JunitOption = None,
@@ -515,7 +623,9 @@ def verdict(
         else:
             problem = "holds no training record (a JSON line with iter and loss)"
         if not records:
-            errors.print(f"[red]invalid:[/] {path} {problem}; give a results/<run_id> folder or XTuner's metrics stream")
+            errors.print(
+                f"[red]invalid:[/] {path} {problem}; give a results/<run_id> folder or XTuner's metrics stream"
+            )
             raise typer.Exit(EXIT_CODES["invalid"])
         criteria = Criteria(
             target_loss=2.3 if target_loss is None else target_loss,
@@ -545,7 +655,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A results/<run_id> fold
 
 @app.command()
 def demo(
-    root: Annotated[Path, typer.Option("--root", help="Folder for the synthetic layout (llava/) and its results.")] = Path("demo"),
+    root: Annotated[
+        Path, typer.Option("--root", help="Folder for the synthetic layout (llava/) and its results.")
+    ] = Path("demo"),
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
     as_json: JsonOption = False,
 ):
@@ -571,16 +683,21 @@ def demo(
 def perf(
     root: Annotated[
         Path,
-        typer.Option("--root", help="Layout to measure on; an empty folder gets random weights of the real shapes (GPU, ~45 GB)."),
+        typer.Option(
+            "--root", help="Layout to measure on; an empty folder gets random weights of the real shapes (GPU, ~45 GB)."
+        ),
     ] = Path("perf-layout"),
     out: Annotated[Path, typer.Option(help="Folder for each variant's results and perf.json.")] = Path("perf-results"),
     variant: Annotated[
         Optional[list[Variant]],
         typer.Option(
-            help="Recipe variants to run, in order (repeatable; default: exact, stock, default); see docs/PERFORMANCE.md."
+            help="Recipe variants to run, in order (repeatable; default: exact, stock, default); see "
+            "docs/PERFORMANCE.md."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")] = 30,
+    steps: Annotated[
+        int, typer.Option(min=20, help="Optimizer steps per variant (the first logged interval is warm-up).")
+    ] = 30,
     precision: Annotated[Precision, typer.Option(help="LLM weights: nf4 (the pinned recipe) or bf16.")] = Precision.nf4,
     per_device_batch: Annotated[int, typer.Option(min=1, help="Samples per GPU per micro-iteration.")] = 32,
     samples: Annotated[
@@ -594,7 +711,9 @@ def perf(
             "default: 545 steps an epoch at this batch on these GPUs, the reference run's LR schedule per step.",
         ),
     ] = None,
-    device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")] = Device.auto,
+    device: Annotated[
+        Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")
+    ] = Device.auto,
     as_json: JsonOption = False,
 ):
     """Stock XTuner and the appliance's speed levers back to back on the same GPUs: one table."""
@@ -604,19 +723,30 @@ def perf(
 
     from bench.synth import write_real_shape_layout
     from entrypoint.perf import (
-        DEFAULT_VARIANTS, REFERENCE_STEPS_PER_EPOCH, compare, in_fresh_process, measure_matmul_tflops,
-        compare_projectors, run_variant, table, write_report,
-    )  # fmt: skip
+        DEFAULT_VARIANTS,
+        REFERENCE_STEPS_PER_EPOCH,
+        compare,
+        compare_projectors,
+        in_fresh_process,
+        measure_matmul_tflops,
+        run_variant,
+        table,
+        write_report,
+    )
 
     chosen = [v.value for v in variant] if variant else list(DEFAULT_VARIANTS)
     layout = Layout.at(root)
     if not layout.dataset_json.exists():
         if not torch.cuda.is_available():
-            errors.print(f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout")
+            errors.print(
+                f"[red]invalid:[/] {root} holds no layout, and writing the real-shape one needs a GPU; pass --root "
+                "to a layout"
+            )
             raise typer.Exit(2)
         records = records or REFERENCE_STEPS_PER_EPOCH * per_device_batch * torch.cuda.device_count()
         errors.print(
-            f"writing random weights of the real shapes, {samples} images and {records} records to {root} (about 45 GB)",
+            f"writing random weights of the real shapes, {samples} images and {records} records to {root} (about 45 "
+            "GB)",
             highlight=False,
         )
         in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples, records=records))
@@ -625,13 +755,27 @@ def perf(
         raise typer.Exit(2)
     gpus = torch.cuda.device_count() if device != Device.cpu else 0
     # One micro-batch a step: the layout's record count gives the reference schedule per step.
-    run_options = ["--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision.value,
-                   "--per-device-batch", str(per_device_batch), "--global-batch", str(per_device_batch * max(gpus, 1)),
-                   "--device", device.value, "--save-projector"]  # fmt: skip
+    run_options = [
+        "--max-steps",
+        str(steps),
+        "--target-loss",
+        "1e9",
+        "--precision",
+        precision.value,
+        "--per-device-batch",
+        str(per_device_batch),
+        "--global-batch",
+        str(per_device_batch * max(gpus, 1)),
+        "--device",
+        device.value,
+        "--save-projector",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     matmul_device = "cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu"
     matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)
-    errors.print(f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False)
+    errors.print(
+        f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False
+    )
     verdicts = {name: run_variant(name, root, out, run_options) for name in chosen}
     projectors = compare_projectors(verdicts)
     rows = compare(verdicts, matmul_tflops, projectors)

@@ -6,6 +6,7 @@ algbw = bytes / time, busbw = algbw x 2(n-1)/n for all-reduce.
 
 Usage: python -m torch.distributed.run ... -m entrypoint.collective RESULT.json
 """
+
 from __future__ import annotations
 
 import json

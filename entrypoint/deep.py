@@ -4,6 +4,7 @@ Record shapes, duplicate ids, every referenced image (opened and decoded, in
 parallel), model folders against their own index and config, the CLIP geometry the
 recipe assumes. Like the layout checks, it lists all problems and writes nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,13 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
         if not isinstance(record.get("image"), str) or not record["image"]:
             note("has no image path", index, record)
         turns = record.get("conversations")
-        if not isinstance(turns, list) or len(turns) < 2 or not all(
-            isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in turns
+        if (
+            not isinstance(turns, list)
+            or len(turns) < 2
+            or not all(
+                isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str)
+                for t in turns
+            )
         ):
             note("has no list of human/gpt turns with string values", index, record)
             continue
@@ -87,9 +93,12 @@ def _decode(path: str) -> str | None:
 
 
 def image_problems(
-    records: list, image_folder: Path, sample: int | None, seed: int = 0,
+    records: list,
+    image_folder: Path,
+    sample: int | None,
+    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-) -> list[Problem]:  # fmt: skip
+) -> list[Problem]:
     """Open and decode every referenced image (or a seeded sample), on every core."""
     names = sorted({r["image"] for r in records if isinstance(r, dict) and isinstance(r.get("image"), str)})
     if sample is not None and sample < len(names):
@@ -97,7 +106,9 @@ def image_problems(
     failures: dict[str, list[str]] = {}
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         paths = [str(image_folder / name) for name in names]
-        for done, (name, failure) in enumerate(zip(names, pool.map(_decode, paths, chunksize=64), strict=True), start=1):
+        for done, (name, failure) in enumerate(
+            zip(names, pool.map(_decode, paths, chunksize=64), strict=True), start=1
+        ):
             if failure:
                 failures.setdefault(failure, []).append(name)
             if progress:
@@ -230,7 +241,8 @@ def gpu_problems(gpus: list[dict], precision: str, per_device_batch: int, real_s
             problems.append(
                 Problem(
                     f"GPU {small[0]['index']} ({small[0]['name']})",
-                    f"{small[0]['memory_mib']} MiB, but {precision} at batch {per_device_batch} needs about {required} MiB",
+                    f"{small[0]['memory_mib']} MiB, but {precision} at batch {per_device_batch} needs about "
+                    f"{required} MiB",
                     "use --precision nf4, or a smaller --per-device-batch with --global-batch to keep the global batch",
                 )
             )
@@ -240,7 +252,11 @@ def gpu_problems(gpus: list[dict], precision: str, per_device_batch: int, real_s
             major_minor = tuple(int(part) for part in driver.split(".")[:2] if part.isdigit())
             if major_minor and major_minor < MIN_DRIVER:
                 problems.append(
-                    Problem(f"driver {driver}", "too old for the image's CUDA 11.8 (needs >= 450.80.02)", "update the NVIDIA driver")
+                    Problem(
+                        f"driver {driver}",
+                        "too old for the image's CUDA 11.8 (needs >= 450.80.02)",
+                        "update the NVIDIA driver",
+                    )
                 )
     return problems
 

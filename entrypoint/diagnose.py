@@ -4,6 +4,7 @@ Recognises the failures that end long multi-node runs (out of memory, NCCL
 timeouts and errors, killed ranks), names the first failing rank as torchrun
 reports it, and adds a hint. Reads only the files under ``logs/``.
 """
+
 from __future__ import annotations
 
 import re
@@ -113,7 +114,9 @@ def diagnose(logs_dir: Path, out_of_memory_hint: str | None = None) -> str:
         parts.append(f"rank {first.group(1)} (local rank {first.group(2)}) failed first")
     for pattern, what, hint in KNOWN_FAILURES:
         if pattern.search(everything):
-            parts.append(f"{what}; hint: {out_of_memory_hint if what == OUT_OF_MEMORY_WHAT and out_of_memory_hint else hint}")
+            parts.append(
+                f"{what}; hint: {out_of_memory_hint if what == OUT_OF_MEMORY_WHAT and out_of_memory_hint else hint}"
+            )
             break
     cause = last_error_line(logs_dir)
     if cause:

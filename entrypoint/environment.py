@@ -3,6 +3,7 @@
 Versions are read from package metadata rather than by importing the packages, so
 collecting them costs nothing and cannot fail on a broken install.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,17 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("torch", "deepspeed", "transformers", "mmengine", "bitsandbytes", "xtuner", "accelerate", "peft", "datasets")
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "mmengine",
+    "bitsandbytes",
+    "xtuner",
+    "accelerate",
+    "peft",
+    "datasets",
+)
 # Written by the image build (Dockerfile); absent outside the image.
 IMAGE_LABELS_FILE = Path("/etc/llava-bench/image.json")
 
@@ -25,7 +36,9 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def visible_nvml_indices(nvml_uuids: list[str], torch_uuids: list[str] | None, cuda_visible_devices: str | None) -> list[int]:
+def visible_nvml_indices(
+    nvml_uuids: list[str], torch_uuids: list[str] | None, cuda_visible_devices: str | None
+) -> list[int]:
     """Which of NVML's GPUs (it lists every GPU of the machine) are the ones this
     process sees, in CUDA's order: by UUID where torch reports it, else by
     CUDA_VISIBLE_DEVICES (indices or UUIDs), else all of them."""

@@ -4,6 +4,7 @@ The trainer runs in its own process group so that one signal reaches torchrun an
 every rank; its output goes to files under ``logs/`` (XTuner's own log omits
 tracebacks). ``xtuner train`` is not used: it drops the exit code (FACTS.md).
 """
+
 from __future__ import annotations
 
 import errno
@@ -94,13 +95,18 @@ def offline_environment() -> dict[str, str]:
 def torchrun_plan(topology: Topology, program: list[str], logs_dir: Path, cwd: Path) -> LaunchPlan:
     """torchrun with the topology's explicit arguments; each rank's output in its own files."""
     argv = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         *topology.torchrun_args(),
-        "--log-dir", str(logs_dir / "ranks"),
-        "--redirects", "3",
-        "--tee", "3",
+        "--log-dir",
+        str(logs_dir / "ranks"),
+        "--redirects",
+        "3",
+        "--tee",
+        "3",
         *program,
-    ]  # fmt: skip
+    ]
     return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=True)
 
 
@@ -271,19 +277,24 @@ class CappedLog(threading.Thread):
                     del tail[: max(len(tail) - LOG_TAIL_BYTES, 0)]
                 sink.flush()
             if tail or dropped:
-                sink.write(f"\n[llava-bench: log capped at {self.cap} bytes; {dropped} bytes dropped; the last {len(tail)} follow]\n".encode())
+                note = f"log capped at {self.cap} bytes; {dropped} bytes dropped; the last {len(tail)} follow"
+                sink.write(f"\n[llava-bench: {note}]\n".encode())
                 sink.write(bytes(tail))
 
     def failure(self) -> str | None:
         """Why the log could not be written, in words, or None."""
         if self.failed is None:
             return None
-        what = "disk full" if self.failed.errno == errno.ENOSPC else f"cannot write ({self.failed.strerror or self.failed})"
+        what = (
+            "disk full"
+            if self.failed.errno == errno.ENOSPC
+            else f"cannot write ({self.failed.strerror or self.failed})"
+        )
         return f"{what} at {self.path}"
 
 
 def disk_full_at(folder: Path) -> str | None:
-    """"disk full at FOLDER" when the filesystem holding it has (next to) no space left:
+    """ "disk full at FOLDER" when the filesystem holding it has (next to) no space left:
     a trainer that died of ENOSPC ran out there, not on some other filesystem."""
     try:
         stats = os.statvfs(folder)
@@ -316,10 +327,14 @@ def supervise(
     first_record_at = first_record_seconds = None
     stop: Termination | None = None
     process = subprocess.Popen(
-        plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE,
+        plan.argv,
+        cwd=plan.cwd,
+        env=plan.env,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if plan.distributed else subprocess.PIPE,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     pumps = [CappedLog(process.stdout, plan.logs_dir / ("launcher.log" if plan.distributed else "rank0.stdout.log"))]
     if not plan.distributed:
         pumps.append(CappedLog(process.stderr, plan.logs_dir / "rank0.stderr.log"))
@@ -344,13 +359,17 @@ def supervise(
                     break
                 failure = next((pump.failure() for pump in pumps if pump.failure()), None)
                 if failure:
-                    stop = Termination("crashed", f"{failure}; the trainer was stopped (what was written so far is kept)")
+                    stop = Termination(
+                        "crashed", f"{failure}; the trainer was stopped (what was written so far is kept)"
+                    )
                     break
                 silent = time.monotonic() - last_progress
                 if first_record_at is None and silent > watchdog.startup_seconds:
                     stop = Termination("stalled", f"no training step within {watchdog.startup_seconds:.0f} s of launch")
                 elif first_record_at is not None and silent > watchdog.stall_seconds:
-                    stop = Termination("stalled", f"no new metrics for {watchdog.stall_seconds:.0f} s after iteration {last_step}")
+                    stop = Termination(
+                        "stalled", f"no new metrics for {watchdog.stall_seconds:.0f} s after iteration {last_step}"
+                    )
                 if stop is None:
                     time.sleep(poll_seconds)
         finally:
@@ -370,7 +389,8 @@ def supervise(
         cause = diagnose(plan.logs_dir, out_of_memory_hint)
         full = disk_full_at(work_dir) if logs_report(plan.logs_dir, DISK_FULL) else None
         termination = Termination(
-            "crashed", (f"{full}: " if full else "") + f"trainer exit code {exit_code}" + (f"; {cause}" if cause else "")
+            "crashed",
+            (f"{full}: " if full else "") + f"trainer exit code {exit_code}" + (f"; {cause}" if cause else ""),
         )
     return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
 
@@ -379,9 +399,14 @@ def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
     """Run a short job (the collective check) to its end; None if it outlived the timeout."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        plan.argv,
+        cwd=plan.cwd,
+        env=plan.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     pump = CappedLog(process.stdout, plan.logs_dir / "launcher.log")
     pump.start()
     try:

@@ -7,6 +7,7 @@ Preflight imports it in a child process instead (seconds, beside the deep checks
 refuses with the missing name and the fix. The same import says whether the code
 offers SDPA attention, which the attention lever needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,15 @@ def import_problem(folder: Path, error: str, transformers_version: str) -> Probl
             "or run an image whose transformers has it"
         )
     else:
-        fix = f"download the model folder again, or the revision written for transformers {transformers_version} ({revision})"
-    return Problem(str(_code_file(folder)), f"the model's code does not import with transformers {transformers_version}: {error}", fix)
+        fix = (
+            f"download the model folder again, or the revision written for transformers {transformers_version} "
+            f"({revision})"
+        )
+    return Problem(
+        str(_code_file(folder)),
+        f"the model's code does not import with transformers {transformers_version}: {error}",
+        fix,
+    )
 
 
 class ModelCodeProbe:
@@ -91,9 +99,12 @@ class ModelCodeProbe:
         self.folder = Path(folder)
         self._child = subprocess.Popen(
             [sys.executable, "-m", "entrypoint.model_code", str(self.folder)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
             env=offline_environment(),
-        )  # fmt: skip
+        )
 
     def __enter__(self) -> "ModelCodeProbe":
         return self

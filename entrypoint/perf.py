@@ -12,6 +12,7 @@ and the allowance a second stock run's difference. A lever that broke the gradie
 down to one that zeroed it, is far outside either. Also shown: the loss curve against
 stock's.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,7 +143,18 @@ def run_variant(variant: str, root: Path, out: Path, run_options: list[str]) -> 
     layout and options already under ``out`` is reused, so an interrupted
     comparison resumes where it stopped."""
     folder = out / variant
-    command = [sys.executable, "-m", "entrypoint", "run", "--root", str(root), "--out", str(folder), *run_options, *VARIANTS[variant]]
+    command = [
+        sys.executable,
+        "-m",
+        "entrypoint",
+        "run",
+        "--root",
+        str(root),
+        "--out",
+        str(folder),
+        *run_options,
+        *VARIANTS[variant],
+    ]
     previous = _completed_verdict(folder, command)
     if previous is not None:
         print(f"{variant}: reusing {previous['_run_dir']}", file=sys.stderr)
@@ -284,7 +296,9 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
                 gradient_agrees=gradient_agrees,
                 projector_distance=projectors.distances.get(variant),
                 projector_agrees=projector_agrees,
-                llm_architecture=next(iter(((verdict.get("inputs") or {}).get("llm") or {}).get("architectures") or []), None),
+                llm_architecture=next(
+                    iter(((verdict.get("inputs") or {}).get("llm") or {}).get("architectures") or []), None
+                ),
                 levers=(verdict.get("recipe") or {}).get("levers"),
                 run_dir=verdict.get("_run_dir", ""),
             )
@@ -305,7 +319,8 @@ def table(rows: list[PerfRow]) -> str:
     word = {None: "-", True: "yes", False: "NO"}  # -: not measured, or the allowance cannot tell
     for row in rows:
         lines.append(
-            f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} {cell(row.ratio_vs_stock, '8.3f')}"
+            f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} "
+            f"{cell(row.ratio_vs_stock, '8.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
             f" {cell(row.preflight_seconds, '6.1f')} {cell(row.startup_seconds, '8.1f')}"
             f" {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"

@@ -3,6 +3,7 @@
 Each step is a plain function over plain data; this module only wires them in the
 one direction DESIGN §5 fixes, and decides where every file of the run goes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,6 @@ from bench.levers import (
     tokenized_cache_folder,
 )
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
-from bench.report import write_report
 from bench.recipe import (
     PRECISIONS,
     REFERENCE_GLOBAL_BATCH,
@@ -46,6 +46,7 @@ from bench.recipe import (
     render,
     warmup_problem,
 )
+from bench.report import write_report
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
@@ -135,7 +136,10 @@ def run_topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology,
     try:
         topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
     except TopologyError as error:
-        fix = "fix the scheduler's variables or set NNODES, NODE_RANK, ADDR, PORT (llava-bench topology shows the reading)"
+        fix = (
+            "fix the scheduler's variables or set NNODES, NODE_RANK, ADDR, PORT "
+            "(llava-bench topology shows the reading)"
+        )
         return detect({}, 0), [Problem("environment", str(error), fix)]
     if device == "cpu" and topology.world_size > 1:
         return topology, [
@@ -161,7 +165,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def local_fingerprint(device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, inputs: dict | None, problems) -> Fingerprint:
+def local_fingerprint(
+    device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, inputs: dict | None, problems
+) -> Fingerprint:
     return Fingerprint(
         appliance_version=__version__,
         gpu_model=gpu_model if device == "cuda" else "cpu",
@@ -191,19 +197,27 @@ def check_cluster(request: RunRequest) -> tuple[dict, int]:
     recipe = None if problems else render(layout, replace(request.recipe, device=device), __version__)
     inputs = None if problems else describe(layout, load_dataset(layout.dataset_json))
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
-    report = {"topology": topology.as_dict(), "fingerprint": asdict(fingerprint), "problems": [p.as_dict() for p in problems]}
+    report = {
+        "topology": topology.as_dict(),
+        "fingerprint": asdict(fingerprint),
+        "problems": [p.as_dict() for p in problems],
+    }
     try:
         _, fingerprints, _ = agree(topology, fingerprint, new_run_id(), gpu_inventory_details())
     except AgreementError as error:
         return {**report, "status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
     with tempfile.TemporaryDirectory(prefix="llava-bench-check-") as scratch:
         result_path = Path(scratch) / "collective.json"
-        plan = torchrun_plan(topology, ["-m", "entrypoint.collective", str(result_path)], Path(scratch) / "logs", Path(scratch))
+        plan = torchrun_plan(
+            topology, ["-m", "entrypoint.collective", str(result_path)], Path(scratch) / "logs", Path(scratch)
+        )
         exit_code = run_to_end(plan, COLLECTIVE_TIMEOUT_SECONDS)
         interconnect = json.loads(result_path.read_text()) if result_path.exists() else None
         tails = _log_tails(plan.logs_dir) if exit_code != 0 else {}
     if exit_code != 0:
-        reason = "the collective over all processes " + ("timed out" if exit_code is None else f"failed (exit {exit_code})")
+        reason = "the collective over all processes " + (
+            "timed out" if exit_code is None else f"failed (exit {exit_code})"
+        )
         return {**report, "status": "error", "reason": reason, "log_tails": tails}, EXIT_CODES["error"]
     reason = f"{topology.nnodes} node(s) agree; a collective over {topology.world_size} processes succeeded"
     report = {**report, "status": "ok", "reason": reason, "fingerprints": [asdict(f) for f in fingerprints]}
@@ -250,25 +264,47 @@ def _user_config(request: RunRequest, device: str, config: Path) -> tuple[Config
         return None, []  # the layout checks name it
     problems = []
     cpu_obstacles = [
-        what for what, present in (("4-bit weights (bitsandbytes)", facts.precision == "nf4"),
-                                   ("AmpOptimWrapper", facts.optimizer_wrapper == "AmpOptimWrapper")) if present
-    ]  # fmt: skip
+        what
+        for what, present in (
+            ("4-bit weights (bitsandbytes)", facts.precision == "nf4"),
+            ("AmpOptimWrapper", facts.optimizer_wrapper == "AmpOptimWrapper"),
+        )
+        if present
+    ]
     if device == "cpu" and cpu_obstacles:
         problems.append(
-            Problem(str(config), f"a user config runs as written, and on CPU this one cannot: {' and '.join(cpu_obstacles)} "
-                    "need CUDA (the built-in recipe has a CPU variant)", "run on GPUs, or remove the config")
-        )  # fmt: skip
+            Problem(
+                str(config),
+                f"a user config runs as written, and on CPU this one cannot: {' and '.join(cpu_obstacles)} "
+                "need CUDA (the built-in recipe has a CPU variant)",
+                "run on GPUs, or remove the config",
+            )
+        )
     if "precision" in request.asked and facts.precision != request.recipe.precision:
-        problems.append(Problem("--precision", f"{request.recipe.precision}, but the config loads the LLM as "
-                                f"{facts.precision or 'something the appliance cannot read'}", fix))  # fmt: skip
+        problems.append(
+            Problem(
+                "--precision",
+                f"{request.recipe.precision}, but the config loads the LLM as "
+                f"{facts.precision or 'something the appliance cannot read'}",
+                fix,
+            )
+        )
     asked_levers = [name for name, value in vars(request.levers).items() if value not in (None, False)]
     if asked_levers:
-        problems.append(Problem("recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a "
-                                "user's config", fix))  # fmt: skip
+        problems.append(
+            Problem(
+                "recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a user's config", fix
+            )
+        )
     unreadable = [key for key in facts.unreadable() if key != "train_cfg.max_iters"]  # the appliance sets max_iters
     if unreadable:
-        problems.append(Problem(str(config), f"cannot read {', '.join(unreadable)} from it (only literal values, "
-                                "names and arithmetic are read)", "write them as literal values"))  # fmt: skip
+        problems.append(
+            Problem(
+                str(config),
+                f"cannot read {', '.join(unreadable)} from it (only literal values, names and arithmetic are read)",
+                "write them as literal values",
+            )
+        )
     return facts, problems
 
 
@@ -338,25 +374,43 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         if user_config is not None and "per_device_batch" not in request.asked and user_config.per_device_batch:
             per_device_batch = user_config.per_device_batch
     reference = device == "cuda" and not request.demo  # CPU runs and the demo are functional checks
-    _, accumulative_counts, batch_problem = global_batch_plan(request.global_batch, per_device_batch, topology.world_size, reference)
+    _, accumulative_counts, batch_problem = global_batch_plan(
+        request.global_batch, per_device_batch, topology.world_size, reference
+    )
     if batch_problem:
-        problems.append(Problem("--global-batch", batch_problem, "choose a per-device batch or global batch that divide"))
+        problems.append(
+            Problem("--global-batch", batch_problem, "choose a per-device batch or global batch that divide")
+        )
     inventory = gpu_inventory_details() if device == "cuda" else []
-    memory, memory_messages = gpu_memory([gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env)
+    memory, memory_messages = gpu_memory(
+        [gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env
+    )
     unwritable = check_writable(results_parent, layout)
     problems = [
-        *problems, *unwritable,
-        *(Problem("environment", message, "set it to the simulated card's MiB, or unset it") for message in memory_messages),
+        *problems,
+        *unwritable,
+        *(
+            Problem("environment", message, "set it to the simulated card's MiB, or unset it")
+            for message in memory_messages
+        ),
         *check_layout(layout),
-    ]  # fmt: skip
+    ]
     dataset, supports_sdpa = None, None
     if not problems:
         dataset = load_dataset(layout.dataset_json)
         with ModelCodeProbe(layout.llm_dir) as probe:
             problems = deep_problems(layout, dataset, request.image_sample)
-            too_few = None if user_config else warmup_problem(len(dataset.records), per_device_batch, topology.world_size)
+            too_few = (
+                None if user_config else warmup_problem(len(dataset.records), per_device_batch, topology.world_size)
+            )
             if too_few:
-                problems.append(Problem(str(layout.dataset_json), too_few, "use the whole LLaVA-Pretrain JSON, or a smaller --per-device-batch"))
+                problems.append(
+                    Problem(
+                        str(layout.dataset_json),
+                        too_few,
+                        "use the whole LLaVA-Pretrain JSON, or a smaller --per-device-batch",
+                    )
+                )
             code = probe.result()
         supports_sdpa = code.supports_sdpa
         problems += code.problems + disk_problems(results_parent)
@@ -364,18 +418,27 @@ def _preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: 
         levers, lever_messages = resolve_levers(
             request.levers, device, request.recipe.precision, per_device_batch, list(memory.for_defaults), supports_sdpa
         )
-        problems += [Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages]
+        problems += [
+            Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages
+        ]
     else:
         levers = STOCK  # a user's config runs as written
     options = replace(
-        request.recipe, device=device, per_device_batch=per_device_batch, accumulative_counts=accumulative_counts,
-        levers=levers, gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
-        precision=user_config.precision if user_config is not None and user_config.precision in PRECISIONS else request.recipe.precision,
-    )  # fmt: skip
+        request.recipe,
+        device=device,
+        per_device_batch=per_device_batch,
+        accumulative_counts=accumulative_counts,
+        levers=levers,
+        gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
+        precision=user_config.precision
+        if user_config is not None and user_config.precision in PRECISIONS
+        else request.recipe.precision,
+    )
     inputs = describe(layout, dataset) if not problems else None
     if inputs is not None and levers.tokenized_cache:
         options = replace(
-            options, tokenized_cache_folder=tokenized_cache_folder(results_parent, inputs["dataset_sha256"], layout.llm_dir)
+            options,
+            tokenized_cache_folder=tokenized_cache_folder(results_parent, inputs["dataset_sha256"], layout.llm_dir),
         )
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
@@ -443,7 +506,9 @@ def _execute(
             run_id, _, inventories = agree(topology, fingerprint, run_id, inventories[0])
         except AgreementError as error:
             problems.append(
-                Problem("other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node")
+                Problem(
+                    "other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node"
+                )
             )
     before_training.check()  # a signal that code on the way swallowed
     context = verdict_mod.RunContext(
@@ -491,14 +556,20 @@ def _execute(
                     context,
                     termination=Termination("crashed", failure),
                     timing={
-                        "preflight_seconds": process_age_seconds(), "started_at": now, "first_record_at": None,
-                        "first_record_seconds": None, "ended_at": now, "wall_seconds": 0.0,
-                    },  # fmt: skip
+                        "preflight_seconds": process_age_seconds(),
+                        "started_at": now,
+                        "first_record_at": None,
+                        "first_record_seconds": None,
+                        "ended_at": now,
+                        "wall_seconds": 0.0,
+                    },
                 )
                 return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
         before_training.check()
     except Interrupted as stop:  # the run's folder exists: its verdict goes there
-        return _finish(topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0))
+        return _finish(
+            topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0)
+        )
     preflight_seconds = process_age_seconds()
     run = _Run(request, console, layout, run_dir, topology, fingerprint)
     with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
@@ -578,9 +649,15 @@ def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device
     config_path.write_text(recipe.text)
     deepspeed = write_float32_deepspeed_config(run_dir) if recipe.float32 else DEEPSPEED_CONFIG
     return training_plan(
-        config_path, run_dir / "xtuner", run_dir / "logs" / f"node-{topology.node_rank}",
-        layout.root, device, topology, recipe.cfg_options, deepspeed,
-    )  # fmt: skip
+        config_path,
+        run_dir / "xtuner",
+        run_dir / "logs" / f"node-{topology.node_rank}",
+        layout.root,
+        device,
+        topology,
+        recipe.cfg_options,
+        deepspeed,
+    )
 
 
 def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console):
@@ -588,9 +665,12 @@ def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, con
     started_at, started = utc_now(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
     outcome = supervise(
-        plan, run_dir / "xtuner", _stop_check(request.criteria, printer), request.watchdog,
+        plan,
+        run_dir / "xtuner",
+        _stop_check(request.criteria, printer),
+        request.watchdog,
         out_of_memory_hint=out_of_memory_hint(options.precision, options.levers),
-    )  # fmt: skip
+    )
     if outcome.termination.kind not in ("completed", "stopped_on_target"):
         # said here too: should the verdict not be writable (a full disk), the console has it
         console.print(f"[yellow]training {outcome.termination.kind}[/]: {outcome.termination.detail}", highlight=False)

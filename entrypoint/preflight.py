@@ -3,6 +3,7 @@
 Every check adds problems instead of stopping at the first, so one ``validate``
 tells the user everything to fix. Nothing here writes to the layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -164,12 +165,23 @@ def _check_image_paths(layout: Layout, records: list) -> list[Problem]:
 
     problems = []
     if outside:
-        problems.append(Problem(str(layout.image_folder), f"{len(outside)} record(s) name an image outside the images "
-                                f"folder: {examples(outside)}", "image paths must be relative paths inside images/: fix "
-                                "the JSON or the links, or download LLaVA-Pretrain again"))  # fmt: skip
+        problems.append(
+            Problem(
+                str(layout.image_folder),
+                f"{len(outside)} record(s) name an image outside the images folder: {examples(outside)}",
+                "image paths must be relative paths inside images/: "
+                "fix "
+                "the JSON or the links, or download LLaVA-Pretrain again",
+            )
+        )
     if missing:
-        problems.append(Problem(str(layout.image_folder), f"{len(missing)} image(s) named by the JSON are missing: "
-                                f"{examples(missing)}", "unzip images.zip again (llava-bench prepare skips the intact ones)"))  # fmt: skip
+        problems.append(
+            Problem(
+                str(layout.image_folder),
+                f"{len(missing)} image(s) named by the JSON are missing: {examples(missing)}",
+                "unzip images.zip again (llava-bench prepare skips the intact ones)",
+            )
+        )
     return problems
 
 
@@ -204,7 +216,13 @@ def _check_override(layout: Layout) -> list[Problem]:
     try:
         paths = referenced_paths(config.read_text())
     except SyntaxError as error:
-        return [Problem(str(config), f"the config override does not parse ({error.msg}, line {error.lineno})", "fix the file or remove it to use the built-in recipe")]
+        return [
+            Problem(
+                str(config),
+                f"the config override does not parse ({error.msg}, line {error.lineno})",
+                "fix the file or remove it to use the built-in recipe",
+            )
+        ]
     problems = []
     for name, value in paths.items():
         resolved = Path(value) if Path(value).is_absolute() else layout.root / value

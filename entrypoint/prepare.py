@@ -7,6 +7,7 @@ temporary name first. The commit each repo resolved to is written next to its fi
 (``SOURCE_RECORD_NAME``) only after the download completed, so nothing
 half-written looks complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,20 +68,26 @@ def resolve(repo: HubRepo, revision: str | None) -> tuple[str, dict[str, int]]:
     try:
         info = HfApi().repo_info(repo.repo_id, repo_type=repo.repo_type, revision=revision, files_metadata=True)
     except OfflineModeIsEnabled:
-        raise PrepareError("HF_HUB_OFFLINE is set: nothing can be downloaded; unset it, or lay out the files by hand") from None
+        raise PrepareError(
+            "HF_HUB_OFFLINE is set: nothing can be downloaded; unset it, or lay out the files by hand"
+        ) from None
     except (requests.ConnectionError, requests.Timeout) as error:
         raise PrepareError(
             f"cannot reach the hub at {_endpoint()} ({type(error).__name__}); point HF_ENDPOINT at a mirror "
             "you can reach (and HTTPS_PROXY if you need a proxy), or check the network"
         ) from None
     except HfHubHTTPError as error:
-        raise PrepareError(f"{repo.repo_id} at {_endpoint()}: {error}; check the name, the revision and HF_TOKEN") from None
+        raise PrepareError(
+            f"{repo.repo_id} at {_endpoint()}: {error}; check the name, the revision and HF_TOKEN"
+        ) from None
     siblings = {s.rfilename: s.size or 0 for s in info.siblings or []}
     return info.sha, needed_files(repo, siblings)
 
 
 def _missing_bytes(target: Path, files: dict[str, int]) -> int:
-    return sum(size for name, size in files.items() if not (target / name).is_file() or (target / name).stat().st_size != size)
+    return sum(
+        size for name, size in files.items() if not (target / name).is_file() or (target / name).stat().st_size != size
+    )
 
 
 def check_disk(root: Path, needed: int) -> None:
@@ -158,7 +165,9 @@ def unpack_images(archive: Path, layout: Layout, progress: Callable[[int, int], 
     return unpacked, skipped
 
 
-def prepare(root: Path, only: str | None, revisions: dict[str, str], say: Callable[[str], None], progress=None) -> list[str]:
+def prepare(
+    root: Path, only: str | None, revisions: dict[str, str], say: Callable[[str], None], progress=None
+) -> list[str]:
     """Download what is missing, unpack the images; the lines of what was done."""
     import requests
 
@@ -171,9 +180,11 @@ def prepare(root: Path, only: str | None, revisions: dict[str, str], say: Callab
     for repo in chosen:
         commit, files = resolve(repo, revisions.get(repo.repo_id))
         plans.append((repo, commit, files, _missing_bytes(repo.target(layout), files)))
-    unpack_bytes = sum(
-        files.get("images.zip", 0) for repo, _, files, _ in plans if repo.repo_type == "dataset"
-    ) if not layout.image_folder.is_dir() else 0
+    unpack_bytes = (
+        sum(files.get("images.zip", 0) for repo, _, files, _ in plans if repo.repo_type == "dataset")
+        if not layout.image_folder.is_dir()
+        else 0
+    )
     check_disk(layout.root, sum(missing for *_, missing in plans) + unpack_bytes)
     done = []
     for repo, commit, files, missing in plans:

@@ -1,4 +1,5 @@
 """Live progress lines on the console while the trainer runs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,27 +5,59 @@ One pure function, ``detect``, maps an environment to a ``Topology`` or raises
 without a master address, a node rank out of range or two schedulers that disagree
 are refused. Every value records where it came from.
 """
+
 from __future__ import annotations
 
 import json
 import re
-from itertools import combinations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import combinations
 
 # Every variable `detect` reads (and the network variables NCCL and gloo read), so
 # launchers such as `make run` can pass them into the container.
 RANK_VARIABLES = (
-    "NNODES", "NODE_RANK", "NPROC_PER_NODE", "ADDR", "PORT", "MASTER_ADDR", "MASTER_PORT",
-    "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-    "PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-    "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MLP_WORKER_NUM", "MLP_ROLE_INDEX", "MLP_WORKER_0_HOST", "MLP_WORKER_0_PORT", "MLP_WORKER_GPU",
-    "VC_WORKER_NUM", "MA_NUM_HOSTS", "VC_TASK_INDEX", "VC_WORKER_HOSTS", "MA_NUM_GPUS",
-    "SM_HOSTS", "SM_CURRENT_HOST", "SM_NUM_GPUS",
-    "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME",
-)  # fmt: skip
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "ADDR",
+    "PORT",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "PET_NNODES",
+    "PET_NODE_RANK",
+    "PET_NPROC_PER_NODE",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+    "SLURM_NNODES",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NODEID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MLP_WORKER_NUM",
+    "MLP_ROLE_INDEX",
+    "MLP_WORKER_0_HOST",
+    "MLP_WORKER_0_PORT",
+    "MLP_WORKER_GPU",
+    "VC_WORKER_NUM",
+    "MA_NUM_HOSTS",
+    "VC_TASK_INDEX",
+    "VC_WORKER_HOSTS",
+    "MA_NUM_GPUS",
+    "SM_HOSTS",
+    "SM_CURRENT_HOST",
+    "SM_NUM_GPUS",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "GLOO_SOCKET_IFNAME",
+)
 DEFAULT_PORT = 29500  # passed explicitly: XTuner picks a random port per node otherwise
 LOOPBACK = "127.0.0.1"
 
@@ -64,12 +96,17 @@ class Topology:
 
     def torchrun_args(self) -> list[str]:
         return [
-            "--nnodes", str(self.nnodes),
-            "--node_rank", str(self.node_rank),
-            "--nproc_per_node", str(self.nproc_per_node),
-            "--master_addr", self.master_addr,
-            "--master_port", str(self.master_port),
-        ]  # fmt: skip
+            "--nnodes",
+            str(self.nnodes),
+            "--node_rank",
+            str(self.node_rank),
+            "--nproc_per_node",
+            str(self.nproc_per_node),
+            "--master_addr",
+            self.master_addr,
+            "--master_port",
+            str(self.master_port),
+        ]
 
 
 @dataclass(frozen=True)
@@ -173,10 +210,14 @@ def _pytorchjob(env) -> _Reading | None:
     if ":" in raw_nnodes:  # elastic min:max
         low, _, high = raw_nnodes.partition(":")
         if low != high:
-            raise TopologyError(f"PET_NNODES={raw_nnodes!r} is an elastic range; the benchmark needs a fixed node count")
+            raise TopologyError(
+                f"PET_NNODES={raw_nnodes!r} is an elastic range; the benchmark needs a fixed node count"
+            )
         env = {**env, "PET_NNODES": low}
     nnodes = _int(env, "PET_NNODES", 1)
-    nproc = None if env.get("PET_NPROC_PER_NODE", "").strip() in ("", "auto", "gpu") else _int(env, "PET_NPROC_PER_NODE", 1)
+    nproc = (
+        None if env.get("PET_NPROC_PER_NODE", "").strip() in ("", "auto", "gpu") else _int(env, "PET_NPROC_PER_NODE", 1)
+    )
     node_rank = _int(env, "PET_NODE_RANK")
     if node_rank is None and nproc is not None and _int(env, "RANK") is not None:
         node_rank = _int(env, "RANK") // nproc
@@ -190,12 +231,24 @@ def _pytorchjob(env) -> _Reading | None:
         )
     origins = _origins(
         nnodes=(nnodes, f"PET_NNODES={nnodes}"),
-        node_rank=(node_rank, ("PET_NODE_RANK" if "PET_NODE_RANK" in env else "RANK // PET_NPROC_PER_NODE") + f"={node_rank}"),
+        node_rank=(
+            node_rank,
+            ("PET_NODE_RANK" if "PET_NODE_RANK" in env else "RANK // PET_NPROC_PER_NODE") + f"={node_rank}",
+        ),
         nproc_per_node=(nproc, f"PET_NPROC_PER_NODE={nproc}"),
         master_addr=(addr, f"{addr_name}={addr}"),
         master_port=(port, port_origin),
     )
-    return _Reading("Kubeflow PyTorchJob (PET_*)", nnodes, node_rank, nproc, addr, port, "processes" if world_size else None, origins)
+    return _Reading(
+        "Kubeflow PyTorchJob (PET_*)",
+        nnodes,
+        node_rank,
+        nproc,
+        addr,
+        port,
+        "processes" if world_size else None,
+        origins,
+    )
 
 
 def _slurm(env) -> _Reading | None:
@@ -310,7 +363,9 @@ def _sagemaker(env) -> _Reading | None:
     return _Reading("Amazon SageMaker", len(hosts), hosts.index(current), nproc, hosts[0], port, origins=origins)
 
 
-def _world_size_convention(env, world_size_means: str | None, processes_per_node: tuple[int, str] | None) -> _Reading | None:
+def _world_size_convention(
+    env, world_size_means: str | None, processes_per_node: tuple[int, str] | None
+) -> _Reading | None:
     """WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT: the seed's (and PAI-DLC's, Volcano's) convention.
 
     WORLD_SIZE counts nodes there, but processes under torchrun-style launchers;
@@ -334,7 +389,11 @@ def _world_size_convention(env, world_size_means: str | None, processes_per_node
         origins["master_addr"] = f"MASTER_ADDR={addr}"
     if port_origin:
         origins["master_port"] = port_origin
-    why = "--world-size-means" if world_size_means else ("LOCAL_WORLD_SIZE is set" if local_world_size else "the seed's convention")
+    why = (
+        "--world-size-means"
+        if world_size_means
+        else ("LOCAL_WORLD_SIZE is set" if local_world_size else "the seed's convention")
+    )
     if reading == "nodes":
         origins["nnodes"] = f"WORLD_SIZE={world_size} read as nodes ({why})"
         if rank is not None:
@@ -354,7 +413,14 @@ def _world_size_convention(env, world_size_means: str | None, processes_per_node
     if node_rank is not None:
         origins["node_rank"] = f"GROUP_RANK={group_rank}" if group_rank is not None else f"RANK={rank} // {local_name}"
     return _Reading(
-        "WORLD_SIZE/RANK (processes)", world_size // local_world_size, node_rank, local_world_size, addr, port, "processes", origins
+        "WORLD_SIZE/RANK (processes)",
+        world_size // local_world_size,
+        node_rank,
+        local_world_size,
+        addr,
+        port,
+        "processes",
+        origins,
     )
 
 
@@ -402,10 +468,14 @@ def detect(
 
     nnodes, node_rank = pick("nnodes"), pick("node_rank")
     if nnodes > 1 and node_rank is None:
-        raise TopologyError(f"{chosen.source}: {nnodes} nodes but no node rank (NODE_RANK, RANK or the scheduler's index)")
+        raise TopologyError(
+            f"{chosen.source}: {nnodes} nodes but no node rank (NODE_RANK, RANK or the scheduler's index)"
+        )
     node_rank = 0 if node_rank is None else node_rank
     if node_rank >= nnodes:
-        raise TopologyError(f"{chosen.source}: node rank {node_rank} ({origins.get('node_rank')}) is not below the node count {nnodes}")
+        raise TopologyError(
+            f"{chosen.source}: node rank {node_rank} ({origins.get('node_rank')}) is not below the node count {nnodes}"
+        )
     master_addr = pick("master_addr")
     if master_addr is None:
         if nnodes > 1:
@@ -427,7 +497,9 @@ def detect(
         nproc = max(visible_gpus, 1)
         origins["nproc_per_node"] = f"visible GPUs: {visible_gpus}" if visible_gpus else "no GPU: one CPU process"
     _check_world_size(env, chosen, world_size_means, nnodes, nproc)
-    return Topology(nnodes, node_rank, nproc, master_addr, master_port, chosen.source, chosen.world_size_reading, origins)
+    return Topology(
+        nnodes, node_rank, nproc, master_addr, master_port, chosen.source, chosen.world_size_reading, origins
+    )
 
 
 def _check_world_size(env, chosen: _Reading, world_size_means: str | None, nnodes: int, nproc: int) -> None:

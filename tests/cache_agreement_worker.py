@@ -1,5 +1,6 @@
 """Run under torchrun with gloo by tests/test_levers.py: each rank writes whether it
 takes the cached path, given a cache folder of its own that holds the cache or not."""
+
 import json
 import sys
 from pathlib import Path

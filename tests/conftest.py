@@ -1,4 +1,5 @@
 """Shared fixtures: one synthetic layout per test session, copied where a test changes it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,6 +43,4 @@ def tree_digest(root: Path, *parts: str) -> str:
 
 def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "entrypoint", *args], capture_output=True, text=True, **kwargs
-    )
+    return subprocess.run([sys.executable, "-m", "entrypoint", *args], capture_output=True, text=True, **kwargs)

@@ -6,6 +6,7 @@ It serves folders: ``<root>/<models|datasets>/<owner>/<name>/...``. Each repo's
 commit is a hash of its files. ``cut_after`` makes the server drop the connection
 after that many bytes of one file, once, to test resuming.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,7 +100,10 @@ class Hub:
                 commit = _commit(repo)
                 if what == "info":
                     siblings = [
-                        {"rfilename": str(p.relative_to(repo)), "size": hub.reported_sizes.get(p.name, p.stat().st_size)}
+                        {
+                            "rfilename": str(p.relative_to(repo)),
+                            "size": hub.reported_sizes.get(p.name, p.stat().st_size),
+                        }
                         for p in _files(repo)
                     ]
                     return self._json(200, {"id": repo_id, "sha": commit, "private": False, "siblings": siblings})
@@ -114,7 +118,7 @@ class Hub:
                 start = 0
                 ranged = self.headers.get("Range")
                 if ranged and ranged.startswith("bytes="):
-                    start = int(ranged[len("bytes="):].split("-")[0])
+                    start = int(ranged[len("bytes=") :].split("-")[0])
                 body = data[start:]
                 self.send_response(206 if start else 200)
                 self.send_header("X-Repo-Commit", commit)

@@ -1,4 +1,5 @@
 """Fingerprint comparison and the bus-bandwidth formula (nccl-tests' definition)."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,9 @@ def _exchange_as_node(node_rank: int, port: int, queue) -> None:
     from entrypoint.agreement import exchange
     from entrypoint.topology import Topology
 
-    topology = Topology(nnodes=2, node_rank=node_rank, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test")
+    topology = Topology(
+        nnodes=2, node_rank=node_rank, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test"
+    )
     queue.put((node_rank, exchange(topology, "memory-retry", {"out_of_memory": node_rank == 1}, timeout_seconds=60)))
 
 
@@ -72,10 +75,16 @@ def test_a_node_waiting_for_an_absent_node_0_says_so_and_gives_up(capsys):
     from tests.test_rendezvous import two_free_ports
 
     port = two_free_ports()
-    topology = Topology(nnodes=2, node_rank=1, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test")
+    topology = Topology(
+        nnodes=2, node_rank=1, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test"
+    )
     started = time.monotonic()
     with pytest.raises(AgreementError, match="no agreement with the other nodes"):
         agree(topology, NODE, "r", [], timeout_seconds=4, report_seconds=1)
     assert time.monotonic() - started < 15
     waits = [line for line in capsys.readouterr().err.splitlines() if "waiting for node 0" in line]
-    assert waits and waits[0].startswith("llava-bench: node 1 waiting for node 0 through 127.0.0.1:") and " s of 4 s" in waits[0]
+    assert (
+        waits
+        and waits[0].startswith("llava-bench: node 1 waiting for node 0 through 127.0.0.1:")
+        and " s of 4 s" in waits[0]
+    )

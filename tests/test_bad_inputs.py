@@ -4,6 +4,7 @@ For each: the exit code, a message that names the problem, and proof that not on
 byte under data/ or model/ changed. Layout cases go through `validate --deep`;
 environment and argument cases through `run`, which refuses before training.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,42 +62,63 @@ def zip_images(layout: Layout) -> None:
 
 # name: (break the layout, words the message must hold)
 DEEP_CASES = {
-    "record without id": (lambda l: edit_records(l, lambda r: r[3].pop("id")), "has no string id"),
-    "record without image": (lambda l: edit_records(l, lambda r: r[4].update(image=None)), "has no image path"),
-    "conversations not a list": (lambda l: edit_records(l, lambda r: r[5].update(conversations="hi")), "human/gpt turns"),
+    "record without id": (lambda layout: edit_records(layout, lambda r: r[3].pop("id")), "has no string id"),
+    "record without image": (
+        lambda layout: edit_records(layout, lambda r: r[4].update(image=None)),
+        "has no image path",
+    ),
+    "conversations not a list": (
+        lambda layout: edit_records(layout, lambda r: r[5].update(conversations="hi")),
+        "human/gpt turns",
+    ),
     "two <image> tokens": (
-        lambda l: edit_records(l, lambda r: r[6]["conversations"][0].update(value="<image>\n<image>")),
+        lambda layout: edit_records(layout, lambda r: r[6]["conversations"][0].update(value="<image>\n<image>")),
         "exactly one <image>",
     ),
     "no <image> token": (
-        lambda l: edit_records(l, lambda r: r[7]["conversations"][0].update(value="describe")), "exactly one <image>"
+        lambda layout: edit_records(layout, lambda r: r[7]["conversations"][0].update(value="describe")),
+        "exactly one <image>",
     ),
-    "gpt turn first": (lambda l: edit_records(l, lambda r: r[8]["conversations"].reverse()), "start with a human turn"),
-    "duplicate ids": (lambda l: edit_records(l, lambda r: r[9].update(id=r[10]["id"])), "duplicate id"),
-    "missing image": (lambda l: first_image(l).unlink(), "named by the JSON are missing"),
-    "truncated jpeg": (lambda l: first_image(l).write_bytes(first_image(l).read_bytes()[:200]), "does not decode"),
-    "text file named .jpg": (lambda l: first_image(l).write_text("not an image"), "does not decode"),
+    "gpt turn first": (
+        lambda layout: edit_records(layout, lambda r: r[8]["conversations"].reverse()),
+        "start with a human turn",
+    ),
+    "duplicate ids": (lambda layout: edit_records(layout, lambda r: r[9].update(id=r[10]["id"])), "duplicate id"),
+    "missing image": (lambda layout: first_image(layout).unlink(), "named by the JSON are missing"),
+    "truncated jpeg": (
+        lambda layout: first_image(layout).write_bytes(first_image(layout).read_bytes()[:200]),
+        "does not decode",
+    ),
+    "text file named .jpg": (lambda layout: first_image(layout).write_text("not an image"), "does not decode"),
     "wrong LLM architecture": (
-        lambda l: edit_json(l.llm_dir / "config.json", lambda c: c.update(architectures=["BertModel"])), "not InternLM2"
+        lambda layout: edit_json(layout.llm_dir / "config.json", lambda c: c.update(architectures=["BertModel"])),
+        "not InternLM2",
     ),
     "model code missing": (
-        lambda l: (l.llm_dir / "modeling_internlm2.py").unlink(), "config.json's auto_map names modeling_internlm2.py"
+        lambda layout: (layout.llm_dir / "modeling_internlm2.py").unlink(),
+        "config.json's auto_map names modeling_internlm2.py",
     ),
     "model code written for another transformers": (break_model_code, "does not import with transformers"),
     "index names a missing shard": (
-        lambda l: shard_index(l, ["model.safetensors", "model-00002-of-00002.safetensors"], 900_000),
+        lambda layout: shard_index(layout, ["model.safetensors", "model-00002-of-00002.safetensors"], 900_000),
         "names model-00002-of-00002.safetensors, which is missing",
     ),
     "truncated shard": (
-        lambda l: (shard_index(l, ["model.safetensors"], 0), truncate(l.llm_dir / "model.safetensors")),
+        lambda layout: (shard_index(layout, ["model.safetensors"], 0), truncate(layout.llm_dir / "model.safetensors")),
         "header describes",
     ),
     "index does not parse": (
-        lambda l: (l.llm_dir / "model.safetensors.index.json").write_text("{"), "the index does not parse"
+        lambda layout: (layout.llm_dir / "model.safetensors.index.json").write_text("{"),
+        "the index does not parse",
     ),
-    "CLIP of another size": (lambda l: (l.clip_dir / SYNTHETIC_MARKER_NAME).unlink(), "needs CLIP ViT-L/14 at 336 px"),
+    "CLIP of another size": (
+        lambda layout: (layout.clip_dir / SYNTHETIC_MARKER_NAME).unlink(),
+        "needs CLIP ViT-L/14 at 336 px",
+    ),
     "preprocessor disagrees with the tower": (
-        lambda l: edit_json(l.clip_dir / "preprocessor_config.json", lambda c: c.update(crop_size={"height": 32, "width": 32})),
+        lambda layout: edit_json(
+            layout.clip_dir / "preprocessor_config.json", lambda c: c.update(crop_size={"height": 32, "width": 32})
+        ),
         "crops 32 px but the vision tower takes 28 px",
     ),
 }
@@ -119,30 +141,60 @@ RUN = ["--device", "cpu", "--per-device-batch", "8", "--max-steps", "20"]
 # name: (break the layout, extra run arguments, extra environment, words in stderr)
 RUN_CASES = {
     "images.zip not unpacked": (zip_images, [], {}, "unzip"),
-    "empty LLM folder": (lambda l: [p.unlink() for p in l.llm_dir.iterdir()], [], {}, "no config.json"),
+    "empty LLM folder": (lambda layout: [p.unlink() for p in layout.llm_dir.iterdir()], [], {}, "no config.json"),
     "truncated dataset JSON": (
-        lambda l: l.dataset_json.write_bytes(l.dataset_json.read_bytes()[:500]), [], {}, "does not parse"
+        lambda layout: layout.dataset_json.write_bytes(layout.dataset_json.read_bytes()[:500]),
+        [],
+        {},
+        "does not parse",
     ),
-    "dataset JSON not a list": (lambda l: l.dataset_json.write_text("{}"), [], {}, "no records"),
+    "dataset JSON not a list": (lambda layout: layout.dataset_json.write_text("{}"), [], {}, "no records"),
     "override config points nowhere": (
-        lambda l: l.config_override.write_text("data_path = '/nowhere/blip.json'\n"), [], {}, "/nowhere/blip.json"
+        lambda layout: layout.config_override.write_text("data_path = '/nowhere/blip.json'\n"),
+        [],
+        {},
+        "/nowhere/blip.json",
     ),
     "a corrupt image is caught before training": (
-        lambda l: first_image(l).write_text("broken"), ["--image-sample", "0"], {}, "does not decode"
+        lambda layout: first_image(layout).write_text("broken"),
+        ["--image-sample", "0"],
+        {},
+        "does not decode",
     ),
-    "results folder unwritable": (lambda l: (l.root / "results").write_text("a file, not a folder"), [], {}, "--out"),
-    "GPUs required but none": (lambda l: None, ["--device", "cuda"], {}, "no CUDA GPU is visible"),
-    "non-numeric NNODES": (lambda l: None, [], {"NNODES": "two"}, "NNODES='two'"),
-    "several nodes, no master address": (lambda l: None, [], {"WORLD_SIZE": "2", "RANK": "1"}, "no master address"),
-    "node rank out of range": (lambda l: None, [], {"NNODES": "2", "NODE_RANK": "5", "ADDR": "h"}, "not below the node count"),
-    "global batch not a multiple": (lambda l: None, ["--global-batch", "12"], {}, "not a multiple"),
-    "per-device batch zero": (lambda l: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
+    "results folder unwritable": (
+        lambda layout: (layout.root / "results").write_text("a file, not a folder"),
+        [],
+        {},
+        "--out",
+    ),
+    "GPUs required but none": (lambda layout: None, ["--device", "cuda"], {}, "no CUDA GPU is visible"),
+    "non-numeric NNODES": (lambda layout: None, [], {"NNODES": "two"}, "NNODES='two'"),
+    "several nodes, no master address": (
+        lambda layout: None,
+        [],
+        {"WORLD_SIZE": "2", "RANK": "1"},
+        "no master address",
+    ),
+    "node rank out of range": (
+        lambda layout: None,
+        [],
+        {"NNODES": "2", "NODE_RANK": "5", "ADDR": "h"},
+        "not below the node count",
+    ),
+    "global batch not a multiple": (lambda layout: None, ["--global-batch", "12"], {}, "not a multiple"),
+    "per-device batch zero": (lambda layout: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
     "model code written for another transformers": (break_model_code, [], {}, "cannot import name 'NoSuchCache'"),
     "a one-record dataset": (
-        lambda l: edit_records(l, lambda r: r.__delitem__(slice(1, None))), [], {}, "1 record(s) make 1 iteration(s) an epoch"
+        lambda layout: edit_records(layout, lambda r: r.__delitem__(slice(1, None))),
+        [],
+        {},
+        "1 record(s) make 1 iteration(s) an epoch",
     ),
     "simulated GPU memory not a number": (
-        lambda l: None, [], {"LLAVA_BENCH_GPU_MEMORY_CAP_MIB": "80GB"}, "LLAVA_BENCH_GPU_MEMORY_CAP_MIB='80GB'"
+        lambda layout: None,
+        [],
+        {"LLAVA_BENCH_GPU_MEMORY_CAP_MIB": "80GB"},
+        "LLAVA_BENCH_GPU_MEMORY_CAP_MIB='80GB'",
     ),
 }
 
@@ -164,7 +216,10 @@ def test_the_suite_holds_at_least_25_cases():
     assert len(DEEP_CASES) + len(RUN_CASES) >= 25
 
 
-@pytest.mark.parametrize("command", [["run", "--root", "/llava"], ["verdict", str(Path(__file__).parent / "data" / "seed_a100_metrics.jsonl")]])
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--root", "/llava"], ["verdict", str(Path(__file__).parent / "data" / "seed_a100_metrics.jsonl")]],
+)
 def test_a_junit_file_that_cannot_be_written_is_refused_before_any_work(command, tmp_path):
     done = llava_bench(*command, "--junit", str(tmp_path / "absent" / "x.xml"))
     assert done.returncode == 2

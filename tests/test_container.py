@@ -12,6 +12,7 @@ Needs a running engine (`.ci/run` installs Debian's docker.io and starts dockerd
 root with debootstrap. Where those are missing the tests say so in one line and do not
 run, unless LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 (`.ci/run` sets it): then they fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,19 @@ TEST_BUILD_ARGS = {
 }
 USER = "4321:4321"
 # A short real run: the synthetic layout's first logged loss (~1.4) is below 1.6.
-QUICK_RUN = ["run", "--root", "/llava", "--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
-             "--max-steps", "20", "--target-loss", "1.6"]  # fmt: skip
+QUICK_RUN = [
+    "run",
+    "--root",
+    "/llava",
+    "--device",
+    "cpu",
+    "--per-device-batch",
+    str(DEMO_PER_DEVICE_BATCH),
+    "--max-steps",
+    "20",
+    "--target-loss",
+    "1.6",
+]
 
 
 REQUIRED = os.environ.get("LLAVA_BENCH_REQUIRE_CONTAINER_TESTS") == "1"
@@ -58,7 +70,10 @@ REQUIRED = os.environ.get("LLAVA_BENCH_REQUIRE_CONTAINER_TESTS") == "1"
 
 def _cannot_run(why: str):
     """Fail where the container tests are required (CI), else say in one line why they did not run."""
-    message = f"container tests not run: {why} (.ci/run provides it; LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 makes this a failure)"
+    message = (
+        f"container tests not run: {why} "
+        "(.ci/run provides it; LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 makes this a failure)"
+    )
     if REQUIRED:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
@@ -97,7 +112,11 @@ def base_image(engine, tmp_path_factory) -> str:
         engine.images.get(ROOTFS_TAG)
     except docker.errors.ImageNotFound:
         rootfs = tmp_path_factory.mktemp("rootfs")
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR], check=True, capture_output=True)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+            check=True,
+            capture_output=True,
+        )
         tarball = tmp_path_factory.mktemp("rootfs-tar") / "rootfs.tar"
         subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
         repository, tag = ROOTFS_TAG.split(":")

@@ -1,4 +1,5 @@
 """Verdict logic on recorded and hand-made metrics streams (DESIGN §3)."""
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,11 @@ def test_empty_stream_is_error():
 
 @pytest.mark.parametrize(
     "termination, status",
-    [(Termination("crashed", "exit 1"), "error"), (Termination("stalled"), "error"), (Termination("aborted"), "aborted")],
+    [
+        (Termination("crashed", "exit 1"), "error"),
+        (Termination("stalled"), "error"),
+        (Termination("aborted"), "aborted"),
+    ],
 )
 def test_a_run_that_did_not_end_normally_is_never_pass_or_fail(termination, status):
     judgement = judge(stream((10, 1.0)), Criteria(max_steps=10), termination)
@@ -122,7 +127,9 @@ def test_unknown_termination_kind_is_refused():
 
 def test_stop_on_target_ends_the_curve_at_the_first_crossing():
     records = stream((10, 3.0), (20, 2.2), (30, 2.1))
-    judgement = judge(records, Criteria(target_loss=2.3, max_steps=30, stop_on_target=True), Termination("stopped_on_target"))
+    judgement = judge(
+        records, Criteria(target_loss=2.3, max_steps=30, stop_on_target=True), Termination("stopped_on_target")
+    )
     assert judgement.status == "pass"
     assert [p.step for p in judgement.curve] == [10, 20]
     assert judgement.steps_completed == 20
@@ -131,7 +138,12 @@ def test_stop_on_target_ends_the_curve_at_the_first_crossing():
 def test_a_run_stopped_for_a_non_finite_loss_fails_even_if_the_curve_misses_it():
     # accumulation 16: the NaN at iteration 5 belongs to step 1, logged before any crossing record
     records = stream((5, math.nan), (32, 1.0))
-    judgement = judge(records, Criteria(target_loss=2.3, max_steps=2), Termination("stopped_nonfinite_loss", "loss nan at iteration 5"), 16)
+    judgement = judge(
+        records,
+        Criteria(target_loss=2.3, max_steps=2),
+        Termination("stopped_nonfinite_loss", "loss nan at iteration 5"),
+        16,
+    )
     assert judgement.status == "fail"
     assert "non-finite" in judgement.reason
 
@@ -140,21 +152,49 @@ def test_a_run_stopped_for_a_non_finite_loss_fails_even_if_the_curve_misses_it()
 # the accumulated streams hold a run's last records only (their notes say the rest is missing)
 CRAFTED = {
     "accumulation: a crossing logged before the step's last record counts": (
-        [(15970, 2.6), (15980, 2.2), (15990, 2.4), (16000, 2.5)], Criteria(max_steps=500), COMPLETED, 32, "pass", 500, None,
+        [(15970, 2.6), (15980, 2.2), (15990, 2.4), (16000, 2.5)],
+        Criteria(max_steps=500),
+        COMPLETED,
+        32,
+        "pass",
+        500,
+        None,
     ),
     "accumulation: the appliance stopped at that crossing, between two records of one step": (
-        [(15970, 2.6), (15980, 2.2)], Criteria(max_steps=500, stop_on_target=True), Termination("stopped_on_target"), 32,
-        "pass", 500, None,
+        [(15970, 2.6), (15980, 2.2)],
+        Criteria(max_steps=500, stop_on_target=True),
+        Termination("stopped_on_target"),
+        32,
+        "pass",
+        500,
+        None,
     ),
     "a restart logs a crossed iteration again above the target: the crossing still counts": (
-        [(10, 3.0), (20, 2.2), (10, 3.1), (20, 2.5), (30, 2.4)], Criteria(max_steps=30), COMPLETED, 1, "pass", 20,
+        [(10, 3.0), (20, 2.2), (10, 3.1), (20, 2.5), (30, 2.4)],
+        Criteria(max_steps=30),
+        COMPLETED,
+        1,
+        "pass",
+        20,
         "logged more than once",
     ),
     "a resumed stream says which iterations are missing": (
-        [(310, 2.6), (320, 2.5)], Criteria(max_steps=320), COMPLETED, 1, "fail", None, "iterations 1-300 are missing",
+        [(310, 2.6), (320, 2.5)],
+        Criteria(max_steps=320),
+        COMPLETED,
+        1,
+        "fail",
+        None,
+        "iterations 1-300 are missing",
     ),
     "a first loss already below the target passes, and says so": (
-        [(10, 2.0), (20, 1.9)], Criteria(max_steps=20), COMPLETED, 1, "pass", 10, "already below the target",
+        [(10, 2.0), (20, 1.9)],
+        Criteria(max_steps=20),
+        COMPLETED,
+        1,
+        "pass",
+        10,
+        "already below the target",
     ),
 }
 

@@ -4,6 +4,7 @@ Nothing is mocked: the trainer is XTuner's, with mmengine, transformers and the
 tiny random models of the synthetic layout. CUDA and DeepSpeed cannot run here;
 the GPU path is exercised on a GPU machine (docs/GPU-VALIDATION.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,11 +23,15 @@ from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench, tree_digest
 
 DEMO_ARGS = [
-    "--device", "cpu",
-    "--max-steps", str(DEMO_CRITERIA.max_steps),
-    "--target-loss", str(DEMO_CRITERIA.target_loss),
-    "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
-]  # fmt: skip
+    "--device",
+    "cpu",
+    "--max-steps",
+    str(DEMO_CRITERIA.max_steps),
+    "--target-loss",
+    str(DEMO_CRITERIA.target_loss),
+    "--per-device-batch",
+    str(DEMO_PER_DEVICE_BATCH),
+]
 
 
 def only_run_dir(results: Path) -> Path:
@@ -106,7 +111,10 @@ def test_logs_config_and_metrics_are_kept(finished_run):
 def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synthetic_layout):
     _, run_dir, _ = finished_run
     verdict = json.loads((run_dir / "verdict.json").read_text())
-    assert verdict["inputs"]["dataset_sha256"] == hashlib.sha256(Layout.at(synthetic_layout).dataset_json.read_bytes()).hexdigest()
+    assert (
+        verdict["inputs"]["dataset_sha256"]
+        == hashlib.sha256(Layout.at(synthetic_layout).dataset_json.read_bytes()).hexdigest()
+    )
     assert verdict["inputs"]["dataset_samples"] == 2048
     assert verdict["inputs"]["model_shapes"]["vit"]["image_size"] == 28
     assert verdict["environment"]["gpus"] == []  # CPU
@@ -118,7 +126,12 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     flop_model = throughput["flop_model"]
     assert flop_model["text_tokens_source"] == "logged"
     assert 0 < flop_model["labelled_tokens_per_sample"] < flop_model["text_tokens_per_sample"]
-    assert flop_model["recipe_work"] == {"checkpointed_llm_layers": 2, "vit_backward": True, "head_at_every_position": True, "from": "recipe.levers"}
+    assert flop_model["recipe_work"] == {
+        "checkpointed_llm_layers": 2,
+        "vit_backward": True,
+        "head_at_every_position": True,
+        "from": "recipe.levers",
+    }
     assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
     assert verdict["baseline"]["speedup_vs_seed_a100"] is None  # a CPU run says nothing against an A100
     assert verdict["baseline"]["why_null"] == "not run on GPUs"
@@ -126,7 +139,9 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     assert 0 < timing["startup_seconds"] < timing["wall_seconds"]
     # The appliance's own process: interpreter, imports and preflight come before the trainer.
     assert timing["preflight_seconds"] > 0
-    assert timing["launch_to_first_step_seconds"] == pytest.approx(timing["preflight_seconds"] + timing["startup_seconds"])
+    assert timing["launch_to_first_step_seconds"] == pytest.approx(
+        timing["preflight_seconds"] + timing["startup_seconds"]
+    )
 
 
 def test_report_and_plot_are_written_and_redrawn(finished_run):
@@ -199,23 +214,50 @@ def test_a_user_configs_verdict_says_what_ran(layout_copy, tmp_path):
     says so), and the verdict says the same, off the reference schedule."""
     from bench.config_facts import read_facts
 
-    config = (Path(__file__).parent / "data" / "user_config.py").read_text().replace("batch_size = 8  # per device", "batch_size = 4")
+    config = (
+        (Path(__file__).parent / "data" / "user_config.py")
+        .read_text()
+        .replace("batch_size = 8  # per device", "batch_size = 4")
+    )
     Layout.at(layout_copy).config_override.write_text(config)
     out = tmp_path / "out"
     done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(out), "--device", "cpu", "--per-device-batch", "8",
-        "--global-batch", "16", "--max-steps", "20", "--target-loss", "1e9", "--json",
-    )  # fmt: skip
+        "run",
+        "--root",
+        str(layout_copy),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--per-device-batch",
+        "8",
+        "--global-batch",
+        "16",
+        "--max-steps",
+        "20",
+        "--target-loss",
+        "1e9",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     verdict = json.loads(done.stdout)
     recipe = verdict["recipe"]
-    assert (recipe["per_device_batch"], recipe["accumulative_counts"], recipe["global_batch"], recipe["max_iters"]) == (8, 2, 16, 40)
-    assert recipe["on_reference_schedule"] is False and any("not the reference 1024" in note for note in verdict["notes"])
+    assert (recipe["per_device_batch"], recipe["accumulative_counts"], recipe["global_batch"], recipe["max_iters"]) == (
+        8,
+        2,
+        16,
+        40,
+    )
+    assert recipe["on_reference_schedule"] is False and any(
+        "not the reference 1024" in note for note in verdict["notes"]
+    )
     (dumped,) = (only_run_dir(out) / "xtuner").glob("*.py")  # mmengine's dump of the config it ran
     ran = read_facts(dumped.read_text())
     assert (ran.per_device_batch, ran.accumulative_counts) == (8, 2)
     assert verdict["result"]["curve"][-1]["iter"] == 40 and verdict["result"]["steps_completed"] == 20
-    assert verdict["throughput"]["samples_per_second"] == pytest.approx(16 / verdict["throughput"]["seconds_per_step"]["mean"])
+    assert verdict["throughput"]["samples_per_second"] == pytest.approx(
+        16 / verdict["throughput"]["seconds_per_step"]["mean"]
+    )
 
 
 # name: (what the user config holds instead, run arguments, words in the refusal)
@@ -223,10 +265,15 @@ USER_CONFIG_REFUSALS = {
     "another precision asked": ({}, ["--precision", "bf16"], "--precision: bf16, but the config loads the LLM as fp32"),
     "a lever asked": ({}, ["--sdpa-attention"], "sdpa_attention apply to the built-in recipe"),
     "4-bit weights on CPU": (
-        {"quantization_config=None": "quantization_config=dict(load_in_4bit=True, bnb_4bit_quant_type='nf4')"}, [],
+        {"quantization_config=None": "quantization_config=dict(load_in_4bit=True, bnb_4bit_quant_type='nf4')"},
+        [],
         "on CPU this one cannot: 4-bit weights",
     ),
-    "a batch the appliance cannot read": ({"batch_size = 8  # per device": "batch_size = len('abcd')"}, [], "cannot read train_dataloader.batch_size"),
+    "a batch the appliance cannot read": (
+        {"batch_size = 8  # per device": "batch_size = len('abcd')"},
+        [],
+        "cannot read train_dataloader.batch_size",
+    ),
 }
 
 
@@ -238,7 +285,9 @@ def test_an_option_a_user_config_cannot_take_is_refused(layout_copy, tmp_path, n
         assert old in config
         config = config.replace(old, new)
     Layout.at(layout_copy).config_override.write_text(config)
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path), "--device", "cpu", "--max-steps", "20", *arguments)
+    done = llava_bench(
+        "run", "--root", str(layout_copy), "--out", str(tmp_path), "--device", "cpu", "--max-steps", "20", *arguments
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert words in done.stderr
 
@@ -259,10 +308,26 @@ def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
 
 def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_layout, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path),
-         "--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "entrypoint",
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--per-device-batch",
+            str(DEMO_PER_DEVICE_BATCH),
+            "--max-steps",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     for line in process.stdout:  # wait until training really runs
         if "step " in line and "loss" in line:
@@ -297,11 +362,25 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     """Preflight of LLaVA-Pretrain's 558k records takes seconds: a signal then still ends
     in a verdict (aborted, exit 3), and the child that imports the model's code is gone."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *DEMO_ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "entrypoint",
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            *DEMO_ARGS,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
-    while not any("entrypoint.model_code" in child for child in _children(process.pid)):  # preflight is importing the code
+    while not any(
+        "entrypoint.model_code" in child for child in _children(process.pid)
+    ):  # preflight is importing the code
         assert time.monotonic() < deadline and process.poll() is None, "preflight never imported the model's code"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
@@ -309,7 +388,10 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     assert process.returncode == 3, stderr
     verdict = json.loads((only_run_dir(tmp_path) / "verdict.json").read_text())
     verdict_mod.validate(verdict)
-    assert verdict["status"] == "aborted" and "SIGTERM received before training started" in verdict["termination"]["detail"]
+    assert (
+        verdict["status"] == "aborted"
+        and "SIGTERM received before training started" in verdict["termination"]["detail"]
+    )
     assert not list(tmp_path.rglob("xtuner"))
     probe = f"entrypoint.model_code {Layout.at(synthetic_layout).llm_dir}"  # this run's probe, not another's
     assert subprocess.run(["pgrep", "-f", probe], capture_output=True, text=True).stdout == ""

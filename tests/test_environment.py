@@ -1,4 +1,5 @@
 """Which of NVML's GPUs this process sees: NVML lists the machine's, CUDA the visible ones."""
+
 from __future__ import annotations
 
 import pytest

@@ -23,6 +23,7 @@ Mounting needs root; where it is not allowed the disk tests say so in one line a
 not run, unless LLAVA_BENCH_REQUIRE_CONTAINER_TESTS=1 (`.ci/run`), which makes that a
 failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,9 @@ from tests.test_end_to_end import DEMO_ARGS
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: str):
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         message = f"fault tests not run: mounting a tmpfs is not allowed here ({mounted.stderr.strip()})"
         if os.environ.get("LLAVA_BENCH_REQUIRE_CONTAINER_TESTS") == "1":
@@ -63,9 +66,21 @@ def test_a_full_results_filesystem_at_the_start_is_one_line_and_exit_3(synthetic
     with tmpfs(tmp_path / "full", "1m") as full:
         fill(full)
         done = subprocess.run(
-            [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(full / "results"), *DEMO_ARGS],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "entrypoint",
+                "run",
+                "--root",
+                str(synthetic_layout),
+                "--out",
+                str(full / "results"),
+                *DEMO_ARGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "the results could not be written" in done.stderr and "No space left on device" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -76,10 +91,27 @@ def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(synth
     stops within a minute as disk full, naming the file, and nothing is left running."""
     with tmpfs(tmp_path / "small", "2200m") as small:
         process = subprocess.Popen(
-            [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(small / "results"),
-             *DEMO_ARGS[:-6], "--max-steps", "100000", "--target-loss", "1e-9", "--per-device-batch", "8"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "entrypoint",
+                "run",
+                "--root",
+                str(synthetic_layout),
+                "--out",
+                str(small / "results"),
+                *DEMO_ARGS[:-6],
+                "--max-steps",
+                "100000",
+                "--target-loss",
+                "1e-9",
+                "--per-device-batch",
+                "8",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 180
         for line in process.stdout:  # training runs
             if "step " in line and "loss" in line:
@@ -104,21 +136,42 @@ def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
     if required:
         env["LLAVA_BENCH_REQUIRE_CONTAINER_TESTS"] = "1"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "container", "-p", "no:cacheprovider", str(Path(__file__).parent / "test_container.py")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-m",
+            "container",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__).parent / "test_container.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == (1 if required else 0), output
     assert "container tests not run:" in output and "Traceback" not in output
     assert len(output.splitlines()) < 40, output  # not pages of traceback
 
 
-@pytest.mark.parametrize("command", ["prepare", "validate", "run", "perf", "verdict", "topology", "check-cluster", "demo"])
+@pytest.mark.parametrize(
+    "command", ["prepare", "validate", "run", "perf", "verdict", "topology", "check-cluster", "demo"]
+)
 def test_every_command_shows_its_flags_as_flags_and_one_default_root(command):
     """A flag's help shows no <bool> (it takes no value), and every command that reads a
     layout defaults to the same root, /llava (demo and perf write their own)."""
-    done = subprocess.run([sys.executable, "-m", "entrypoint", command, "--help"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "entrypoint", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert done.returncode == 0, done.stderr
     flags = [line for line in done.stdout.splitlines() if "<bool>" in line and "--help" not in line]
     assert flags == []
@@ -138,7 +191,9 @@ def test_a_trainer_that_dies_of_a_full_disk_names_the_results_folder_only_if_it_
         if filled:
             fill(results)
         script = "import sys; sys.stderr.write('OSError: [Errno 28] No space left on device\\n'); sys.exit(1)"
-        plan = LaunchPlan([sys.executable, "-c", script], dict(os.environ), tmp_path, tmp_path / "logs", distributed=False)
+        plan = LaunchPlan(
+            [sys.executable, "-c", script], dict(os.environ), tmp_path, tmp_path / "logs", distributed=False
+        )
         outcome = supervise(plan, results, on_record=lambda record: None)
     detail = outcome.termination.detail
     assert outcome.termination.kind == "crashed"

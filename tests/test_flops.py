@@ -1,4 +1,5 @@
 """The FLOP model against a hand calculation, and MFU on the recorded H200 streams."""
+
 from __future__ import annotations
 
 import json
@@ -69,14 +70,23 @@ def test_the_levers_change_the_hardware_flops_not_the_model_flops():
 def test_recipe_work_comes_from_the_recorded_levers():
     levers = {"unchecked_llm_layers": 17, "skip_vit_backward": True, "labelled_logits_only": True}
     assert flops.RecipeWork.of(levers, 48) == flops.RecipeWork(31, False, False)
-    assert flops.RecipeWork.of({"unchecked_llm_layers": 70}, 2) == flops.RecipeWork(0, True, True)  # all of a tiny model's
+    assert flops.RecipeWork.of({"unchecked_llm_layers": 70}, 2) == flops.RecipeWork(
+        0, True, True
+    )  # all of a tiny model's
 
 
 @pytest.mark.parametrize(
     "name, peak",
-    [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA GeForce RTX 4090", None), (None, None)],
-)  # fmt: skip
+    [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA GeForce RTX 4090", None),
+        (None, None),
+    ],
+)
 def test_peak_table(name, peak):
     assert flops.peak_tflops(name) == peak
 
@@ -91,7 +101,9 @@ def with_token_counts(name: str, text: float, labelled: float) -> MetricsStream:
     return parse_stream("\n".join(lines))
 
 
-@pytest.mark.parametrize("stream, peak_memory", [("h200_stock_nf4_b32_20bshape.jsonl", 49451), ("h200_stock_bf16_b32_20bshape.jsonl", 75949)])
+@pytest.mark.parametrize(
+    "stream, peak_memory", [("h200_stock_nf4_b32_20bshape.jsonl", 49451), ("h200_stock_bf16_b32_20bshape.jsonl", 75949)]
+)
 def test_mfu_on_the_recorded_h200_streams(stream, peak_memory):
     records = with_token_counts(stream, 56.0, 21.0)
     built = verdict_mod.build(context(), records)  # 2 x H200, batch 32, real 20B shapes, stock levers
@@ -102,16 +114,22 @@ def test_mfu_on_the_recorded_h200_streams(stream, peak_memory):
     assert throughput["flop_model"]["text_tokens_source"] == "logged"
     assert throughput["flops_per_step"] == pytest.approx(expected_flops)
     assert throughput["mfu"] == pytest.approx(expected_flops / seconds / 2 / 989e12)
-    assert throughput["flop_model"]["hfu"] == pytest.approx(flops.step_flops(64, 56.0, 21.0).hardware_flops / seconds / 2 / 989e12)
+    assert throughput["flop_model"]["hfu"] == pytest.approx(
+        flops.step_flops(64, 56.0, 21.0).hardware_flops / seconds / 2 / 989e12
+    )
     assert 0.15 < throughput["mfu"] < 0.40  # ~25 % NF4, ~30 % bf16: the frozen 20B LLM dominates
     assert throughput["flop_model"]["image_tokens_per_sample"] == 576
     assert throughput["tokens_per_second"] == pytest.approx((56 + 576) * 64 / seconds)
-    assert throughput["xtuner_reported"]["tflops_per_device"] == pytest.approx(statistics.fmean(r.tflops for r in window))
+    assert throughput["xtuner_reported"]["tflops_per_device"] == pytest.approx(
+        statistics.fmean(r.tflops for r in window)
+    )
     assert throughput["peak_memory_mib"] == peak_memory
     # Ours counts image tokens and no weight gradients; XTuner's counts text only.
     assert throughput["flop_model"]["achieved_tflops_per_device"] > throughput["xtuner_reported"]["tflops_per_device"]
     baseline = built["baseline"]
-    assert baseline["speedup_vs_seed_a100"] == pytest.approx((32 / seconds) / (32 / verdict_mod.SEED_A100_SECONDS_PER_STEP))
+    assert baseline["speedup_vs_seed_a100"] == pytest.approx(
+        (32 / seconds) / (32 / verdict_mod.SEED_A100_SECONDS_PER_STEP)
+    )
 
 
 def test_a_stream_without_token_counts_has_no_flops_and_says_why():
@@ -128,9 +146,15 @@ def test_seed_baseline_constant_is_the_mean_of_the_seed_lines():
 
 
 def test_mfu_is_null_with_a_reason_for_an_unknown_gpu():
-    environment = {"software": context().environment["software"], "gpus": [
-        {"node_rank": 0, "index": 0, "name": "Mystery Accelerator", "memory_mib": 1, "driver": None, "uuid": None}]}  # fmt: skip
-    built = verdict_mod.build(context(environment=environment), with_token_counts("h200_stock_nf4_b32_20bshape.jsonl", 56.0, 21.0))
+    environment = {
+        "software": context().environment["software"],
+        "gpus": [
+            {"node_rank": 0, "index": 0, "name": "Mystery Accelerator", "memory_mib": 1, "driver": None, "uuid": None}
+        ],
+    }
+    built = verdict_mod.build(
+        context(environment=environment), with_token_counts("h200_stock_nf4_b32_20bshape.jsonl", 56.0, 21.0)
+    )
     assert built["throughput"]["mfu"] is None
     assert built["throughput"]["flops_per_step"] is not None
     assert "no dense bf16/fp16 peak" in built["throughput"]["flop_model"]["why_null"]

@@ -3,6 +3,7 @@
 Needs CUDA, so CI (no GPU) deselects it; run it with `make test-gpu` on a GPU
 machine. The layout is the synthetic one; the models are tiny and random.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,45 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
     gpus = torch.cuda.device_count()
     assert gpus >= 1, "no CUDA GPU visible"
     done = llava_bench(
-        "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cuda",
-        "--precision", precision, "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
-        "--global-batch", str(DEMO_PER_DEVICE_BATCH * gpus), "--max-steps", "60", "--target-loss", "1.0", "--json",
-    )  # fmt: skip
+        "run",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cuda",
+        "--precision",
+        precision,
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--global-batch",
+        str(DEMO_PER_DEVICE_BATCH * gpus),
+        "--max-steps",
+        "60",
+        "--target-loss",
+        "1.0",
+        "--json",
+    )
     print(done.stderr[-3000:])
     verdict = json.loads(done.stdout)
     verdict_mod.validate(verdict)
-    print(json.dumps({k: verdict[k] for k in ("status", "reason", "termination", "throughput", "baseline", "interconnect", "environment", "timing")}))
+    print(
+        json.dumps(
+            {
+                k: verdict[k]
+                for k in (
+                    "status",
+                    "reason",
+                    "termination",
+                    "throughput",
+                    "baseline",
+                    "interconnect",
+                    "environment",
+                    "timing",
+                )
+            }
+        )
+    )
     print(json.dumps(verdict["recipe"]), json.dumps(verdict["topology"]["launch_command"]))
     assert verdict["status"] == "pass", verdict["reason"]
     assert verdict["termination"]["kind"] == "completed", verdict["termination"]
@@ -66,10 +98,27 @@ def test_perf_compares_stock_nf4_with_the_default_and_the_training_agrees(synthe
     farther from the float32 run's than twice stock's own half-precision rounding
     (a zeroed gradient is at 100 %, tests/test_levers.py)."""
     done = llava_bench(
-        "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cuda", "--steps", "20",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--precision", "nf4",
-        "--variant", "exact", "--variant", "stock", "--variant", "default", "--json",
-    )  # fmt: skip
+        "perf",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cuda",
+        "--steps",
+        "20",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--precision",
+        "nf4",
+        "--variant",
+        "exact",
+        "--variant",
+        "stock",
+        "--variant",
+        "default",
+        "--json",
+    )
     print(done.stderr[-2000:])
     rows = {row["variant"]: row for row in json.loads(done.stdout)}
     print(json.dumps(rows, indent=1))

@@ -3,6 +3,7 @@
 The dequantized-NF4 lever needs CUDA and bitsandbytes' GPU kernels; its loss-curve
 agreement with stock NF4 is checked on the GPU machine (tests/test_gpu.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,79 +39,215 @@ H100 = [81559] * 8
 H200 = [143771] * 8
 A100_40 = [40960] * 8
 GPU_DEFAULTS = Levers(
-    dataloader_workers=4, pin_memory=True, tokenized_cache=True, skip_vit_backward=True, labelled_logits_only=True,
+    dataloader_workers=4,
+    pin_memory=True,
+    tokenized_cache=True,
+    skip_vit_backward=True,
+    labelled_logits_only=True,
     sdpa_attention=True,
-)  # fmt: skip
+)
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words); the LLM
 # folder's code has SDPA attention (InternLM2's) unless the name says otherwise (EAGER_ONLY).
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
     "80 GB GPUs, NF4: dequantized, 2 layers unchecked": (
-        LeverRequest(), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2), None
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2),
+        None,
     ),
     "141 GB GPUs, NF4: dequantized, 17 layers unchecked": (
-        LeverRequest(), "cuda", "nf4", 32, H200, replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17), None
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        None,
     ),
     "141 GB GPUs, bf16: 17 layers unchecked": (
-        LeverRequest(), "cuda", "bf16", 32, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=17), None
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=17),
+        None,
     ),
     "code without SDPA, 141 GB, NF4: eager layers cost more, 10 fit": (
-        LeverRequest(), "cuda", "nf4", 32, H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=10), None,
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=10),
+        None,
     ),
     "code without SDPA, 80 GB, NF4: 1 eager layer fits": (
-        LeverRequest(), "cuda", "nf4", 32, H100,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=1), None,
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=1),
+        None,
     ),
     "code without SDPA, SDPA asked for: refused": (
-        LeverRequest(sdpa_attention=True), "cuda", "bf16", 32, H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10), "no SDPA attention",
+        LeverRequest(sdpa_attention=True),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        "no SDPA attention",
     ),
     "eager attention asked for: fewer layers": (
-        LeverRequest(sdpa_attention=False), "cuda", "bf16", 32, H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10), None,
+        LeverRequest(sdpa_attention=False),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        None,
     ),
     "all logits: room for 12 layers": (
-        LeverRequest(labelled_logits_only=False), "cuda", "bf16", 32, H200,
-        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=12), None,
+        LeverRequest(labelled_logits_only=False),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=12),
+        None,
     ),
     "half the batch: twice the layers": (
-        LeverRequest(), "cuda", "bf16", 16, H200, replace(GPU_DEFAULTS, unchecked_llm_layers=35), None
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        16,
+        H200,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=35),
+        None,
     ),
-    "a batch above 32: its peak is not known, none unchecked": (LeverRequest(), "cuda", "bf16", 64, H200, GPU_DEFAULTS, None),
+    "a batch above 32: its peak is not known, none unchecked": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        64,
+        H200,
+        GPU_DEFAULTS,
+        None,
+    ),
     "the smallest GPU decides": (
-        LeverRequest(), "cuda", "bf16", 32, [*H200, 81559], replace(GPU_DEFAULTS, unchecked_llm_layers=2), None
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        [*H200, 81559],
+        replace(GPU_DEFAULTS, unchecked_llm_layers=2),
+        None,
     ),
     "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", 32, A100_40, GPU_DEFAULTS, None),
     "bf16 on 80 GB: nothing to dequantize": (
-        LeverRequest(), "cuda", "bf16", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=2), None
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=2),
+        None,
     ),
     "no tokenized cache when asked": (
-        LeverRequest(tokenized_cache=False), "cuda", "bf16", 32, H100,
-        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=2), None,
+        LeverRequest(tokenized_cache=False),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=2),
+        None,
     ),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
-    "--stock with a lever: refused": (LeverRequest(stock=True, dataloader_workers=2), "cuda", "nf4", 32, H100, STOCK, "--stock"),
+    "--stock with a lever: refused": (
+        LeverRequest(stock=True, dataloader_workers=2),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        STOCK,
+        "--stock",
+    ),
     "--stock with unchecked layers: refused": (
-        LeverRequest(stock=True, unchecked_llm_layers=0), "cuda", "nf4", 32, H100, STOCK, "--stock"
+        LeverRequest(stock=True, unchecked_llm_layers=0),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        STOCK,
+        "--stock",
     ),
     "one lever off, the others default: 4-bit weights leave room for 10 unchecked layers": (
-        LeverRequest(dequantize_nf4=False), "cuda", "nf4", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=10), None
+        LeverRequest(dequantize_nf4=False),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=10),
+        None,
     ),
     "layers asked for: the user's call": (
-        LeverRequest(unchecked_llm_layers=48), "cuda", "bf16", 32, H100, replace(GPU_DEFAULTS, unchecked_llm_layers=48), None
+        LeverRequest(unchecked_llm_layers=48),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=48),
+        None,
     ),
     "forced on a 40 GB GPU (the user's call)": (
-        LeverRequest(dequantize_nf4=True), "cuda", "nf4", 32, A100_40, replace(GPU_DEFAULTS, dequantize_nf4=True), None
+        LeverRequest(dequantize_nf4=True),
+        "cuda",
+        "nf4",
+        32,
+        A100_40,
+        replace(GPU_DEFAULTS, dequantize_nf4=True),
+        None,
     ),
-    "dequantize asked on CPU: refused": (LeverRequest(dequantize_nf4=True), "cpu", "nf4", 32, [], STOCK, "--dequantize-nf4"),
+    "dequantize asked on CPU: refused": (
+        LeverRequest(dequantize_nf4=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        STOCK,
+        "--dequantize-nf4",
+    ),
     "workers on CPU when asked": (
-        LeverRequest(dataloader_workers=2, pin_memory=True), "cpu", "nf4", 32, [], Levers(dataloader_workers=2, pin_memory=True), None
+        LeverRequest(dataloader_workers=2, pin_memory=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(dataloader_workers=2, pin_memory=True),
+        None,
     ),
-    "tokenized cache on CPU when asked": (LeverRequest(tokenized_cache=True), "cpu", "nf4", 32, [], Levers(tokenized_cache=True), None),
+    "tokenized cache on CPU when asked": (
+        LeverRequest(tokenized_cache=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(tokenized_cache=True),
+        None,
+    ),
     "model levers on CPU when asked": (
         LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
-        "cpu", "nf4", 32, [], Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
         None,
     ),
 }
@@ -119,7 +256,9 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_resolve_levers(name):
     request, device, precision, batch, memory, expected, problem = CASES[name]
-    levers, problems = resolve_levers(request, device, precision, batch, memory, supports_sdpa="without SDPA" not in name)
+    levers, problems = resolve_levers(
+        request, device, precision, batch, memory, supports_sdpa="without SDPA" not in name
+    )
     assert levers == expected
     if problem is None:
         assert problems == []
@@ -130,17 +269,19 @@ def test_resolve_levers(name):
 # name: (request, chosen levers, the retry's levers: None for no retry)
 FALLBACKS = {
     "the defaults spent memory: both taken back": (
-        LeverRequest(), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17), GPU_DEFAULTS
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        GPU_DEFAULTS,
     ),
-    "only unchecked layers to take back": (
-        LeverRequest(), replace(GPU_DEFAULTS, unchecked_llm_layers=2), GPU_DEFAULTS
-    ),
+    "only unchecked layers to take back": (LeverRequest(), replace(GPU_DEFAULTS, unchecked_llm_layers=2), GPU_DEFAULTS),
     "the user's layers stay: the dequantized default goes": (
-        LeverRequest(unchecked_llm_layers=4), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        LeverRequest(unchecked_llm_layers=4),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
         replace(GPU_DEFAULTS, unchecked_llm_layers=4),
     ),
     "every memory lever the user's: no retry": (
-        LeverRequest(unchecked_llm_layers=4, dequantize_nf4=True), replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        LeverRequest(unchecked_llm_layers=4, dequantize_nf4=True),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
         None,
     ),
     "nothing spent: no retry": (LeverRequest(), GPU_DEFAULTS, None),
@@ -167,7 +308,11 @@ SIMULATIONS = {
     "an 80 GB card simulated": ({GPU_MEMORY_CAP_VARIABLE: "81559"}, (81559,), (81559,), 81559, None),
     "a cap above the card changes nothing": ({GPU_MEMORY_CAP_VARIABLE: "200000"}, (143771,), (143771,), 200000, None),
     "the defaults' mistake forced": (
-        {GPU_MEMORY_CAP_VARIABLE: "81559", MEMORY_MODEL_VARIABLE: "143771"}, (81559,), (143771,), 81559, None
+        {GPU_MEMORY_CAP_VARIABLE: "81559", MEMORY_MODEL_VARIABLE: "143771"},
+        (81559,),
+        (143771,),
+        81559,
+        None,
     ),
     "not a number": ({GPU_MEMORY_CAP_VARIABLE: "80GB"}, (143771,), (143771,), None, "'80GB' is not a positive number"),
     "zero": ({MEMORY_MODEL_VARIABLE: "0"}, (143771,), (143771,), None, "is not a positive number"),
@@ -186,15 +331,20 @@ def test_levers_render_into_the_config_and_are_listed_as_deviations():
     layout = Layout.at(Path("/llava"))
     options = RecipeOptions(
         levers=Levers(
-            dataloader_workers=4, pin_memory=True, dequantize_nf4=True, skip_vit_backward=True, unchecked_llm_layers=12,
-            labelled_logits_only=True, sdpa_attention=True,
+            dataloader_workers=4,
+            pin_memory=True,
+            dequantize_nf4=True,
+            skip_vit_backward=True,
+            unchecked_llm_layers=12,
+            labelled_logits_only=True,
+            sdpa_attention=True,
         )
     )
     recipe = render(layout, options, "test")
     assert "from bench.levered_llava import LeveredLLaVAModel" in recipe.text
     assert (
-        "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12,\n    labelled_logits_only=True,"
-        in recipe.text
+        "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12,\n    "
+        "labelled_logits_only=True," in recipe.text
     )
     assert any("the last 12 LLM decoder layers" in change for change in recipe.deviations)
     assert "torch_dtype=torch.float16,\n        attn_implementation='sdpa',\n        quantization_config" in recipe.text
@@ -218,19 +368,40 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
     and 2 dataloader workers with pinned memory; the same samples in the same order give
     the same losses and the same projector after the last step."""
     done = llava_bench(
-        "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--steps", "30",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--variant", "stock", "--variant", "stock-again",
-        "--variant", "workers", "--json",
-    )  # fmt: skip
+        "perf",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--steps",
+        "30",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--variant",
+        "stock",
+        "--variant",
+        "stock-again",
+        "--variant",
+        "workers",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     stock, again, workers = json.loads(done.stdout)
     assert (stock["variant"], again["variant"], workers["variant"]) == ("stock", "stock-again", "workers")
     assert stock["levers"]["stock"] is True and stock["ratio_vs_stock"] == 1.0
     assert workers["levers"] == {
-        "dataloader_workers": 4, "pin_memory": True, "dequantize_nf4": False, "tokenized_cache": False,
-        "skip_vit_backward": False, "unchecked_llm_layers": 0, "labelled_logits_only": False, "sdpa_attention": False,
+        "dataloader_workers": 4,
+        "pin_memory": True,
+        "dequantize_nf4": False,
+        "tokenized_cache": False,
+        "skip_vit_backward": False,
+        "unchecked_llm_layers": 0,
+        "labelled_logits_only": False,
+        "sdpa_attention": False,
         "stock": False,
-    }  # fmt: skip
+    }
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
     assert workers["preflight_seconds"] > 0 and workers["startup_seconds"] > 0
     assert workers["max_loss_difference"] == 0.0  # three logged losses, identical
@@ -247,9 +418,21 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
     for row in report["rows"]:
         verdict_mod.validate(json.loads((Path(row["run_dir"]) / "verdict.json").read_text()))
     again = llava_bench(
-        "perf", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--steps", "30",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--variant", "stock", "--json",
-    )  # fmt: skip
+        "perf",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--steps",
+        "30",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--variant",
+        "stock",
+        "--json",
+    )
     assert again.returncode == 0 and "stock: reusing" in again.stderr  # a finished variant is not run again
     assert json.loads(again.stdout)[0]["run_dir"] == stock["run_dir"]
 
@@ -264,10 +447,23 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     verdicts = {}
     for name in ("stock", "stock-again"):
         done = llava_bench(
-            "run", "--root", str(synthetic_layout), "--out", str(tmp_path / name), "--device", "cpu", "--stock",
-            "--save-projector", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20",
-            "--target-loss", "1e9", "--json",
-        )  # fmt: skip
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path / name),
+            "--device",
+            "cpu",
+            "--stock",
+            "--save-projector",
+            "--per-device-batch",
+            str(DEMO_PER_DEVICE_BATCH),
+            "--max-steps",
+            "20",
+            "--target-loss",
+            "1e9",
+            "--json",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         verdicts[name] = json.loads(done.stdout)
         verdicts[name]["_run_dir"] = str(tmp_path / name / verdicts[name]["run_id"])
@@ -275,15 +471,28 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     assert "type=LLaVAModel," in config and "ProjectorSnapshotHook" in config
     broken = config.replace("type=LLaVAModel,", "type=ZeroProjectorGradientLLaVAModel,").replace(
         "from xtuner.model import LLaVAModel\n",
-        "from xtuner.model import LLaVAModel\nfrom tests.zero_projector_gradient import ZeroProjectorGradientLLaVAModel\n",
+        "from xtuner.model import LLaVAModel\nfrom tests.zero_projector_gradient import "
+        "ZeroProjectorGradientLLaVAModel\n",
     )
     Layout.at(layout_copy).config_override.write_text(broken)
     repo = str(Path(__file__).resolve().parent.parent)
     done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(tmp_path / "broken"), "--device", "cpu",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1e9", "--json",
+        "run",
+        "--root",
+        str(layout_copy),
+        "--out",
+        str(tmp_path / "broken"),
+        "--device",
+        "cpu",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps",
+        "20",
+        "--target-loss",
+        "1e9",
+        "--json",
         env={**os.environ, "PYTHONPATH": repo},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     verdicts["broken"] = json.loads(done.stdout)
     verdicts["broken"]["_run_dir"] = str(tmp_path / "broken" / verdicts["broken"]["run_id"])
@@ -331,19 +540,29 @@ def test_with_an_exact_run_each_variant_is_held_against_it_with_stocks_rounding_
     verdicts = {"exact": _saved_projector(tmp_path / "exact", initial, gradient, initial + move)}
     for variant, ((gradient_off, move_off), _) in AGAINST_EXACT.items():
         verdicts[variant] = _saved_projector(
-            tmp_path / variant, initial,
+            tmp_path / variant,
+            initial,
             gradient + noise / noise.norm() * gradient.norm() * gradient_off,
             initial + move + noise / noise.norm() * move.norm() * move_off,
-        )  # fmt: skip
+        )
     projectors = compare_projectors(verdicts)
     assert (projectors.reference, projectors.allowance_from) == ("exact", "stock")
     assert projectors.movement == pytest.approx(0.01)
-    rows = {row.variant: row for row in compare({k: {**v, "termination": {"kind": "completed"}, "world_size": 1}
-                                                 for k, v in verdicts.items()}, None, projectors)}  # fmt: skip
+    rows = {
+        row.variant: row
+        for row in compare(
+            {k: {**v, "termination": {"kind": "completed"}, "world_size": 1} for k, v in verdicts.items()},
+            None,
+            projectors,
+        )
+    }
     assert rows["exact"].gradient_difference == 0.0 and rows["exact"].gradient_agrees is True
     for variant, ((gradient_off, move_off), expected) in AGAINST_EXACT.items():
         row = rows[variant]
-        assert (row.gradient_difference, row.projector_distance) == (pytest.approx(gradient_off, rel=1e-4), pytest.approx(move_off, rel=1e-4))
+        assert (row.gradient_difference, row.projector_distance) == (
+            pytest.approx(gradient_off, rel=1e-4),
+            pytest.approx(move_off, rel=1e-4),
+        )
         assert (row.gradient_agrees, row.projector_agrees) == expected, variant
 
 
@@ -388,9 +607,22 @@ def test_the_tokenized_cache_is_reused_by_the_next_run_with_the_same_losses(synt
     verdicts = []
     for _ in range(2):
         done = llava_bench(
-            "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--tokenized-cache",
-            "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1.6", "--json",
-        )  # fmt: skip
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--tokenized-cache",
+            "--per-device-batch",
+            str(DEMO_PER_DEVICE_BATCH),
+            "--max-steps",
+            "20",
+            "--target-loss",
+            "1.6",
+            "--json",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         verdicts.append(json.loads(done.stdout))
     (cache,) = (tmp_path / "cache").iterdir()
@@ -412,7 +644,18 @@ def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy,
 
 
 def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
-    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", "--stock", "--dataloader-workers", "2")
+    done = llava_bench(
+        "run",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--stock",
+        "--dataloader-workers",
+        "2",
+    )
     assert done.returncode == 2
     assert "--stock (and --float32-reference) turn every lever off" in done.stderr
 
@@ -437,7 +680,10 @@ def _one_training_step(layout: Path, model_class, attention: str = "eager", **le
         **levers,
     ).train()
     assert type(model.llm).__name__ == "InternLM2ForCausalLM"
-    assert type(model.llm.model.layers[0].attention).__name__ == {"eager": "InternLM2Attention", "sdpa": "InternLM2SdpaAttention"}[attention]
+    assert (
+        type(model.llm.model.layers[0].attention).__name__
+        == {"eager": "InternLM2Attention", "sdpa": "InternLM2SdpaAttention"}[attention]
+    )
     calls = Counter()
     mlps = {f"llm.{i}": layer.feed_forward for i, layer in enumerate(model.llm.model.layers)}
     mlps["vit.0"] = model.visual_encoder.vision_model.encoder.layers[0].mlp
@@ -467,7 +713,9 @@ def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layer
     from bench.levered_llava import LeveredLLaVAModel
 
     stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
-    calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1)
+    calls, loss, grads = _one_training_step(
+        synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1
+    )
     assert stock_calls["llm.0"] == stock_calls["llm.1"] == stock_calls["vit.0"] == 2
     assert (calls["llm.0"], calls["llm.1"], calls["vit.0"]) == (2, 1, 1)
     assert calls["logits"] == stock_calls["logits"]  # every position
@@ -513,9 +761,22 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only", "--sdpa-attention"]
     for levers in (["--stock"], model_levers):
         done = llava_bench(
-            "run", "--root", str(synthetic_layout), "--out", str(tmp_path), "--device", "cpu", *levers,
-            "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--target-loss", "1.6", "--json",
-        )  # fmt: skip
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *levers,
+            "--per-device-batch",
+            str(DEMO_PER_DEVICE_BATCH),
+            "--max-steps",
+            "20",
+            "--target-loss",
+            "1.6",
+            "--json",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         verdict = json.loads(done.stdout)
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
@@ -549,10 +810,21 @@ def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached
         (tmp_path / f"rank{rank}").mkdir()
         (tmp_path / f"rank{rank}" / TOKENIZED_CACHE_MARKER).write_text("{}")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(Path(__file__).parent / "cache_agreement_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(Path(__file__).parent / "cache_agreement_worker.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]
 
@@ -569,15 +841,26 @@ def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int =
     paths = Layout.at(layout)
     config = AutoConfig.from_pretrained(paths.llm_dir, trust_remote_code=True)
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = layers, hidden, hidden * 8 // 3
-    config.num_attention_heads, config.num_key_value_heads, config.attn_implementation = hidden // 32, hidden // 128, attention
+    config.num_attention_heads, config.num_key_value_heads, config.attn_implementation = (
+        hidden // 32,
+        hidden // 128,
+        attention,
+    )
     llm = AutoModelForCausalLM.from_config(config, trust_remote_code=True, attn_implementation=attention)
     torch.manual_seed(7)
     for _, parameter in sorted(llm.named_parameters()):
         torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() == 2 else torch.nn.init.ones_(parameter)
     torch.manual_seed(0)  # the projector's initial weights
-    model = LLaVAModel(
-        llm=llm, visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir), freeze_llm=True, freeze_visual_encoder=True
-    ).train().to(dtype)
+    model = (
+        LLaVAModel(
+            llm=llm,
+            visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
+            freeze_llm=True,
+            freeze_visual_encoder=True,
+        )
+        .train()
+        .to(dtype)
+    )
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, config.vocab_size - 1, (4, 48), generator=generator)
     ids[:, 0], ids[:, 1] = 1, IMAGE_TOKEN_INDEX
@@ -585,7 +868,9 @@ def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int =
     labels[:, :2], labels[1, 30:], mask[1, 30:] = -100, -100, False  # the second sample padded
     size = model.visual_encoder.config.image_size
     pixels = torch.randn(4, 3, size, size, generator=generator).to(dtype)
-    model({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}, mode="loss")["loss"].backward()
+    model({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}, mode="loss")[
+        "loss"
+    ].backward()
     return torch.cat([p.grad.double().flatten() for p in model.projector.parameters()])
 
 

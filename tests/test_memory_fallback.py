@@ -6,6 +6,7 @@ and only that: the memory model's choice (on GPUs it picks unchecked layers from
 cards' memory; here it is set to one layer), and running out of memory, which the LLM
 folder's model code reports as CUDA does whenever a layer runs without checkpointing.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,21 @@ def test_an_out_of_memory_failure_under_the_users_own_choice_is_not_retried(layo
     layout = Layout.at(layout_copy)
     without_checkpointing_out_of_memory(layout)
     done = llava_bench(
-        "run", "--root", str(layout.root), "--out", str(tmp_path), "--device", "cpu", "--unchecked-llm-layers", "1",
-        "--per-device-batch", str(DEMO_PER_DEVICE_BATCH), "--max-steps", "20", "--json",
-    )  # fmt: skip
+        "run",
+        "--root",
+        str(layout.root),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--unchecked-llm-layers",
+        "1",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps",
+        "20",
+        "--json",
+    )
     verdict = json.loads(done.stdout)
     assert done.returncode == 3 and verdict["status"] == "error"
     assert "memory_fallback" not in verdict["recipe"]

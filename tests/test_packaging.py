@@ -1,15 +1,16 @@
 """The image recipe, its pins, the Makefile's docker flags and the examples, checked
 without a Docker engine (tests/test_container.py builds and runs the image on one)."""
+
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from entrypoint.topology import RANK_VARIABLES, detect
@@ -34,7 +35,9 @@ def test_dockerfile_pins_the_ngc_base_and_the_xtuner_commit():
 
 
 def pins(name: str) -> dict[str, str]:
-    lines = [line for line in (ROOT / "constraints" / name).read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line for line in (ROOT / "constraints" / name).read_text().splitlines() if line and not line.startswith("#")
+    ]
     assert all(re.fullmatch(r"[\w.-]+==[\w.+-]+", line) for line in lines), "only exact pins"
     names = [line.split("==")[0].lower().replace("_", "-") for line in lines]
     assert len(names) == len(set(names)), "a package pinned twice"
@@ -61,8 +64,16 @@ def test_make_run_passes_the_flags_the_mount_and_every_rank_variable():
     done = subprocess.run(["make", "-n", "run", "LLAVA=./llava"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     command = done.stdout
-    for flag in ("--gpus all", "--ipc=host", "--network=host", "--stop-timeout 60", "--ulimit memlock=-1", "--ulimit stack=67108864",
-                 "--user $(id -u):$(id -g)", f"-v {ROOT / 'llava'}:/llava"):  # fmt: skip
+    for flag in (
+        "--gpus all",
+        "--ipc=host",
+        "--network=host",
+        "--stop-timeout 60",
+        "--ulimit memlock=-1",
+        "--ulimit stack=67108864",
+        "--user $(id -u):$(id -g)",
+        f"-v {ROOT / 'llava'}:/llava",
+    ):
         assert flag in command, flag
     for variable in RANK_VARIABLES:
         assert f"-e {variable} " in command + " ", variable
@@ -80,8 +91,12 @@ def test_the_4x8_docker_lines_give_each_node_its_place(node_rank):
 def test_the_slurm_script_leaves_the_topology_to_slurm():
     script = (ROOT / "examples" / "slurm-pyxis.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=1" in script  # one appliance per node
-    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[01-04]",
-           "MASTER_PORT": re.search(r"MASTER_PORT=(\d+)", script).group(1)}  # fmt: skip
+    env = {
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[01-04]",
+        "MASTER_PORT": re.search(r"MASTER_PORT=(\d+)", script).group(1),
+    }
     topology = detect(env, visible_gpus=8)
     assert (topology.nnodes, topology.node_rank, topology.master_addr, topology.master_port) == (4, 2, "gpu01", 29500)
 
@@ -93,7 +108,13 @@ def test_the_pytorchjob_manifest_matches_what_the_operator_will_set():
     nproc = int(job["spec"]["nprocPerNode"])
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == nproc
-    env = {"PET_NNODES": str(pods), "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": "3",
-           "WORLD_SIZE": str(pods * nproc), "MASTER_ADDR": "llava-bench-master-0", "MASTER_PORT": "23456"}  # fmt: skip
+    env = {
+        "PET_NNODES": str(pods),
+        "PET_NPROC_PER_NODE": str(nproc),
+        "PET_NODE_RANK": "3",
+        "WORLD_SIZE": str(pods * nproc),
+        "MASTER_ADDR": "llava-bench-master-0",
+        "MASTER_PORT": "23456",
+    }
     topology = detect(env, visible_gpus=8)
     assert (topology.nnodes, topology.nproc_per_node, topology.node_rank) == (4, 8, 3)

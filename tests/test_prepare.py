@@ -1,5 +1,6 @@
 """`llava-bench prepare` against a real local HTTP server speaking the hub's API
 (tests/hub_server.py), serving tiny repos made from the synthetic layout."""
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ def test_prepare_makes_a_valid_layout_with_only_the_needed_files(hub_root, synth
     assert source["revision_requested"] == "main"
     from bench.inputs import describe, load_dataset
 
-    recorded = {s["repo_id"]: s["commit"] for s in describe(layout, load_dataset(layout.dataset_json))["sources"]}  # what the verdict records
+    recorded = {
+        s["repo_id"]: s["commit"] for s in describe(layout, load_dataset(layout.dataset_json))["sources"]
+    }  # what the verdict records
     assert recorded["liuhaotian/LLaVA-Pretrain"] == _commit(hub_root / DATA_REPO)
     # A second prepare fetches nothing and unpacks nothing.
     with Hub(hub_root) as hub:
@@ -133,8 +136,15 @@ def test_a_pinned_revision_is_requested_and_recorded(hub_root, tmp_path):
     commit = _commit(hub_root / CLIP_REPO)
     target = tmp_path / "llava"
     with Hub(hub_root) as hub:
-        done = prepare(target, hub.endpoint, "--only", "models", "--revision",
-                       f"openai/clip-vit-large-patch14-336={commit}", tmp_path=tmp_path)  # fmt: skip
+        done = prepare(
+            target,
+            hub.endpoint,
+            "--only",
+            "models",
+            "--revision",
+            f"openai/clip-vit-large-patch14-336={commit}",
+            tmp_path=tmp_path,
+        )
         assert any(r[1].endswith(f"/clip-vit-large-patch14-336/revision/{commit}") for r in hub.requests)
     assert done.returncode == 2  # the dataset was not asked for
     source = json.loads((Layout.at(target).clip_dir / ".llava-bench-source.json").read_text())

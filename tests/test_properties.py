@@ -1,5 +1,6 @@
 """Property tests: arbitrary metrics streams never crash the parser or the verdict,
 and never yield a pass the stream does not support."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,13 @@ def test_any_stream_gives_a_valid_verdict_and_no_unsupported_pass(stream_lines, 
     if termination.kind in ("crashed", "stalled", "aborted"):
         assert judgement.status in ("error", "aborted")
     context = verdict_mod.RunContext(
-        run_id="p", criteria=crit, termination=termination, accumulative_counts=accumulation,
-        per_device_batch=8, world_size=2,
-    )  # fmt: skip
+        run_id="p",
+        criteria=crit,
+        termination=termination,
+        accumulative_counts=accumulation,
+        per_device_batch=8,
+        world_size=2,
+    )
     document = verdict_mod.build(context, stream)
     verdict_mod.validate(document)
     json.loads(verdict_mod.dumps(document))  # strict JSON

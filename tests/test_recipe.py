@@ -1,4 +1,5 @@
 """The rendered XTuner config: faithful math, the recorded changes, each variant."""
+
 from __future__ import annotations
 
 import ast
@@ -6,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.layout import Layout
 from bench.config_facts import ConfigFacts, read_facts
-from bench.recipe import REFERENCE_GLOBAL_BATCH, RecipeOptions, from_user_config, global_batch_plan, referenced_paths, render
+from bench.layout import Layout
+from bench.recipe import (
+    REFERENCE_GLOBAL_BATCH,
+    RecipeOptions,
+    from_user_config,
+    global_batch_plan,
+    referenced_paths,
+    render,
+)
 
 LAYOUT = Layout.at("/llava")
 
@@ -90,19 +98,29 @@ def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_p
     recipe = render(LAYOUT, RecipeOptions(float32_reference=True), "test")
     stock = render(LAYOUT, RecipeOptions(), "test")
     assert "torch_dtype=torch.float32" in recipe.text and "bnb_4bit_compute_dtype=torch.float32" in recipe.text
-    assert "bnb_4bit_compute_dtype=torch.float16" in stock.text and "quantization_config=nf4_quantization" in recipe.text
+    assert (
+        "bnb_4bit_compute_dtype=torch.float16" in stock.text and "quantization_config=nf4_quantization" in recipe.text
+    )
     assert recipe.float32 and not stock.float32
     assert any("float32 reference" in change and "not a benchmark run" in change for change in recipe.deviations)
     written = json.loads(write_float32_deepspeed_config(tmp_path).read_text())
-    shipped = json.loads((xtuner_train_script().parent.parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIG}.json").read_text())
-    assert {"fp16", "bf16"} <= set(shipped) and written == {k: v for k, v in shipped.items() if k not in ("fp16", "bf16")}
+    shipped = json.loads(
+        (xtuner_train_script().parent.parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIG}.json").read_text()
+    )
+    assert {"fp16", "bf16"} <= set(shipped) and written == {
+        k: v for k, v in shipped.items() if k not in ("fp16", "bf16")
+    }
     assert written["zero_optimization"]["stage"] == 2
     topology = detect({}, 1)
-    plan = training_plan(tmp_path / "config.py", tmp_path, tmp_path, tmp_path, "cuda", topology, [], tmp_path / "ds.json")
+    plan = training_plan(
+        tmp_path / "config.py", tmp_path, tmp_path, tmp_path, "cuda", topology, [], tmp_path / "ds.json"
+    )
     assert plan.argv[plan.argv.index("--deepspeed") + 1] == str(tmp_path / "ds.json")
     assert plan.env["NVIDIA_TF32_OVERRIDE"] == "0"
     usual = training_plan(tmp_path / "config.py", tmp_path, tmp_path, tmp_path, "cuda", topology)
-    assert usual.argv[usual.argv.index("--deepspeed") + 1] == DEEPSPEED_CONFIG and "NVIDIA_TF32_OVERRIDE" not in usual.env
+    assert (
+        usual.argv[usual.argv.index("--deepspeed") + 1] == DEEPSPEED_CONFIG and "NVIDIA_TF32_OVERRIDE" not in usual.env
+    )
 
 
 def test_the_float32_reference_takes_no_levers():
@@ -113,14 +131,26 @@ def test_the_float32_reference_takes_no_levers():
 
 
 def test_options_are_rendered_and_recorded():
-    options = RecipeOptions(max_steps=100, accumulative_counts=4, per_device_batch=16, seed=7,
-                            save_checkpoint=True, eval_image=Path("/llava/view.jpg"))  # fmt: skip
+    options = RecipeOptions(
+        max_steps=100,
+        accumulative_counts=4,
+        per_device_batch=16,
+        seed=7,
+        save_checkpoint=True,
+        eval_image=Path("/llava/view.jpg"),
+    )
     recipe = render(LAYOUT, options, "test")
     values = settings(recipe.text)
     assert (values["max_iters"], values["accumulative_counts"], values["batch_size"]) == (400, 4, 16)
     assert "dict(type=CheckpointHook" in recipe.text
     assert "evaluation_images='/llava/view.jpg'" in recipe.text
-    for words in ("seed 7", "100 optimizer steps", "per-device batch 16", "accumulation over 4", "checkpoints every 500"):
+    for words in (
+        "seed 7",
+        "100 optimizer steps",
+        "per-device batch 16",
+        "accumulation over 4",
+        "checkpoints every 500",
+    ):
         assert any(words in d for d in recipe.deviations), words
 
 
@@ -154,12 +184,17 @@ def test_a_user_configs_batch_and_accumulation_are_set_where_they_differ_and_rea
     16 ran batch 4 without accumulation. Now the two are set through --cfg-options and
     the facts read back from the config XTuner runs say so."""
     config = tmp_path / "user.py"
-    config.write_text("batch_size = 4\ntrain_dataloader = dict(batch_size=batch_size)\noptim_wrapper = dict(type='x')\n")
+    config.write_text(
+        "batch_size = 4\ntrain_dataloader = dict(batch_size=batch_size)\noptim_wrapper = dict(type='x')\n"
+    )
     as_written = read_facts(config.read_text())
     assert (as_written.per_device_batch, as_written.accumulative_counts) == (4, 1)
     options = RecipeOptions(max_steps=20, per_device_batch=8, accumulative_counts=2)
     recipe = from_user_config(config, options, as_written)
-    assert "train_dataloader.batch_size=8" in recipe.cfg_options and "optim_wrapper.accumulative_counts=2" in recipe.cfg_options
+    assert (
+        "train_dataloader.batch_size=8" in recipe.cfg_options
+        and "optim_wrapper.accumulative_counts=2" in recipe.cfg_options
+    )
     ran = read_facts(recipe.text, recipe.cfg_options)
     assert (ran.per_device_batch, ran.accumulative_counts, ran.max_iters) == (8, 2, 40)
     assert any("per-device batch 8 instead of the file's 4" in d for d in recipe.deviations)
@@ -197,9 +232,21 @@ def test_the_default_holds_the_reference_global_batch_on_any_cluster(gpus, accum
 # (asked global batch, per-device batch, processes, reference?, plan, words in the problem)
 PLANS = {
     "3 GPUs: no batch holds 1024, the nearest global batches are named": (
-        None, 32, 3, True, (1024, 1), "no per-device batch holds it on 3 processes, or --global-batch 960 or 1056"
+        None,
+        32,
+        3,
+        True,
+        (1024, 1),
+        "no per-device batch holds it on 3 processes, or --global-batch 960 or 1056",
     ),
-    "64 GPUs: 2048 samples a micro-step; per-device 16 holds 1024": (None, 32, 64, True, (1024, 1), "--per-device-batch 16 holds it"),
+    "64 GPUs: 2048 samples a micro-step; per-device 16 holds 1024": (
+        None,
+        32,
+        64,
+        True,
+        (1024, 1),
+        "--per-device-batch 16 holds it",
+    ),
     "another global batch, held": (64, 8, 2, True, (64, 4), None),
     "another global batch that does not divide": (100, 8, 2, True, (100, 1), "--global-batch 100 is not a multiple"),
     "CPU: one micro-batch a step": (None, 8, 1, False, (8, 1), None),

@@ -5,6 +5,7 @@ reads it, agrees with the other node over its store on master_port + 1, then sta
 torchrun with the computed arguments and a gloo program that all-gathers every
 process's place. Nothing is mocked; CUDA is not needed (gloo on CPU).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,19 @@ import pytest
 
 from bench.layout import Layout
 
-SCHEDULER_VARIABLES = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "ADDR", "PORT",
-                       "NPROC_PER_NODE", "LOCAL_WORLD_SIZE", "GROUP_RANK")  # fmt: skip
+SCHEDULER_VARIABLES = (
+    "WORLD_SIZE",
+    "RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NNODES",
+    "NODE_RANK",
+    "ADDR",
+    "PORT",
+    "NPROC_PER_NODE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+)
 
 
 def two_free_ports() -> int:
@@ -37,18 +49,35 @@ def two_free_ports() -> int:
 
 
 def seed_convention(node: int, port: int) -> dict:
-    return {"WORLD_SIZE": "2", "RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "NPROC_PER_NODE": "2"}  # fmt: skip
+    return {
+        "WORLD_SIZE": "2",
+        "RANK": str(node),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "NPROC_PER_NODE": "2",
+    }
 
 
 def pytorchjob(node: int, port: int) -> dict:
-    return {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": str(node), "WORLD_SIZE": "4",
-            "RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    return {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "2",
+        "PET_NODE_RANK": str(node),
+        "WORLD_SIZE": "4",
+        "RANK": str(node),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def slurm(node: int, port: int) -> dict:
-    return {"SLURM_NNODES": "2", "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "localhost,localhost",
-            "MASTER_PORT": str(port), "NPROC_PER_NODE": "2"}  # fmt: skip
+    return {
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": str(node),
+        "SLURM_JOB_NODELIST": "localhost,localhost",
+        "MASTER_PORT": str(port),
+        "NPROC_PER_NODE": "2",
+    }
 
 
 def start_node(root, scheduler_env: dict) -> subprocess.Popen:
@@ -56,8 +85,11 @@ def start_node(root, scheduler_env: dict) -> subprocess.Popen:
     env.update(scheduler_env, GLOO_SOCKET_IFNAME="lo")
     return subprocess.Popen(
         [sys.executable, "-m", "entrypoint", "check-cluster", "--root", str(root), "--device", "cpu", "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_two_nodes(roots, scheduler) -> list[tuple[int, dict, str]]:
@@ -103,11 +135,27 @@ def test_run_on_two_nodes_writes_verdict_on_node_0_and_node_json_elsewhere(synth
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_VARIABLES}
         env.update(seed_convention(rank, port), NPROC_PER_NODE="1")
-        nodes.append(subprocess.Popen(
-            [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path / f"node{rank}"),
-             "--device", "cpu", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "entrypoint",
+                    "run",
+                    "--root",
+                    str(synthetic_layout),
+                    "--out",
+                    str(tmp_path / f"node{rank}"),
+                    "--device",
+                    "cpu",
+                    "--json",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [node.communicate(timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [2, 2], outputs
     (verdict_path,) = (tmp_path / "node0").glob("*/verdict.json")

@@ -1,5 +1,6 @@
 """The appliance writes only inside its results folder: read-only data/ and model/
 mounts work, and two runs started together never collide."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,28 @@ def read_only(*folders):
 def test_two_concurrent_runs_on_read_only_data_and_models(layout_copy):
     before = tree_digest(layout_copy, "data", "model")
     top_level = {p.name for p in layout_copy.iterdir()}
-    arguments = ["--root", str(layout_copy), "--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH),
-                 "--max-steps", "20", "--target-loss", str(DEMO_CRITERIA.target_loss + 1)]  # fmt: skip
+    arguments = [
+        "--root",
+        str(layout_copy),
+        "--device",
+        "cpu",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps",
+        "20",
+        "--target-loss",
+        str(DEMO_CRITERIA.target_loss + 1),
+    ]
     with read_only(layout_copy / "data", layout_copy / "model"):
         probe = subprocess.run(["touch", str(layout_copy / "data" / "probe")], capture_output=True)
         assert probe.returncode != 0  # the mount really is read-only
         runs = [
-            subprocess.Popen([sys.executable, "-m", "entrypoint", "run", *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-m", "entrypoint", "run", *arguments],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(2)
         ]
         outputs = [run.communicate(timeout=300) for run in runs]

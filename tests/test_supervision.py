@@ -4,6 +4,7 @@ The runs are real XTuner runs on CPU. The diagnosis cases read log files written
 the way torchrun and PyTorch write them (tests/data/logs): out-of-memory and NCCL
 timeouts cannot happen on this machine, so their text is recorded, not produced.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,25 @@ def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tm
 
 def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(synthetic_layout, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU,
-         "--max-steps", "100000", "--stall-timeout", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "entrypoint",
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            *CPU,
+            "--max-steps",
+            "100000",
+            "--stall-timeout",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stdout:
         if "step " in line and "loss" in line:
             break
@@ -65,7 +81,9 @@ def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(synthetic_layout, tmp
 def test_a_non_finite_loss_stops_the_run_early_as_fail(layout_copy, tmp_path):
     config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 1e30")  # the weights blow up
     Layout.at(layout_copy).config_override.write_text(config)
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "100000", "--json")
+    done = llava_bench(
+        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "100000", "--json"
+    )
     assert done.returncode == 1, done.stderr
     verdict = json.loads(done.stdout)
     assert verdict["status"] == "fail"
@@ -91,7 +109,9 @@ def test_logs_are_capped_and_keep_their_tail(tmp_path):
 
 def test_out_of_memory_names_the_first_failing_rank_and_hints():
     reason = diagnose(DATA / "logs" / "oom")
-    assert reason.startswith("rank 9 (local rank 1) failed first; out of GPU memory; hint: a smaller --per-device-batch")
+    assert reason.startswith(
+        "rank 9 (local rank 1) failed first; out of GPU memory; hint: a smaller --per-device-batch"
+    )
     with_hint = diagnose(DATA / "logs" / "oom", out_of_memory_hint="--no-dequantize-nf4")
     assert "out of GPU memory; hint: --no-dequantize-nf4;" in with_hint
     assert "torch.OutOfMemoryError: CUDA out of memory" in reason
@@ -105,10 +125,23 @@ def test_nccl_timeout_points_at_the_network_variables():
 
 def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "entrypoint", "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU,
-         "--max-steps", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "entrypoint",
+            "run",
+            "--root",
+            str(synthetic_layout),
+            "--out",
+            str(tmp_path),
+            *CPU,
+            "--max-steps",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stdout:
         if "step " in line:
             break
@@ -120,7 +153,9 @@ def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
 
 def test_process_age_counts_from_the_process_start_not_from_the_call():
     """preflight_seconds starts at the process's start (/proc), so the imports count."""
-    script = "import time; time.sleep(0.5); from entrypoint.launch import process_age_seconds; print(process_age_seconds())"
+    script = (
+        "import time; time.sleep(0.5); from entrypoint.launch import process_age_seconds; print(process_age_seconds())"
+    )
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     wall = time.monotonic() - started

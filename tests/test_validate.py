@@ -1,4 +1,5 @@
 """`llava-bench validate` on the synthetic layout and on broken copies of it."""
+
 from __future__ import annotations
 
 import json
@@ -46,55 +47,101 @@ def remove(path):
 
 # (what breaks, the path the message must name, words the message must contain)
 BREAKAGES = {
-    "images only as zip": (zip_images, lambda l: l.image_folder, "unzip"),
-    "no images at all": (lambda l: remove(l.image_folder), lambda l: l.image_folder, "download images.zip"),
+    "images only as zip": (zip_images, lambda layout: layout.image_folder, "unzip"),
+    "no images at all": (
+        lambda layout: remove(layout.image_folder),
+        lambda layout: layout.image_folder,
+        "download images.zip",
+    ),
     "empty images folder": (
-        lambda l: (remove(l.image_folder), l.image_folder.mkdir()),
-        lambda l: l.image_folder,
+        lambda layout: (remove(layout.image_folder), layout.image_folder.mkdir()),
+        lambda layout: layout.image_folder,
         "empty",
     ),
-    "dataset json missing": (lambda l: remove(l.dataset_json), lambda l: l.dataset_json, "missing"),
+    "dataset json missing": (lambda layout: remove(layout.dataset_json), lambda layout: layout.dataset_json, "missing"),
     "dataset json truncated": (
-        lambda l: l.dataset_json.write_bytes(l.dataset_json.read_bytes()[:1000]),
-        lambda l: l.dataset_json,
+        lambda layout: layout.dataset_json.write_bytes(layout.dataset_json.read_bytes()[:1000]),
+        lambda layout: layout.dataset_json,
         "does not parse",
     ),
-    "dataset json empty list": (lambda l: l.dataset_json.write_text("[]"), lambda l: l.dataset_json, "no records"),
-    "dataset json not a list": (lambda l: l.dataset_json.write_text('{"a": 1}'), lambda l: l.dataset_json, "no records"),
-    "llm folder missing": (lambda l: remove(l.llm_dir), lambda l: l.llm_dir, "internlm/internlm2-chat-20b"),
-    "llm config missing": (lambda l: remove(l.llm_dir / "config.json"), lambda l: l.llm_dir / "config.json", "config.json"),
-    "llm weights missing": (lambda l: remove(l.llm_dir / "model.safetensors"), lambda l: l.llm_dir, "no weights"),
-    "llm tokenizer missing": (lambda l: remove(l.llm_dir / "tokenizer.json"), lambda l: l.llm_dir / "tokenizer.model", "tokenizer"),
-    "clip weights missing": (lambda l: remove(l.clip_dir / "model.safetensors"), lambda l: l.clip_dir, "no weights"),
+    "dataset json empty list": (
+        lambda layout: layout.dataset_json.write_text("[]"),
+        lambda layout: layout.dataset_json,
+        "no records",
+    ),
+    "dataset json not a list": (
+        lambda layout: layout.dataset_json.write_text('{"a": 1}'),
+        lambda layout: layout.dataset_json,
+        "no records",
+    ),
+    "llm folder missing": (
+        lambda layout: remove(layout.llm_dir),
+        lambda layout: layout.llm_dir,
+        "internlm/internlm2-chat-20b",
+    ),
+    "llm config missing": (
+        lambda layout: remove(layout.llm_dir / "config.json"),
+        lambda layout: layout.llm_dir / "config.json",
+        "config.json",
+    ),
+    "llm weights missing": (
+        lambda layout: remove(layout.llm_dir / "model.safetensors"),
+        lambda layout: layout.llm_dir,
+        "no weights",
+    ),
+    "llm tokenizer missing": (
+        lambda layout: remove(layout.llm_dir / "tokenizer.json"),
+        lambda layout: layout.llm_dir / "tokenizer.model",
+        "tokenizer",
+    ),
+    "clip weights missing": (
+        lambda layout: remove(layout.clip_dir / "model.safetensors"),
+        lambda layout: layout.clip_dir,
+        "no weights",
+    ),
     "clip preprocessor missing": (
-        lambda l: remove(l.clip_dir / "preprocessor_config.json"),
-        lambda l: l.clip_dir / "preprocessor_config.json",
+        lambda layout: remove(layout.clip_dir / "preprocessor_config.json"),
+        lambda layout: layout.clip_dir / "preprocessor_config.json",
         "preprocessor_config.json",
     ),
     "override points nowhere": (
-        lambda l: l.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
-        lambda l: l.config_override,
+        lambda layout: layout.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
+        lambda layout: layout.config_override,
         "/nowhere/internlm2-chat-20b",
     ),
     "a missing image, without --deep": (
-        lambda l: first_image(l).unlink(), lambda l: l.image_folder, "named by the JSON are missing",
+        lambda layout: first_image(layout).unlink(),
+        lambda layout: layout.image_folder,
+        "named by the JSON are missing",
     ),
-    "an absolute image path": (lambda l: set_first_image(l, "/etc/hostname"), lambda l: l.image_folder, "outside the images folder"),
+    "an absolute image path": (
+        lambda layout: set_first_image(layout, "/etc/hostname"),
+        lambda layout: layout.image_folder,
+        "outside the images folder",
+    ),
     "an image path that climbs out": (
-        lambda l: set_first_image(l, "../../../../../etc/hostname"), lambda l: l.image_folder, "outside the images folder"
+        lambda layout: set_first_image(layout, "../../../../../etc/hostname"),
+        lambda layout: layout.image_folder,
+        "outside the images folder",
     ),
     "an image that is a link out of the folder": (
-        lambda l: link_out(first_image(l), l.root.parent / "elsewhere.jpg"), lambda l: l.image_folder, "id 000000000",
+        lambda layout: link_out(first_image(layout), layout.root.parent / "elsewhere.jpg"),
+        lambda layout: layout.image_folder,
+        "id 000000000",
     ),
     "an image folder that is a link out of the layout": (
-        lambda l: link_out(first_image(l).parent, l.root.parent / "elsewhere"), lambda l: l.image_folder, "outside the images folder",
+        lambda layout: link_out(first_image(layout).parent, layout.root.parent / "elsewhere"),
+        lambda layout: layout.image_folder,
+        "outside the images folder",
     ),
     "results folder unwritable": (
-        lambda l: (l.root / "results").write_text("a file, not a folder"), lambda l: l.results_dir, "--out",
+        lambda layout: (layout.root / "results").write_text("a file, not a folder"),
+        lambda layout: layout.results_dir,
+        "--out",
     ),
     "override does not parse": (
-        lambda l: l.config_override.write_text("model = dict(\n"),
-        lambda l: l.config_override,
+        lambda layout: layout.config_override.write_text("model = dict(\n"),
+        lambda layout: layout.config_override,
         "does not parse",
     ),
 }

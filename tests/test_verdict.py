@@ -1,4 +1,5 @@
 """Verdict documents: schema, throughput window, the `verdict` command on bare streams."""
+
 from __future__ import annotations
 
 import copy
@@ -35,13 +36,27 @@ RECIPE = {
 
 
 H200_ENVIRONMENT = {
-    "software": {"python": "3.12.3", "platform": "Linux", "cuda": "13.0", "cudnn": 91300, "nccl": "2.28.9",
-                 "packages": {"torch": "2.11.0", "xtuner": "0.2.0"}, "image": None},
+    "software": {
+        "python": "3.12.3",
+        "platform": "Linux",
+        "cuda": "13.0",
+        "cudnn": 91300,
+        "nccl": "2.28.9",
+        "packages": {"torch": "2.11.0", "xtuner": "0.2.0"},
+        "image": None,
+    },
     "gpus": [
-        {"node_rank": 0, "index": i, "name": "NVIDIA H200", "memory_mib": 143771, "driver": "580.159.04", "uuid": f"GPU-{i}"}
+        {
+            "node_rank": 0,
+            "index": i,
+            "name": "NVIDIA H200",
+            "memory_mib": 143771,
+            "driver": "580.159.04",
+            "uuid": f"GPU-{i}",
+        }
         for i in (0, 1)
     ],
-}  # fmt: skip
+}
 REAL_INPUTS = {
     "dataset_sha256": "d" * 64,
     "dataset_samples": 558128,
@@ -51,8 +66,16 @@ REAL_INPUTS = {
         "llm": {"hidden": 6144, "layers": 48, "heads": 48, "kv_heads": 8, "ffn": 16384, "vocab": 92544},
         "vit": {"hidden": 1024, "layers": 24, "ffn": 4096, "image_size": 336, "patch": 14},
     },
-    "sources": [{"repo_id": "internlm/internlm2-chat-20b", "repo_type": "model", "revision_requested": "main",
-                 "commit": "f" * 40, "endpoint": "https://huggingface.co", "files": ["config.json"]}],
+    "sources": [
+        {
+            "repo_id": "internlm/internlm2-chat-20b",
+            "repo_type": "model",
+            "revision_requested": "main",
+            "commit": "f" * 40,
+            "endpoint": "https://huggingface.co",
+            "files": ["config.json"],
+        }
+    ],
 }
 
 
@@ -66,15 +89,28 @@ def context(**changes) -> verdict_mod.RunContext:
         trainer_exit_code=0,
         recipe=RECIPE,
         topology={
-            "nnodes": 1, "node_rank": 0, "nproc_per_node": 2, "master_addr": "127.0.0.1",
-            "master_port": 29500, "source": "single node", "launch_command": ["torchrun"],
-            "world_size": 2, "world_size_reading": None, "origins": {"nnodes": "default: one node"},
+            "nnodes": 1,
+            "node_rank": 0,
+            "nproc_per_node": 2,
+            "master_addr": "127.0.0.1",
+            "master_port": 29500,
+            "source": "single node",
+            "launch_command": ["torchrun"],
+            "world_size": 2,
+            "world_size_reading": None,
+            "origins": {"nnodes": "default: one node"},
         },
-        timing={"preflight_seconds": 12.5, "started_at": "t0", "first_record_at": "t0", "first_record_seconds": 130.0, "ended_at": "t1",
-                "wall_seconds": 1.0},
+        timing={
+            "preflight_seconds": 12.5,
+            "started_at": "t0",
+            "first_record_at": "t0",
+            "first_record_seconds": 130.0,
+            "ended_at": "t1",
+            "wall_seconds": 1.0,
+        },
         environment=H200_ENVIRONMENT,
         inputs=REAL_INPUTS,
-    )  # fmt: skip
+    )
     return verdict_mod.RunContext(**{**base, **changes})
 
 
@@ -87,19 +123,44 @@ H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
         context(),
         context(termination=Termination("crashed", "exit 1")),
         context(termination=Termination("aborted", "SIGTERM")),
-        context(termination=Termination("unknown"), recipe=None, topology=None, timing=None, per_device_batch=None, world_size=None),
+        context(
+            termination=Termination("unknown"),
+            recipe=None,
+            topology=None,
+            timing=None,
+            per_device_batch=None,
+            world_size=None,
+        ),
         context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
         context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
-        context(recipe={**RECIPE, "memory_fallback": {
-            "reason": "trainer exit code 1; out of GPU memory", "folder": "attempt-1", "config_sha256": "1" * 64,
-            "levers": {**STOCK.as_dict(), "unchecked_llm_layers": 17}, "wall_seconds": 80.5,
-            "taken_back": ["unchecked_llm_layers 17 -> 0"],
-        }}),
-        context(interconnect={
-            "backend": "nccl", "world_size": 2,
-            "placement": [{"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)],
-            "allreduce": {"message_bytes": 268435456, "iterations": 20, "seconds_per_allreduce": 0.001, "bus_bandwidth_gbps": 268.4},
-        }),
+        context(
+            recipe={
+                **RECIPE,
+                "memory_fallback": {
+                    "reason": "trainer exit code 1; out of GPU memory",
+                    "folder": "attempt-1",
+                    "config_sha256": "1" * 64,
+                    "levers": {**STOCK.as_dict(), "unchecked_llm_layers": 17},
+                    "wall_seconds": 80.5,
+                    "taken_back": ["unchecked_llm_layers 17 -> 0"],
+                },
+            }
+        ),
+        context(
+            interconnect={
+                "backend": "nccl",
+                "world_size": 2,
+                "placement": [
+                    {"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)
+                ],
+                "allreduce": {
+                    "message_bytes": 268435456,
+                    "iterations": 20,
+                    "seconds_per_allreduce": 0.001,
+                    "bus_bandwidth_gbps": 268.4,
+                },
+            }
+        ),
     ],
 )
 def test_every_kind_of_verdict_validates(ctx):

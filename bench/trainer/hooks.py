@@ -1,10 +1,10 @@
 """mmengine hooks the rendered config adds."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
@@ -60,7 +60,10 @@ class ProjectorSnapshotHook(Hook):
     def _save(runner, name: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        save_file({key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}, str(Path(runner.work_dir) / name))
+        save_file(
+            {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()},
+            str(Path(runner.work_dir) / name),
+        )
 
 
 class TokenCountHook(Hook):

@@ -1,4 +1,5 @@
 """A smaller GPU simulated on a larger one (docs/PERFORMANCE.md, "Method")."""
+
 from __future__ import annotations
 
 import os
