@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, make_dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -124,20 +124,45 @@ class Levers:
 
 STOCK = Levers()
 
+# What `run --help` says of each lever, in the order it lists them. A lever's option
+# is its field's name in kebab case (--no-... turns a switch off) and its stock value
+# the field's default; the CLI's lever options, LeverRequest and perf's variants are
+# derived from Levers and this table.
+LEVER_HELP = {
+    "dataloader_workers": "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
+    "pin_memory": "Pinned dataloader memory (default: on with GPUs).",
+    "dequantize_nf4": "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on "
+    f"when every GPU has >= {DEQUANTIZED_NF4_MIB} MiB).",
+    "tokenized_cache": "Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens "
+    "(default: on GPUs).",
+    "skip_vit_backward": "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: "
+    "on with GPUs).",
+    "unchecked_llm_layers": "Keep the activations of the last N LLM layers instead of recomputing them (default: as "
+    "many as the smallest GPU holds; 0 on CPU).",
+    "labelled_logits_only": "Compute the loss's logits only at the labelled positions: the same loss, less memory "
+    "(default: on GPUs).",
+    "sdpa_attention": "Run the LLM's attention through its model code's SDPA class instead of eager attention: the "
+    "same function, less memory (default: on GPUs where the code has it).",
+}
 
-@dataclass(frozen=True)
-class LeverRequest:
-    """What the user asked for: ``None`` means the appliance's default."""
+LeverRequest = make_dataclass(
+    "LeverRequest",
+    [("stock", bool, False), *((lever.name, f"{lever.type} | None", None) for lever in fields(Levers))],
+    frozen=True,
+)
+LeverRequest.__doc__ = "What the user asked for: ``None`` for a lever means the appliance's default."
 
-    stock: bool = False
-    dataloader_workers: int | None = None
-    pin_memory: bool | None = None
-    dequantize_nf4: bool | None = None
-    tokenized_cache: bool | None = None
-    skip_vit_backward: bool | None = None
-    unchecked_llm_layers: int | None = None
-    labelled_logits_only: bool | None = None
-    sdpa_attention: bool | None = None
+
+def lever_option(name: str) -> str:
+    """The `run` option of lever ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def lever_arguments(name: str, value) -> list[str]:
+    """The `run` arguments that set lever ``name`` to ``value``."""
+    if isinstance(getattr(STOCK, name), bool):
+        return [lever_option(name) if value else "--no-" + lever_option(name)[2:]]
+    return [lever_option(name), str(value)]
 
 
 def unchecked_layers_that_fit(levers: Levers, precision: str, per_device_batch: int, gpu_memory_mib: list[int]) -> int:

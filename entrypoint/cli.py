@@ -6,10 +6,12 @@ goes to the console; ``--json`` prints one JSON document for machines instead.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import sys
+from dataclasses import fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,7 +22,7 @@ from rich.console import Console
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria
 from bench.layout import Layout
-from bench.levers import LeverRequest
+from bench.levers import LEVER_HELP, STOCK, LeverRequest, Levers
 from bench.recipe import STOCK_PER_DEVICE_BATCH, RecipeOptions
 from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, REAL_SHAPE_SPEC, SynthSpec
 from bench.trainer import COMPARED_STEPS
@@ -308,7 +310,39 @@ def _run(request, as_json: bool, junit: Path | None = None) -> None:
     raise typer.Exit(result.exit_code)
 
 
+def _with_lever_options(command):
+    """``command`` with one option per lever (bench.levers.LEVER_HELP) where its
+    ``levers`` parameter stands, handed to it as one LeverRequest: a new lever needs
+    no edit here."""
+    signature = inspect.signature(command, eval_str=True)
+    parameters = list(signature.parameters.values())
+    switches = {lever.name: isinstance(getattr(STOCK, lever.name), bool) for lever in fields(Levers)}
+    at = [parameter.name for parameter in parameters].index("levers")
+    parameters[at : at + 1] = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=None,
+            annotation=Annotated[
+                Optional[bool if switch else int],
+                typer.Option(metavar="", help=LEVER_HELP[name])
+                if switch
+                else typer.Option(min=0, help=LEVER_HELP[name]),
+            ],
+        )
+        for name, switch in switches.items()
+    ]
+
+    def with_levers(**arguments):
+        return command(levers=LeverRequest(**{name: arguments.pop(name) for name in switches}), **arguments)
+
+    with_levers.__signature__ = signature.replace(parameters=parameters)
+    with_levers.__name__, with_levers.__doc__ = command.__name__, command.__doc__
+    return with_levers
+
+
 @app.command()
+@_with_lever_options
 def run(
     root: RootOption = Path("/llava"),
     out: Annotated[Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")] = None,
@@ -351,63 +385,7 @@ def run(
         bool,
         typer.Option(metavar="", help="The pinned XTuner recipe exactly: every speed lever off (docs/PERFORMANCE.md)."),
     ] = False,
-    dataloader_workers: Annotated[
-        Optional[int],
-        typer.Option(
-            min=0, help="Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0)."
-        ),
-    ] = None,
-    pin_memory: Annotated[
-        Optional[bool], typer.Option(metavar="", help="Pinned dataloader memory (default: on with GPUs).")
-    ] = None,
-    dequantize_nf4: Annotated[
-        Optional[bool],
-        typer.Option(
-            metavar="",
-            help="Dequantize the NF4 weights once instead of every step; same values, more memory (default: on when "
-            "every GPU has >= 78000 MiB).",
-        ),
-    ] = None,
-    tokenized_cache: Annotated[
-        Optional[bool],
-        typer.Option(
-            metavar="",
-            help="Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens "
-            "(default: on GPUs).",
-        ),
-    ] = None,
-    skip_vit_backward: Annotated[
-        Optional[bool],
-        typer.Option(
-            metavar="",
-            help="Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on "
-            "with GPUs).",
-        ),
-    ] = None,
-    unchecked_llm_layers: Annotated[
-        Optional[int],
-        typer.Option(
-            min=0,
-            help="Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the "
-            "smallest GPU holds; 0 on CPU).",
-        ),
-    ] = None,
-    labelled_logits_only: Annotated[
-        Optional[bool],
-        typer.Option(
-            metavar="",
-            help="Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on "
-            "GPUs).",
-        ),
-    ] = None,
-    sdpa_attention: Annotated[
-        Optional[bool],
-        typer.Option(
-            metavar="",
-            help="Run the LLM's attention through its model code's SDPA class instead of eager attention: the same "
-            "function, less memory (default: on GPUs where the code has it).",
-        ),
-    ] = None,
+    levers: LeverRequest = None,  # one option per lever here (_with_lever_options)
     save_projector: Annotated[
         bool,
         typer.Option(
@@ -458,17 +436,7 @@ def run(
             save_projector=save_projector,
             float32_reference=float32_reference,
         ),
-        levers=LeverRequest(
-            stock=stock or float32_reference,
-            dataloader_workers=dataloader_workers,
-            pin_memory=pin_memory,
-            dequantize_nf4=dequantize_nf4,
-            tokenized_cache=tokenized_cache,
-            skip_vit_backward=skip_vit_backward,
-            unchecked_llm_layers=unchecked_llm_layers,
-            labelled_logits_only=labelled_logits_only,
-            sdpa_attention=sdpa_attention,
-        ),
+        levers=replace(levers, stock=stock or float32_reference),
         device=device.value,
         global_batch=global_batch,
         world_size_means=world_size_means.value if world_size_means else None,
@@ -717,7 +685,7 @@ def perf(
     as_json: JsonOption = False,
 ):
     """Stock XTuner and the appliance's speed levers back to back on the same GPUs: one table."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     import torch
 

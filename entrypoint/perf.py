@@ -21,43 +21,40 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from bench.levers import APPLIANCE_DATALOADER_WORKERS, STOCK, Levers, lever_arguments
 from bench.trainer import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
 
-# Variant name -> `llava-bench run` lever options. Each single-lever variant is stock
-# with one lever switched on, so its own effect is measured.
-_ALL_OFF = {
-    "dataloader_workers": ["--dataloader-workers", "0", "--no-pin-memory"],
-    "dequantize_nf4": ["--no-dequantize-nf4"],
-    "tokenized_cache": ["--no-tokenized-cache"],
-    "skip_vit_backward": ["--no-skip-vit-backward"],
-    "unchecked_llm_layers": ["--unchecked-llm-layers", "0"],
-    "labelled_logits_only": ["--no-labelled-logits-only"],
-    "sdpa_attention": ["--no-sdpa-attention"],
-}
+
+def _stock_but(**on) -> list[str]:
+    """`llava-bench run` options of every lever at its stock value but those in ``on``
+    (None: `run`'s own default on this machine, for a lever whose value depends on the
+    GPUs' memory). Each single-lever variant is stock with one lever on, so its own
+    effect is measured."""
+    arguments = []
+    for lever in fields(Levers):
+        value = on.get(lever.name, getattr(STOCK, lever.name))
+        if value is not None:
+            arguments += lever_arguments(lever.name, value)
+    return arguments
 
 
-def _only(lever: str, *on: str) -> list[str]:
-    """Stock but for ``lever``, which gets the options ``on`` (none: `run`'s default
-    for this machine, for a lever whose value depends on the GPUs' memory)."""
-    return [part for name, off in _ALL_OFF.items() for part in (on if name == lever else off)]
-
-
+# Variant name -> `llava-bench run` options.
 VARIANTS = {
     # The math reference: stock in float32, for the compared steps only (the last
     # --max-steps given wins), as float32 is the slowest run by far on GPUs.
     "exact": ["--float32-reference", "--max-steps", str(COMPARED_STEPS)],
     "stock": ["--stock"],
     "stock-again": ["--stock"],  # stock's run-to-run noise: the allowance where exact did not run
-    "workers": _only("dataloader_workers", "--dataloader-workers", "4", "--pin-memory"),
-    "dequantize": _only("dequantize_nf4", "--dequantize-nf4"),
-    "tokenized-cache": _only("tokenized_cache", "--tokenized-cache"),
-    "vit": _only("skip_vit_backward", "--skip-vit-backward"),
-    "unchecked": _only("unchecked_llm_layers"),
-    "logits": _only("labelled_logits_only", "--labelled-logits-only"),
-    "sdpa": _only("sdpa_attention", "--sdpa-attention"),
+    "workers": _stock_but(dataloader_workers=APPLIANCE_DATALOADER_WORKERS, pin_memory=True),
+    "dequantize": _stock_but(dequantize_nf4=True),
+    "tokenized-cache": _stock_but(tokenized_cache=True),
+    "vit": _stock_but(skip_vit_backward=True),
+    "unchecked": _stock_but(unchecked_llm_layers=None),
+    "logits": _stock_but(labelled_logits_only=True),
+    "sdpa": _stock_but(sdpa_attention=True),
     "default": [],
 }
 DEFAULT_VARIANTS = ("exact", "stock", "default")

@@ -890,3 +890,28 @@ def test_sdpa_in_half_precision_is_as_near_the_exact_gradient_as_eager_attention
     for dtype in (torch.float16, torch.bfloat16):
         eager, sdpa = (distance(_first_projector_gradient(synthetic_layout, a, dtype)) for a in ("eager", "sdpa"))
         assert 0 < sdpa < 1.5 * eager, (dtype, sdpa, eager)
+
+
+def test_a_lever_is_one_declaration_from_which_run_and_perf_take_their_options():
+    """Levers' fields and LEVER_HELP declare each lever; `run` gets one option per lever
+    (a switch for a flag, a count for a number), LeverRequest one field, and perf's
+    single-lever variants set every other lever to its stock value."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from bench.levers import LEVER_HELP, STOCK, LeverRequest, Levers, lever_option
+    from entrypoint.cli import app
+    from entrypoint.perf import VARIANTS
+
+    names = [lever.name for lever in fields(Levers)]
+    assert list(LEVER_HELP) == names
+    assert [field.name for field in fields(LeverRequest)] == ["stock", *names]
+    run = typer.main.get_command(app).commands["run"]
+    options = {option: parameter for parameter in run.params for option in parameter.opts}
+    for name in names:
+        parameter = options[lever_option(name)]
+        assert parameter.help == LEVER_HELP[name] and parameter.default is None
+        assert bool(parameter.secondary_opts) == isinstance(getattr(STOCK, name), bool), name  # --no-... for a switch
+    assert VARIANTS["vit"].count("--skip-vit-backward") == 1 and "--unchecked-llm-layers" in VARIANTS["vit"]
+    assert "--unchecked-llm-layers" not in VARIANTS["unchecked"]  # run's own default for the GPUs' memory
