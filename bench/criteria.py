@@ -1,7 +1,7 @@
 """The benchmark's judgement: did the logged loss fall below target within max_steps?
 
 A pure function of the metrics records, the criteria and how the training process
-ended (DESIGN §3), so ``llava-bench verdict`` can recompute it offline.
+ended (docs/VERDICT.md), so ``llava-bench verdict`` can recompute it offline.
 """
 
 from __future__ import annotations

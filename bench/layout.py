@@ -1,4 +1,4 @@
-"""Where things live in the mounted layout (DESIGN §1).
+"""Where things live in the mounted layout (README, "Running the benchmark").
 
 One place names every path, so preflight, recipe rendering and the synthetic
 layout cannot disagree about the folder structure.

@@ -13,36 +13,18 @@ from dataclasses import asdict, dataclass, fields, make_dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
+from bench.memory_model import (
+    CHECKPOINTED_PEAK_MIB,
+    DEQUANTIZED_NF4_MIB,
+    LABELLED_LOGITS_SAVING_MIB,
+    MEASURED_PER_DEVICE_BATCH,
+    UNCHECKED_LAYER_MIB,
+    UNCHECKED_MEMORY_SHARE,
+)
+
 # Dataloader workers per rank when the lever is on: the stock config decodes and
-# preprocesses images on the training thread (data_time ~6 % of a step, DESIGN §7).
+# preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
 APPLIANCE_DATALOADER_WORKERS = 4
-# Dequantized NF4 weights take what bf16 weights take: the bf16 run's peak at batch 32
-# plus headroom (entrypoint/deep.py REQUIRED_MIB["bf16"]).
-DEQUANTIZED_NF4_MIB = 78_000
-# Peak memory of a batch-32 step with every LLM layer checkpointed, by precision and
-# dequantized NF4, measured on an H200 with the real shapes (docs/PERFORMANCE.md).
-MEASURED_PER_DEVICE_BATCH = 32
-CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
-# What projecting only the labelled positions saves from those peaks at batch 32: the
-# full logits and their gradient (49,207 -> 32,544 MiB measured with NF4; the logits are
-# 16-bit in both precisions, so the saving is the same).
-LABELLED_LOGITS_SAVING_MIB = 16_663
-# What one LLM decoder layer left unchecked adds at batch 32, by the attention it runs
-# (docs/PERFORMANCE.md): with SDPA, 3,399 MiB measured at the perf layout's 604 tokens a
-# sample, plus 5 % for LLaVA-Pretrain's longer captions; InternLM2's eager attention
-# also keeps the fp32 softmax and its fp16 copy, 48 x 604 x 604 a sample (5,977 MiB
-# measured with 8 layers unchecked).
-UNCHECKED_LAYER_MIB = {"sdpa": 3_600, "eager": 6_000}
-# Unchecked layers fill the smallest GPU up to this share: room for longer captions
-# than the measured layout's and for the allocator's fragmentation.
-UNCHECKED_MEMORY_SHARE = 0.85
-# A smaller GPU simulated on a larger one (docs/PERFORMANCE.md, "Method"): each rank's
-# allocator is capped at this many MiB (bench/trainer/memory.py), and the lever defaults
-# and preflight take it as every GPU's memory...
-GPU_MEMORY_CAP_VARIABLE = "LLAVA_BENCH_GPU_MEMORY_CAP_MIB"
-# ...unless this one names the memory the lever defaults are computed for: their mistake,
-# forced, to show the out-of-memory retry.
-MEMORY_MODEL_VARIABLE = "LLAVA_BENCH_MEMORY_MODEL_GPU_MIB"
 # The levers whose default the GPUs' memory decides: an out-of-memory failure before
 # the first logged step under defaults of these is retried once with them off.
 MEMORY_LEVERS = ("dequantize_nf4", "unchecked_llm_layers")
@@ -67,7 +49,7 @@ class Levers:
 
     @property
     def model_kwargs(self) -> dict:
-        """The levers ``bench.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
+        """The levers ``bench.trainer.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
         names = ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
 
@@ -290,63 +272,3 @@ def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: P
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return results_parent / "cache" / f"tokenized-{key}"
-
-
-def from_pretrained_dequantized(**kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with the NF4 config, then every 4-bit
-    linear replaced by a frozen linear holding the weight bitsandbytes would dequantize
-    at every forward and backward: the same values, computed once.
-
-    Named in the rendered config (the trainer processes import it), so it runs where
-    XTuner builds the model.
-    """
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(**kwargs)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            linear = torch.nn.Linear(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                device=weight.device,
-                dtype=weight.dtype,
-            )
-            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
-            setattr(parent, name, linear)
-    torch.cuda.empty_cache()
-    return model
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """The GPUs' memory as this run takes it, in MiB: the cards' own, or a smaller card
-    simulated through GPU_MEMORY_CAP_VARIABLE (and MEMORY_MODEL_VARIABLE)."""
-
-    cards: tuple[int, ...]  # what preflight checks against
-    for_defaults: tuple[int, ...]  # what the lever defaults fill
-    cap_mib: int | None = None  # each rank's allocator cap
-
-
-def gpu_memory(physical_mib: list[int], env) -> tuple[GpuMemory, list[str]]:
-    """Read the simulation variables; problems name a variable that is not a positive integer."""
-    values, problems = {}, []
-    for name in (GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE):
-        raw = env.get(name)
-        if raw is None or raw == "":
-            continue
-        if not raw.isdigit() or int(raw) == 0:
-            problems.append(f"{name}={raw!r} is not a positive number of MiB")
-        else:
-            values[name] = int(raw)
-    cap = values.get(GPU_MEMORY_CAP_VARIABLE)
-    cards = tuple(min(mib, cap) for mib in physical_mib) if cap else tuple(physical_mib)
-    model = values.get(MEMORY_MODEL_VARIABLE)
-    return GpuMemory(cards, tuple(model for _ in physical_mib) if model else cards, cap), problems

@@ -25,7 +25,7 @@ class MetricsRecord:
     labelled_tokens_per_sample: float | None = None
 
     def step(self, accumulative_counts: int) -> int:
-        """The optimizer step this micro-iteration belongs to (DESIGN §3: iter / accumulative_counts,
+        """The optimizer step this micro-iteration belongs to (docs/VERDICT.md: iter / accumulative_counts,
         rounded up: iterations 1..k of k-fold accumulation make step 1)."""
         return -(-self.iter // accumulative_counts)
 

@@ -1,4 +1,4 @@
-"""Render the XTuner config of the benchmark from the faithful recipe (DESIGN §2).
+"""Render the XTuner config of the benchmark from the faithful recipe (docs/RECIPE.md).
 
 The template holds the pinned config's math; this module fills in only what must
 differ (paths, stop step, seed, precision, device) and lists each change, so the
@@ -15,7 +15,8 @@ from string import Template
 
 from bench.config_facts import ConfigFacts, top_level_values
 from bench.layout import Layout
-from bench.levers import GPU_MEMORY_CAP_VARIABLE, TOKENIZED_CACHE_MARKER, Levers
+from bench.levers import TOKENIZED_CACHE_MARKER, Levers
+from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
 from bench.trainer import COMPARED_STEPS
 
 PRECISIONS = ("nf4", "bf16")
@@ -192,9 +193,17 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
         if options.levers.dequantize_nf4
         else "AutoModelForCausalLM.from_pretrained",
         lever_imports=(
-            ("from bench.levers import from_pretrained_dequantized\n" if options.levers.dequantize_nf4 else "")
-            + ("from bench.cached_dataset import CachedLLaVADataset\n" if options.levers.tokenized_cache else "")
-            + ("from bench.levered_llava import LeveredLLaVAModel\n" if model_levers else "")
+            (
+                "from bench.trainer.dequantize import from_pretrained_dequantized\n"
+                if options.levers.dequantize_nf4
+                else ""
+            )
+            + (
+                "from bench.trainer.cached_dataset import CachedLLaVADataset\n"
+                if options.levers.tokenized_cache
+                else ""
+            )
+            + ("from bench.trainer.levered_llava import LeveredLLaVAModel\n" if model_levers else "")
             + ("from bench.trainer.hooks import ProjectorSnapshotHook\n" if options.save_projector else "")
         ),
         llm_extras="".join(f"\n        {name}={value!r}," for name, value in options.levers.llm_kwargs.items()),

@@ -17,17 +17,23 @@ frozen LLM reads as words.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.criteria import Criteria
-from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B, LLMShape
-from bench.inputs import llm_shape
+from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
+from bench.synth_models import (
+    PROMPTS,
+    new_llm,
+    save_llm,
+    tiny_vision_config,
+    write_clip,
+    write_llm,
+    write_tokenizer,
+)
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -38,18 +44,7 @@ COLOURS = {
     "white": (245, 245, 245),
 }
 SHAPES = ("square", "circle", "triangle")
-# Human turns as in LLaVA-Pretrain: an instruction with the <image> placeholder.
-PROMPTS = (
-    "Describe the image concisely.\n<image>",
-    "<image>\nWrite a short caption for this picture.",
-    "What does this image show?\n<image>",
-)
-# InternLM2's model code, named by the real folder's config.json (auto_map).
-INTERNLM2_CODE_FILES = ("configuration_internlm2.py", "modeling_internlm2.py")
-SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 IMAGE_PIXELS = 64  # JPEG side; the image processor resizes to VISION_IMAGE_SIZE
-VISION_IMAGE_SIZE = 28
-VISION_PATCH_SIZE = 14
 
 
 # Demo criteria for the synthetic layout (`llava-bench demo`), set from measured
@@ -146,218 +141,6 @@ def _write_dataset(layout: Layout, spec: SynthSpec, rng: random.Random) -> list[
     return samples
 
 
-def _write_tokenizer(directory: Path, corpus: list[str], vocab_size: int):
-    """A byte-level BPE trained on the captions and the chat template's words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    template_words = ["system\n", "user\n", "assistant\n", *PROMPTS]
-    tokenizer.train_from_iterator([*corpus, *template_words], trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    wrapped.save_pretrained(directory)
-    return wrapped
-
-
-def _chat_example(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
-    """Token ids and labels laid out as XTuner lays out a LLaVA sample with the
-    internlm2_chat template, the image slot holding the words the image shows."""
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    question = sample.prompt.replace("<image>", "").strip()
-    image_slot = [encode(" " + word)[0] for word in sample.words]
-    prompt = [
-        tokenizer.bos_token_id,
-        *encode("<|im_start|>user\n"),
-        *image_slot,
-        *encode(f"\n{question}<|im_end|>\n<|im_start|>assistant\n"),
-    ]
-    answer = encode(sample.caption + "<|im_end|>")
-    return prompt + answer, [-100] * len(prompt) + answer
-
-
-def _train_llm(model, tokenizer, samples: list[Sample], spec: SynthSpec) -> None:
-    """Teach the tiny LLM to caption from the image slot; seconds on one CPU thread."""
-    import torch
-
-    examples = [_chat_example(tokenizer, sample) for sample in samples]
-    width = max(len(ids) for ids, _ in examples)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in examples])
-    labels = torch.tensor([label + [-100] * (width - len(label)) for _, label in examples])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
-    generator = torch.Generator().manual_seed(spec.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(spec.llm_train_steps):
-        batch = torch.randint(len(examples), (32,), generator=generator)
-        loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def internlm2_code_folder() -> Path | None:
-    """InternLM2's model code as the installed xtuner ships it (``xtuner/_lite/modelings/
-    internlm2/``, xtuner >= 0.2.0), found without importing xtuner; None where absent
-    (the pinned commit 770bac38 predates it)."""
-    spec = importlib.util.find_spec("xtuner")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "_lite" / "modelings" / "internlm2"
-    return folder if all((folder / name).is_file() for name in INTERNLM2_CODE_FILES) else None
-
-
-def internlm2_config(shape: LLMShape, tokenizer, torch_dtype: str) -> dict:
-    """config.json as the real internlm2-chat-20b folder has it, for ``shape``: the
-    model's own code through auto_map, its eager attention, dynamic RoPE scaling."""
-    return {
-        "architectures": ["InternLM2ForCausalLM"],
-        "attn_implementation": "eager",
-        "auto_map": {
-            "AutoConfig": "configuration_internlm2.InternLM2Config",
-            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-        },
-        "bias": False,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.ffn,
-        "max_position_embeddings": 32_768,
-        "model_type": "internlm2",
-        "num_attention_heads": shape.heads,
-        "num_hidden_layers": shape.layers,
-        "num_key_value_heads": shape.kv_heads,
-        "pad_token_id": tokenizer.pad_token_id,
-        "rms_norm_eps": 1e-5,
-        "rope_scaling": {"type": "dynamic", "factor": 2.0},
-        "rope_theta": 1_000_000,
-        "tie_word_embeddings": False,
-        "torch_dtype": torch_dtype,
-        "use_cache": True,
-        "vocab_size": shape.vocab,
-    }
-
-
-def _new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
-    """A random LLM of ``shape`` whose folder is laid out as the real one: InternLM2 with
-    its own code, copied from the installed xtuner. Where that code is missing or does
-    not import with the installed transformers, a Llama of the same shape stands in
-    (the same dimensions; Llama's own attention and names); the second value says why.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    code = internlm2_code_folder()
-    if code is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in INTERNLM2_CODE_FILES:
-            shutil.copyfile(code / name, directory / name)
-        (directory / "config.json").write_text(
-            json.dumps(internlm2_config(shape, tokenizer, dtype_name), indent=2) + "\n"
-        )
-        try:
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=dtype), None
-        except ImportError as error:
-            why = f"the installed xtuner's InternLM2 code does not import here ({error})"
-            for name in (*INTERNLM2_CODE_FILES, "config.json"):
-                (directory / name).unlink()
-    else:
-        why = "the installed xtuner does not ship InternLM2's model code (xtuner/_lite/modelings/internlm2)"
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=32_768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        torch_dtype=dtype_name,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM._from_config(config, torch_dtype=dtype), why
-
-
-def _save_llm(model, directory: Path, tokenizer, **save_options) -> None:
-    """Weights in safetensors; for InternLM2 the config.json written anew as the real
-    folder's (save_pretrained would add this folder's absolute path to it)."""
-    model.save_pretrained(directory, safe_serialization=True, **save_options)
-    if model.config.model_type == "internlm2":
-        config = internlm2_config(llm_shape(model.config.to_dict()), tokenizer, str(model.dtype).removeprefix("torch."))
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpec) -> str | None:
-    """A tiny LLM of the real folder's architecture that captions from the image slot;
-    the stand-in's reason, or None."""
-    import torch
-
-    shape = LLMShape(
-        hidden=spec.llm_hidden,
-        layers=spec.llm_layers,
-        heads=4,
-        kv_heads=2,
-        ffn=spec.llm_hidden * 2,
-        vocab=len(tokenizer),
-    )
-    model, why = _new_llm(directory, shape, tokenizer, torch.float32)
-    _train_llm(model, tokenizer, samples, spec)
-    _save_llm(model, directory, tokenizer)
-    return why
-
-
-def _tiny_vision_config(spec: SynthSpec):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
-        image_size=VISION_IMAGE_SIZE,
-        patch_size=VISION_PATCH_SIZE,
-        projection_dim=spec.vision_hidden,
-    )
-
-
-def _write_clip(directory: Path, config) -> None:
-    """A random CLIP vision tower plus the image processor of its input size."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
-
-    size = config.image_size
-    CLIPVisionModel(config).save_pretrained(directory, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        directory
-    )
-
-
 def _start_layout(root: str | Path, spec: SynthSpec):
     """An empty layout's folders, the dataset and the tokenizer; refuses an existing layout."""
     layout = Layout.at(root)
@@ -366,7 +149,7 @@ def _start_layout(root: str | Path, spec: SynthSpec):
     layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
     layout.model_dir.mkdir(parents=True, exist_ok=True)
     samples = _write_dataset(layout, spec, random.Random(spec.seed))
-    tokenizer = _write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
+    tokenizer = write_tokenizer(layout.llm_dir, [s.caption for s in samples], spec.vocab_size)
     return layout, samples, tokenizer
 
 
@@ -386,8 +169,8 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
     torch.set_num_threads(1)  # one thread: the same seed gives the same bytes
     try:
         torch.manual_seed(spec.seed)
-        stand_in = _write_llm(layout.llm_dir, tokenizer, samples, spec)
-        _write_clip(layout.clip_dir, _tiny_vision_config(spec))
+        stand_in = write_llm(layout.llm_dir, tokenizer, samples, spec)
+        write_clip(layout.clip_dir, tiny_vision_config(spec))
     finally:
         torch.set_num_threads(threads)
     _mark_synthetic(layout, spec, random_weights=False, llm_stand_in=stand_in)
@@ -414,8 +197,8 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC,
     layout, _, tokenizer = _start_layout(root, spec)
     torch.manual_seed(spec.seed)
     with torch.device(device):
-        model, stand_in = _new_llm(layout.llm_dir, INTERNLM2_20B, tokenizer, torch.bfloat16)
-    _save_llm(model, layout.llm_dir, tokenizer, max_shard_size="4GB")
+        model, stand_in = new_llm(layout.llm_dir, INTERNLM2_20B, tokenizer, torch.bfloat16)
+    save_llm(model, layout.llm_dir, tokenizer, max_shard_size="4GB")
     del model
     torch.cuda.empty_cache()
     vit = CLIP_VIT_L_336
@@ -428,6 +211,6 @@ def write_real_shape_layout(root: str | Path, spec: SynthSpec = REAL_SHAPE_SPEC,
         patch_size=vit.patch,
         projection_dim=768,
     )
-    _write_clip(layout.clip_dir, vision)
+    write_clip(layout.clip_dir, vision)
     _mark_synthetic(layout, spec, random_weights=True, llm_stand_in=stand_in)
     return layout

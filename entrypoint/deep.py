@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.inputs import DatasetJson
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
+from bench.memory_model import REQUIRED_MIB
 from entrypoint.preflight import Problem, examples
 
 LLM_ARCHITECTURES = {
@@ -224,9 +225,6 @@ def deep_problems(layout: Layout, dataset: DatasetJson, sample: int | None = Non
     ]
 
 
-# Measured peak memory per GPU at batch 32 on the real shapes (DESIGN §7: NF4 49451 MiB,
-# bf16 75949 MiB on H200), plus headroom for the allocator.
-REQUIRED_MIB = {"nf4": 52_000, "bf16": 78_000}
 MIN_DRIVER = (450, 80)  # CUDA 11.8 runs on drivers >= 450.80.02 (forward compatibility)
 MIN_RESULTS_FREE_BYTES = 2 * 10**9
 

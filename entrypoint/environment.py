@@ -124,3 +124,29 @@ def software() -> dict:
         "packages": package_versions(),
         "image": json.loads(IMAGE_LABELS_FILE.read_text()) if IMAGE_LABELS_FILE.is_file() else None,
     }
+
+
+def gpu_inventory() -> tuple[int, str, str | None]:
+    """(visible GPUs, model name or "cpu", driver version or None)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return 0, "cpu", None
+    driver = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - the driver version is provenance, not a requirement
+        pass
+    return count, torch.cuda.get_device_name(0), driver
+
+
+def xtuner_provenance() -> tuple[str, str | None]:
+    """Installed XTuner version, and the git commit when pip recorded one (PEP 610)."""
+    distribution = metadata.distribution("xtuner")
+    direct_url = distribution.read_text("direct_url.json")
+    commit = json.loads(direct_url).get("vcs_info", {}).get("commit_id") if direct_url else None
+    return distribution.version, commit

@@ -8,12 +8,9 @@ tracebacks). ``xtuner train`` is not used: it drops the exit code (FACTS.md).
 from __future__ import annotations
 
 import errno
-import importlib.util
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +21,8 @@ from pathlib import Path
 from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
 from entrypoint.diagnose import DISK_FULL, diagnose, last_lines, logs_report
-from entrypoint.topology import Topology
+from entrypoint.plans import LaunchPlan
+from entrypoint.signals import SignalFlag
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
 LOG_CAP_BYTES = 200 * 2**20  # per captured stream; a runaway rank cannot fill the disk
@@ -46,97 +44,6 @@ def process_age_seconds() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK")), 3)
-
-
-def xtuner_train_script() -> Path:
-    """XTuner's ``tools/train.py`` in the running Python's environment."""
-    spec = importlib.util.find_spec("xtuner")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"XTuner is not installed for {sys.executable}")
-    return Path(next(iter(spec.submodule_search_locations))) / "tools" / "train.py"
-
-
-# XTuner's own ZeRO-2 config, by the name the seed passes to --deepspeed.
-DEEPSPEED_CONFIG = "deepspeed_zero2"
-
-
-def write_float32_deepspeed_config(folder: Path) -> Path:
-    """XTuner's ZeRO-2 config without its fp16 and bf16 sections, written into ``folder``.
-    Both are "auto", which XTuner turns into bf16 on a GPU that has it; without them
-    DeepSpeed trains in float32 (the float32 reference)."""
-    packaged = xtuner_train_script().parent.parent / "configs" / "deepspeed" / f"{DEEPSPEED_CONFIG}.json"
-    config = {key: value for key, value in json.loads(packaged.read_text()).items() if key not in ("fp16", "bf16")}
-    path = folder / f"{DEEPSPEED_CONFIG}_float32.json"
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    argv: list[str]
-    env: dict[str, str]
-    cwd: Path
-    logs_dir: Path
-    distributed: bool  # torchrun with one process per GPU; else one plain process (CPU)
-
-
-def offline_environment() -> dict[str, str]:
-    """This process's environment for a child that must never reach the network."""
-    return {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        # The layout holds every file; nothing is ever fetched at run time.
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-
-
-def torchrun_plan(topology: Topology, program: list[str], logs_dir: Path, cwd: Path) -> LaunchPlan:
-    """torchrun with the topology's explicit arguments; each rank's output in its own files."""
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *topology.torchrun_args(),
-        "--log-dir",
-        str(logs_dir / "ranks"),
-        "--redirects",
-        "3",
-        "--tee",
-        "3",
-        *program,
-    ]
-    return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=True)
-
-
-def training_plan(
-    config: Path,
-    work_dir: Path,
-    logs_dir: Path,
-    cwd: Path,
-    device: str,
-    topology: Topology,
-    cfg_options: list[str] = (),
-    deepspeed: str | Path = DEEPSPEED_CONFIG,
-) -> LaunchPlan:
-    """The exact training command: torchrun + DeepSpeed ZeRO-2 on GPUs, one plain process on CPU.
-
-    ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
-    relative paths (``./data/...``) resolves them there. ``deepspeed`` other than XTuner's
-    config is the float32 reference's, which also runs with TF32 off.
-    """
-    train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
-    if cfg_options:
-        train_args += ["--cfg-options", *cfg_options]
-    if device == "cpu":
-        argv = [sys.executable, *train_args, "--launcher", "none"]
-        return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=False)
-    program = [*train_args, "--deepspeed", str(deepspeed), "--launcher", "pytorch"]
-    plan = torchrun_plan(topology, program, logs_dir, cwd)
-    if deepspeed != DEEPSPEED_CONFIG:
-        plan.env["NVIDIA_TF32_OVERRIDE"] = "0"  # cuBLAS and cuDNN (the ViT's convolution) in true float32
-    return plan
 
 
 @dataclass
@@ -169,65 +76,6 @@ class _StreamTail:
         lines = (self.partial + chunk).split("\n")
         self.partial = lines.pop()
         return [record for record in map(parse_line, lines) if record is not None]
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived before training: the run ends as aborted. A BaseException,
-    so that no ``except Exception`` on the way swallows it."""
-
-    def __init__(self, number: int):
-        super().__init__(number)
-        self.signal_name = signal.Signals(number).name
-
-
-class SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag (``received``) inside the block, the previous
-    handlers after: the supervision loop stops the trainer on it; after training, the
-    verdict of what ran is still written."""
-
-    def __init__(self):
-        self._previous = {}
-        self.received: int | None = None
-
-    def __enter__(self):
-        for number in (signal.SIGINT, signal.SIGTERM):
-            self._previous[number] = signal.signal(number, self.handle)
-        return self
-
-    def handle(self, number, _frame):
-        self.received = number
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
-class AbortOnSignals(SignalFlag):
-    """Before training: a signal raises Interrupted wherever the appliance is (preflight,
-    agreeing with the other nodes, the collective check); their children are stopped on
-    the way out. Code that swallows exceptions (a fork handler, a finalizer) can swallow
-    that one too: the signal is also kept, and ``check`` raises it at the next stage."""
-
-    def __enter__(self):
-        self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._quiet_if_interrupted
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        sys.unraisablehook = self._unraisable_hook
-        super().__exit__(*exc)
-
-    def _quiet_if_interrupted(self, unraisable) -> None:
-        """A swallowed Interrupted prints no traceback: ``check`` raises it again."""
-        if not isinstance(unraisable.exc_value, Interrupted):
-            self._unraisable_hook(unraisable)
-
-    def handle(self, number, _frame):
-        super().handle(number, _frame)
-        raise Interrupted(number)
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise Interrupted(self.received)
 
 
 def _stop_group(process: subprocess.Popen) -> None:

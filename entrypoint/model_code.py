@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from entrypoint.launch import offline_environment
+from entrypoint.plans import offline_environment
 from entrypoint.preflight import Problem
 
 PROBE_TIMEOUT_SECONDS = 180

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from bench.cached_dataset import every_rank_has
+from bench.trainer.cached_dataset import every_rank_has
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -1,4 +1,4 @@
-"""Verdict logic on recorded and hand-made metrics streams (DESIGN §3)."""
+"""Verdict logic on recorded and hand-made metrics streams (docs/VERDICT.md)."""
 
 from __future__ import annotations
 

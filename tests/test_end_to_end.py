@@ -436,10 +436,10 @@ def test_the_synthetic_llm_is_internlm2_with_its_own_code(synthetic_layout):
 def test_without_internlm2_code_a_llama_stands_in_and_says_why(tmp_path, monkeypatch):
     """Where the installed xtuner lacks InternLM2's code (the image's pinned commit), the
     LLM is a Llama of the same shape, and the layout's marker says why."""
-    from bench import synth
+    from bench import synth, synth_models
     from bench.layout import SYNTHETIC_MARKER_NAME
 
-    monkeypatch.setattr(synth, "internlm2_code_folder", lambda: None)
+    monkeypatch.setattr(synth_models, "internlm2_code_folder", lambda: None)
     layout = synth.write_synthetic_layout(tmp_path / "llava", synth.SynthSpec(samples=512, llm_train_steps=1))
     assert json.loads((layout.llm_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not (layout.llm_dir / "modeling_internlm2.py").exists()

@@ -11,6 +11,7 @@ from bench import flops
 from bench import verdict as verdict_mod
 from bench.criteria import Criteria
 from bench.metrics import MetricsStream, parse_stream, read_stream
+from bench.verdict_sections import SEED_A100_SECONDS_PER_STEP
 from tests.conftest import DATA
 from tests.test_verdict import context
 
@@ -127,9 +128,7 @@ def test_mfu_on_the_recorded_h200_streams(stream, peak_memory):
     # Ours counts image tokens and no weight gradients; XTuner's counts text only.
     assert throughput["flop_model"]["achieved_tflops_per_device"] > throughput["xtuner_reported"]["tflops_per_device"]
     baseline = built["baseline"]
-    assert baseline["speedup_vs_seed_a100"] == pytest.approx(
-        (32 / seconds) / (32 / verdict_mod.SEED_A100_SECONDS_PER_STEP)
-    )
+    assert baseline["speedup_vs_seed_a100"] == pytest.approx((32 / seconds) / (32 / SEED_A100_SECONDS_PER_STEP))
 
 
 def test_a_stream_without_token_counts_has_no_flops_and_says_why():
@@ -142,7 +141,7 @@ def test_a_stream_without_token_counts_has_no_flops_and_says_why():
 
 def test_seed_baseline_constant_is_the_mean_of_the_seed_lines():
     seed = read_stream(DATA / "seed_a100_metrics.jsonl").records
-    assert verdict_mod.SEED_A100_SECONDS_PER_STEP == pytest.approx(statistics.fmean(r.time for r in seed), rel=1e-12)
+    assert SEED_A100_SECONDS_PER_STEP == pytest.approx(statistics.fmean(r.time for r in seed), rel=1e-12)
 
 
 def test_mfu_is_null_with_a_reason_for_an_unknown_gpu():

@@ -341,7 +341,7 @@ def test_levers_render_into_the_config_and_are_listed_as_deviations():
         )
     )
     recipe = render(layout, options, "test")
-    assert "from bench.levered_llava import LeveredLLaVAModel" in recipe.text
+    assert "from bench.trainer.levered_llava import LeveredLLaVAModel" in recipe.text
     assert (
         "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12,\n    "
         "labelled_logits_only=True," in recipe.text
@@ -352,7 +352,7 @@ def test_levers_render_into_the_config_and_are_listed_as_deviations():
     assert "type=LLaVAModel," in render(layout, RecipeOptions(levers=STOCK), "test").text
     assert "dataloader_num_workers = 4" in recipe.text
     assert "pin_memory=True," in recipe.text
-    assert "from bench.levers import from_pretrained_dequantized" in recipe.text
+    assert "from bench.trainer.dequantize import from_pretrained_dequantized" in recipe.text
     assert "type=from_pretrained_dequantized," in recipe.text
     assert any("dequantized once" in change for change in recipe.deviations)
     assert render(layout, RecipeOptions(levers=STOCK), "test").sha256 != recipe.sha256
@@ -442,7 +442,7 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     projector's gradients zeroed (a broken lever, tests/zero_projector_gradient.py)
     has a first gradient 100 % away from stock's and ends with the projector where it
     started, far outside stock's noise."""
-    from entrypoint.perf import compare, compare_projectors
+    from bench.perf_compare import compare, compare_projectors
 
     verdicts = {}
     for name in ("stock", "stock-again"):
@@ -533,7 +533,7 @@ def test_with_an_exact_run_each_variant_is_held_against_it_with_stocks_rounding_
     zeroed the gradient does not, however large stock's own rounding."""
     import torch
 
-    from entrypoint.perf import compare, compare_projectors
+    from bench.perf_compare import compare, compare_projectors
 
     initial, gradient, move = torch.ones(64), torch.linspace(-1, 1, 64), torch.full((64,), 0.01)
     noise = torch.sin(torch.arange(64.0))  # a direction off both, scaled to each difference
@@ -570,7 +570,7 @@ def test_a_check_whose_allowance_reaches_a_broken_levers_distance_says_it_cannot
     """Measured on the 20B shapes (docs/PERFORMANCE.md): stock's weights after the
     compared steps were 0.66 of their move from the float32 run's; twice that exceeds
     the 1.0 of a projector that never trained, so that check cannot fail and says so."""
-    from entrypoint.perf import agrees
+    from bench.perf_compare import agrees
 
     assert agrees(0.66, 0.66) is None and agrees(5.0, 0.5) is None
     assert agrees(0.33, 0.34) is True and agrees(1.0, 0.34) is False
@@ -582,7 +582,7 @@ def test_against_exact_without_stock_nothing_is_judged(tmp_path):
     a float32 run is neither passed nor failed."""
     import torch
 
-    from entrypoint.perf import compare_projectors
+    from bench.perf_compare import compare_projectors
 
     initial, gradient = torch.ones(8), torch.arange(8.0)
     verdicts = {
@@ -710,7 +710,7 @@ def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layer
     projector's gradients are the same numbers."""
     from xtuner.model import LLaVAModel
 
-    from bench.levered_llava import LeveredLLaVAModel
+    from bench.trainer.levered_llava import LeveredLLaVAModel
 
     stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
     calls, loss, grads = _one_training_step(
@@ -732,7 +732,7 @@ def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthe
     import torch
     from xtuner.model import LLaVAModel
 
-    from bench.levered_llava import LeveredLLaVAModel
+    from bench.trainer.levered_llava import LeveredLLaVAModel
 
     stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
     calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, labelled_logits_only=True)

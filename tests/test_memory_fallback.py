@@ -18,7 +18,8 @@ from bench.layout import Layout
 from bench.levers import Levers
 from bench.recipe import RecipeOptions
 from bench.synth import DEMO_PER_DEVICE_BATCH
-from entrypoint import pipeline
+from entrypoint import pipeline, run_preflight
+from entrypoint.request import RunRequest
 
 # Raised by InternLM2Model.forward when it trains without checkpointing.
 OUT_OF_MEMORY = """
@@ -39,8 +40,8 @@ def test_the_run_restarts_once_with_the_memory_defaults_taken_back(layout_copy, 
     layout = Layout.at(layout_copy)
     without_checkpointing_out_of_memory(layout)
     chosen = Levers(unchecked_llm_layers=1)
-    monkeypatch.setattr(pipeline, "resolve_levers", lambda *args, **kwargs: (chosen, []))
-    request = pipeline.RunRequest(
+    monkeypatch.setattr(run_preflight, "resolve_levers", lambda *args, **kwargs: (chosen, []))
+    request = RunRequest(
         root=layout.root,
         out=tmp_path,
         criteria=Criteria(target_loss=1e9, max_steps=20),

@@ -92,7 +92,7 @@ def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_p
     and bf16 sections (XTuner turns their "auto" into bf16 on an H200), TF32 off."""
     import json
 
-    from entrypoint.launch import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config, xtuner_train_script
+    from entrypoint.plans import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config, xtuner_train_script
     from entrypoint.topology import detect
 
     recipe = render(LAYOUT, RecipeOptions(float32_reference=True), "test")

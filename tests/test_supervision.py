@@ -188,7 +188,7 @@ def test_a_signal_swallowed_on_the_way_is_raised_at_the_next_stage_without_a_tra
     the fork handler cannot be unregistered."""
     script = (
         "import os, signal\n"
-        "from entrypoint.launch import AbortOnSignals, Interrupted\n"
+        "from entrypoint.signals import AbortOnSignals, Interrupted\n"
         "with AbortOnSignals() as before_training:\n"
         "    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM) or sum(range(10**6)))\n"
         "    child = os.fork()\n"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from entrypoint.topology import TopologyError, detect, expand_nodelist
+from entrypoint.schedulers import expand_nodelist
+from entrypoint.topology import TopologyError, detect
 from tests.conftest import llava_bench
 
 # (case, environment, visible GPUs, extra arguments,

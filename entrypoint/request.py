@@ -1,0 +1,89 @@
+"""What a run is asked to do, and the job it runs in: the request, its result, the device and topology."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from bench.criteria import Criteria
+from bench.levers import LeverRequest
+from bench.recipe import RecipeOptions
+from entrypoint.launch import Watchdog
+from entrypoint.preflight import Problem
+from entrypoint.topology import Topology, TopologyError, detect
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    root: Path
+    out: Path | None
+    criteria: Criteria
+    recipe: RecipeOptions
+    levers: LeverRequest = LeverRequest()
+    device: str = "auto"  # auto | cuda | cpu
+    global_batch: int | None = None
+    demo: bool = False
+    world_size_means: str | None = None
+    nproc_per_node: int | None = None
+    env: Mapping[str, str] | None = None  # the scheduler's variables; os.environ when None
+    image_sample: int | None = 1000  # images decoded before training; None: every image
+    watchdog: Watchdog = Watchdog()
+    # recipe options the user set (e.g. "per_device_batch", "precision"): a user's config
+    # keeps its own values of the others
+    asked: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    document: dict  # verdict.json on node 0, node-<rank>.json elsewhere
+    path: Path | None  # where it was written; None when nothing could be written
+    exit_code: int  # the job's status as this node exits with it
+
+
+def new_run_id() -> str:
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def resolve_device(requested: str, gpus: int) -> str:
+    if requested == "cuda" and gpus == 0:
+        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
+    return "cpu" if requested == "cpu" or gpus == 0 else "cuda"
+
+
+def run_topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
+    """The topology ``run`` launches on ``device``, or the problems why it cannot."""
+    env = os.environ if request.env is None else request.env
+    try:
+        topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
+    except TopologyError as error:
+        fix = (
+            "fix the scheduler's variables or set NNODES, NODE_RANK, ADDR, PORT "
+            "(llava-bench topology shows the reading)"
+        )
+        return detect({}, 0), [Problem("environment", str(error), fix)]
+    if device == "cpu" and topology.world_size > 1:
+        return topology, [
+            Problem(
+                "environment",
+                f"{topology.nnodes} node(s) x {topology.nproc_per_node} process(es) on CPU: "
+                "XTuner trains on CPU only as one process (mmengine needs CUDA for more)",
+                "run on GPUs, or on one node with --nproc-per-node 1",
+            )
+        ]
+    if topology.nnodes == 1 and topology.origins["master_port"].startswith("default"):
+        # Nobody else needs to find this node: a free port lets two runs share a machine.
+        port = free_port()
+        topology = replace(topology, master_port=port, origins={**topology.origins, "master_port": f"free port {port}"})
+    return topology, []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,222 @@
+"""A run's preflight, one stage: every check before anything is launched (topology,
+batch, the layout plain and deep with the LLM folder's code imported, disk, GPUs, the
+levers) and, if all pass, the recipe."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench.config_facts import ConfigFacts, read_facts
+from bench.flops import are_real_shapes
+from bench.inputs import describe, load_dataset
+from bench.layout import Layout
+from bench.levers import STOCK, resolve_levers, tokenized_cache_folder
+from bench.memory_model import gpu_memory
+from bench.recipe import (
+    PRECISIONS,
+    REFERENCE_GLOBAL_BATCH,
+    RecipeOptions,
+    RenderedRecipe,
+    from_user_config,
+    global_batch_plan,
+    render,
+    warmup_problem,
+)
+from entrypoint import __version__
+from entrypoint.deep import deep_problems, disk_problems, gpu_problems
+from entrypoint.environment import gpu_inventory_details, xtuner_provenance
+from entrypoint.model_code import ModelCodeProbe
+from entrypoint.preflight import Problem, check_layout, check_writable
+from entrypoint.request import RunRequest, resolve_device, run_topology
+from entrypoint.topology import Topology
+
+
+def _user_config(request: RunRequest, device: str, config: Path) -> tuple[ConfigFacts | None, list[Problem]]:
+    """What a user's config does as written, and the options that cannot apply to it:
+    the appliance never rewrites a user's model, so precision and levers are the file's."""
+    fix = "leave the option out (the config's own value runs), edit the config, or remove it to use the built-in recipe"
+    try:
+        facts = read_facts(config.read_text())
+    except SyntaxError:
+        return None, []  # the layout checks name it
+    problems = []
+    cpu_obstacles = [
+        what
+        for what, present in (
+            ("4-bit weights (bitsandbytes)", facts.precision == "nf4"),
+            ("AmpOptimWrapper", facts.optimizer_wrapper == "AmpOptimWrapper"),
+        )
+        if present
+    ]
+    if device == "cpu" and cpu_obstacles:
+        problems.append(
+            Problem(
+                str(config),
+                f"a user config runs as written, and on CPU this one cannot: {' and '.join(cpu_obstacles)} "
+                "need CUDA (the built-in recipe has a CPU variant)",
+                "run on GPUs, or remove the config",
+            )
+        )
+    if "precision" in request.asked and facts.precision != request.recipe.precision:
+        problems.append(
+            Problem(
+                "--precision",
+                f"{request.recipe.precision}, but the config loads the LLM as "
+                f"{facts.precision or 'something the appliance cannot read'}",
+                fix,
+            )
+        )
+    asked_levers = [name for name, value in vars(request.levers).items() if value not in (None, False)]
+    if asked_levers:
+        problems.append(
+            Problem(
+                "recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a user's config", fix
+            )
+        )
+    unreadable = [key for key in facts.unreadable() if key != "train_cfg.max_iters"]  # the appliance sets max_iters
+    if unreadable:
+        problems.append(
+            Problem(
+                str(config),
+                f"cannot read {', '.join(unreadable)} from it (only literal values, names and arithmetic are read)",
+                "write them as literal values",
+            )
+        )
+    return facts, problems
+
+
+@dataclass
+class Preflight:
+    """Everything decided before anything is launched."""
+
+    device: str
+    topology: Topology
+    options: RecipeOptions
+    problems: list[Problem]
+    nowhere_to_write: bool  # the console gets it all
+    inventory: list[dict]
+    inputs: dict | None
+    recipe: RenderedRecipe | None
+
+
+def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int) -> Preflight:
+    """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
+    disk and GPU checks, the levers; the recipe if all pass."""
+    device = resolve_device(request.device, gpus)
+    topology, problems = run_topology(request, device, gpus)
+    user_config, per_device_batch = None, request.recipe.per_device_batch
+    if layout.config_override.is_file():
+        user_config, user_problems = _user_config(request, device, layout.config_override)
+        problems += user_problems
+        if user_config is not None and "per_device_batch" not in request.asked and user_config.per_device_batch:
+            per_device_batch = user_config.per_device_batch
+    reference = device == "cuda" and not request.demo  # CPU runs and the demo are functional checks
+    _, accumulative_counts, batch_problem = global_batch_plan(
+        request.global_batch, per_device_batch, topology.world_size, reference
+    )
+    if batch_problem:
+        problems.append(
+            Problem("--global-batch", batch_problem, "choose a per-device batch or global batch that divide")
+        )
+    inventory = gpu_inventory_details() if device == "cuda" else []
+    memory, memory_messages = gpu_memory(
+        [gpu["memory_mib"] for gpu in inventory], os.environ if request.env is None else request.env
+    )
+    unwritable = check_writable(results_parent, layout)
+    problems = [
+        *problems,
+        *unwritable,
+        *(
+            Problem("environment", message, "set it to the simulated card's MiB, or unset it")
+            for message in memory_messages
+        ),
+        *check_layout(layout),
+    ]
+    dataset, supports_sdpa = None, None
+    if not problems:
+        dataset = load_dataset(layout.dataset_json)
+        with ModelCodeProbe(layout.llm_dir) as probe:
+            problems = deep_problems(layout, dataset, request.image_sample)
+            too_few = (
+                None if user_config else warmup_problem(len(dataset.records), per_device_batch, topology.world_size)
+            )
+            if too_few:
+                problems.append(
+                    Problem(
+                        str(layout.dataset_json),
+                        too_few,
+                        "use the whole LLaVA-Pretrain JSON, or a smaller --per-device-batch",
+                    )
+                )
+            code = probe.result()
+        supports_sdpa = code.supports_sdpa
+        problems += code.problems + disk_problems(results_parent)
+    if user_config is None:
+        levers, lever_messages = resolve_levers(
+            request.levers, device, request.recipe.precision, per_device_batch, list(memory.for_defaults), supports_sdpa
+        )
+        problems += [
+            Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages
+        ]
+    else:
+        levers = STOCK  # a user's config runs as written
+    options = replace(
+        request.recipe,
+        device=device,
+        per_device_batch=per_device_batch,
+        accumulative_counts=accumulative_counts,
+        levers=levers,
+        gpu_memory_cap_mib=memory.cap_mib if device == "cuda" else None,
+        precision=user_config.precision
+        if user_config is not None and user_config.precision in PRECISIONS
+        else request.recipe.precision,
+    )
+    inputs = describe(layout, dataset) if not problems else None
+    if inputs is not None and levers.tokenized_cache:
+        options = replace(
+            options,
+            tokenized_cache_folder=tokenized_cache_folder(results_parent, inputs["dataset_sha256"], layout.llm_dir),
+        )
+    if inputs is not None:
+        real_shapes = are_real_shapes(inputs["model_shapes"])
+        cards = [{**gpu, "memory_mib": mib} for gpu, mib in zip(inventory, memory.cards)]
+        problems += gpu_problems(cards, options.precision, options.per_device_batch, real_shapes)
+    recipe = None
+    if not problems:
+        recipe = (
+            from_user_config(layout.config_override, options, user_config)
+            if user_config is not None
+            else render(layout, options, __version__)
+        )
+    # An unwritable --out, or no layout mounted at the root (whose results folder must
+    # not be created either).
+    nowhere_to_write = bool(unwritable) or (request.out is None and not layout.root.is_dir())
+    return Preflight(device, topology, options, problems, nowhere_to_write, inventory, inputs, recipe)
+
+
+def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int) -> dict:
+    """What ran, read back from the config XTuner was given and its --cfg-options."""
+    xtuner_version, xtuner_commit = xtuner_provenance()
+    facts = read_facts(recipe.text, recipe.cfg_options)
+    global_batch = facts.per_device_batch * facts.accumulative_counts * world_size
+    return {
+        "source": recipe.source,
+        "config_sha256": recipe.sha256,
+        "appliance_version": __version__,
+        "xtuner_version": xtuner_version,
+        "xtuner_commit": xtuner_commit,
+        "precision": facts.precision,
+        "device": options.device,
+        "per_device_batch": facts.per_device_batch,
+        "accumulative_counts": facts.accumulative_counts,
+        "global_batch": global_batch,
+        "reference_global_batch": REFERENCE_GLOBAL_BATCH,
+        "on_reference_schedule": global_batch == REFERENCE_GLOBAL_BATCH,
+        "max_iters": facts.max_iters,
+        "seed": options.seed,
+        "levers": options.levers.as_dict(),
+        "deviations": recipe.deviations,
+        "cfg_options": recipe.cfg_options,
+    }
