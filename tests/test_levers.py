@@ -19,18 +19,16 @@ import pytest
 from bench import verdict as verdict_mod
 from bench.layout import Layout
 from bench.levers import (
-    GPU_MEMORY_CAP_VARIABLE,
-    MEMORY_MODEL_VARIABLE,
     STOCK,
     TOKENIZED_CACHE_MARKER,
     LeverRequest,
     Levers,
-    gpu_memory,
     memory_fallback,
     out_of_memory_hint,
     resolve_levers,
     tokenized_cache_folder,
 )
+from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
