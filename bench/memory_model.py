@@ -18,12 +18,10 @@ DEQUANTIZED_NF4_MIB = REQUIRED_MIB["bf16"]
 MEASURED_PER_DEVICE_BATCH = 32
 CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
 
-
 # What projecting only the labelled positions saves from those peaks at batch 32: the
 # full logits and their gradient (49,207 -> 32,544 MiB measured with NF4; the logits are
 # 16-bit in both precisions, so the saving is the same).
 LABELLED_LOGITS_SAVING_MIB = 16_663
-
 
 # What one LLM decoder layer left unchecked adds at batch 32, by the attention it runs
 # (docs/PERFORMANCE.md): with SDPA, 3,399 MiB measured at the perf layout's 604 tokens a
@@ -32,17 +30,14 @@ LABELLED_LOGITS_SAVING_MIB = 16_663
 # measured with 8 layers unchecked).
 UNCHECKED_LAYER_MIB = {"sdpa": 3_600, "eager": 6_000}
 
-
 # Unchecked layers fill the smallest GPU up to this share: room for longer captions
 # than the measured layout's and for the allocator's fragmentation.
 UNCHECKED_MEMORY_SHARE = 0.85
-
 
 # A smaller GPU simulated on a larger one (docs/PERFORMANCE.md, "Method"): each rank's
 # allocator is capped at this many MiB (bench/trainer/memory.py), and the lever defaults
 # and preflight take it as every GPU's memory...
 GPU_MEMORY_CAP_VARIABLE = "LLAVA_BENCH_GPU_MEMORY_CAP_MIB"
-
 
 # ...unless this one names the memory the lever defaults are computed for: their mistake,
 # forced, to show the out-of-memory retry.

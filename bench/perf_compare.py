@@ -24,13 +24,11 @@ from bench.trainer import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
 # stock, a second stock run's.
 ALLOWANCE_FROM = {"exact": "stock", "stock": "stock-again"}
 
-
 # A variant did the reference's math when its projector (first gradient, weights after
 # the compared steps) is within this many times stock's own difference from the
 # reference (another half-precision rounding of the same function may land farther
 # than stock's did; one sample only estimates its size)...
 PROJECTOR_NOISE_FACTOR = 2.0
-
 
 # ...or within this share of it, which rounding alone stays under where stock's own
 # difference is nil (a deterministic stock against itself, or on CPU, where stock is

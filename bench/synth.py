@@ -46,7 +46,6 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle")
 IMAGE_PIXELS = 64  # JPEG side; the image processor resizes to VISION_IMAGE_SIZE
 
-
 # Demo criteria for the synthetic layout (`llava-bench demo`), set from measured
 # runs of this layout (seed 0, batch 8, one CPU process, the tiny InternLM2): the
 # first logged loss is 1.22 (steps 1-10, the projector barely trained), the loss

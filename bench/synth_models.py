@@ -23,16 +23,12 @@ PROMPTS = (
     "What does this image show?\n<image>",
 )
 
-
 # InternLM2's model code, named by the real folder's config.json (auto_map).
 INTERNLM2_CODE_FILES = ("configuration_internlm2.py", "modeling_internlm2.py")
 
-
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
-
 VISION_IMAGE_SIZE = 28
-
 
 VISION_PATCH_SIZE = 14
 

@@ -22,9 +22,7 @@ if TYPE_CHECKING:  # the context is built in bench/verdict.py, which imports thi
 # The seed's A100 run (its metrics lines, iterations 360-380): mean s/step at batch 32 per GPU.
 SEED_A100_SECONDS_PER_STEP = 14.258836038907369
 
-
 SEED_A100_PER_DEVICE_BATCH = 32
-
 
 FLOP_FORMULA = (
     "per sample, s = padded text tokens + image tokens, l = labelled tokens: model FLOPs = frozen LLM forward "

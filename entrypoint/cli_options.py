@@ -20,7 +20,6 @@ from entrypoint.perf import VARIANTS
 # soft_wrap: never break a long path in the middle; users copy them.
 console = Console(soft_wrap=True)
 
-
 errors = Console(stderr=True, soft_wrap=True)
 
 
@@ -46,9 +45,7 @@ class Device(str, Enum):
 
 RootOption = Annotated[Path, typer.Option("--root", help="The mounted layout (data/, model/, results/).")]
 
-
 JsonOption = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON document instead of text.")]
-
 
 WorldSizeOption = Annotated[
     Optional[WorldSizeMeans],
@@ -70,7 +67,6 @@ def a_writable_file(path: Path | None) -> Path | None:
 JunitOption = Annotated[
     Optional[Path], typer.Option(callback=a_writable_file, help="Also write the verdict as JUnit XML to this file.")
 ]
-
 
 NprocOption = Annotated[Optional[int], typer.Option(min=1, help="Processes per node (default: visible GPUs).")]
 
