@@ -3,8 +3,10 @@ recompute or redraw a stored one: verdict, report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,9 +69,11 @@ def run_to_verdict(request, as_json: bool, junit: Path | None = None) -> None:
         write_junit(result.document, junit)
     if result.document["status"] == "aborted":
         # A signal can stop a library mid-operation (a process pool, a lock) and leave the
-        # interpreter's shutdown waiting on it forever; the verdict is written: end now.
+        # interpreter's shutdown waiting on it forever; the verdict is written: end now,
+        # and take along any child the signal left running (it would hold our output open).
         sys.stdout.flush()
         sys.stderr.flush()
+        _kill_children()
         os._exit(result.exit_code)
     raise typer.Exit(result.exit_code)
 
@@ -157,3 +161,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A results/<run_id> fold
         errors.print(f"[red]error:[/] the report could not be written in {run_dir} ({error})")
         raise typer.Exit(EXIT_CODES["error"]) from None
     console.print(f"written: {path} and {run_dir / 'loss.png'}", highlight=False)
+
+
+def _kill_children() -> None:
+    """SIGKILL every process this one started that still runs (Linux: /proc lists them)."""
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
