@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from bench.flops import LLMShape, ViTShape
@@ -18,6 +19,10 @@ class DatasetJson:
 
     raw: bytes
     records: list
+
+    @cached_property
+    def sha256(self) -> str:
+        return _sha256(self.raw)
 
 
 def load_dataset(path: Path) -> DatasetJson:
@@ -67,7 +72,7 @@ def describe(layout: Layout, dataset: DatasetJson) -> dict:
     llm, llm_config = _model(layout.llm_dir)
     clip, clip_config = _model(layout.clip_dir)
     return {
-        "dataset_sha256": _sha256(dataset.raw),
+        "dataset_sha256": dataset.sha256,
         "dataset_samples": len(dataset.records),
         "llm": {**llm, "architectures": llm_config.get("architectures", [])},
         "clip": {**clip, "architectures": clip_config.get("architectures", [])},

@@ -7,11 +7,7 @@ same data order, same weights' values, same global batch and schedule.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, fields, make_dataclass, replace
-from importlib import metadata
-from pathlib import Path
 
 from bench.memory_model import (
     CHECKPOINTED_PEAK_MIB,
@@ -199,13 +195,19 @@ def resolve_levers(
         dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
         pin_memory=_asked_or(request.pin_memory, on_gpu),
         dequantize_nf4=applies and _asked_or(request.dequantize_nf4, fits),
-        tokenized_cache=_asked_or(request.tokenized_cache, on_gpu),
+        tokenized_cache=tokenized_cache_on(request, device),
         skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
         labelled_logits_only=_asked_or(request.labelled_logits_only, on_gpu),
         sdpa_attention=bool(supports_sdpa) and _asked_or(request.sdpa_attention, on_gpu),
     )
     fitting_layers = unchecked_layers_that_fit(levers, precision, per_device_batch, gpu_memory_mib) if on_gpu else 0
     return replace(levers, unchecked_llm_layers=_asked_or(request.unchecked_llm_layers, fitting_layers)), problems
+
+
+def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
+    """Whether the run keeps the tokenized dataset (decided before the other levers:
+    preflight starts its build as soon as it has read the JSON)."""
+    return not request.stock and _asked_or(request.tokenized_cache, device == "cuda")
 
 
 def out_of_memory_hint(precision: str, levers: Levers) -> str:
@@ -245,30 +247,3 @@ def memory_fallback(levers: Levers, request: LeverRequest) -> Levers | None:
 def _asked_or(asked, default):
     """The user's choice where there is one (``None``: none was made)."""
     return default if asked is None else asked
-
-
-# A complete tokenized cache holds this file (Dataset.save_to_disk writes it; the
-# folder appears by one rename).
-TOKENIZED_CACHE_MARKER = "dataset_info.json"
-# What the tokenization of the dataset depends on besides the JSON and the tokenizer
-# files: the libraries that do it (the template and max_length are the recipe's).
-TOKENIZATION_PACKAGES = ("xtuner", "transformers", "tokenizers", "datasets")
-
-
-def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: Path) -> Path:
-    """Where the tokenized dataset of these inputs lives: a folder named by the hash of
-    everything the tokens depend on, so a changed input never meets a stale cache."""
-    tokenizer_files = sorted(
-        p
-        for p in llm_dir.iterdir()
-        if p.is_file() and (p.name.startswith("tokeniz") or p.name in ("special_tokens_map.json", "added_tokens.json"))
-    )
-    identity = {
-        "dataset_sha256": dataset_sha256,
-        "tokenizer": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files},
-        "template": "internlm2_chat",
-        "max_length": 2048 - 576,
-        "packages": {name: metadata.version(name) for name in TOKENIZATION_PACKAGES},
-    }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return results_parent / "cache" / f"tokenized-{key}"

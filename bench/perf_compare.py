@@ -47,6 +47,8 @@ class PerfRow:
     mfu: float | None
     preflight_seconds: float | None  # the appliance's start to the trainer's launch
     startup_seconds: float | None  # the trainer's launch to the first step
+    launch_to_first_step_seconds: float | None  # their sum
+    startup: dict | None  # where that time went (the verdict's timing.startup)
     ratio_vs_stock: float | None  # seconds per step / stock's
     max_loss_difference: float | None  # over the steps both logged, vs stock
     limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
@@ -163,6 +165,8 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
                 mfu=throughput.get("mfu"),
                 preflight_seconds=timing.get("preflight_seconds"),
                 startup_seconds=timing.get("startup_seconds"),
+                launch_to_first_step_seconds=timing.get("launch_to_first_step_seconds"),
+                startup=timing.get("startup"),
                 ratio_vs_stock=speed / stock_speed if speed and stock_speed else None,
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
                 limit_seconds_per_step=limit,
@@ -205,6 +209,40 @@ def table(rows: list[PerfRow]) -> str:
     architectures = {row.llm_architecture for row in rows} - {"InternLM2ForCausalLM"}
     if architectures:
         lines.append(f"(the LLM is a stand-in: {', '.join(sorted(map(str, architectures)))}, not InternLM2's own code)")
+    return "\n".join([*lines, "", startup_table(rows)])
+
+
+# The start-up table's columns: (heading, width, the figure from timing.startup).
+STARTUP_COLUMNS = (
+    ("imports", 7, lambda s: s.get("imports_seconds")),
+    ("checks", 6, lambda s: s.get("checks_seconds")),
+    ("interconnect", 12, lambda s: s.get("interconnect_seconds")),
+    ("tok build", 9, lambda s: (s.get("tokenization") or {}).get("build_seconds")),
+    ("tok wait", 8, lambda s: (s.get("tokenization") or {}).get("wait_seconds")),
+    ("runner", 6, lambda s: (s.get("trainer") or {}).get("runner_seconds")),
+    ("dataset", 7, lambda s: (s.get("trainer") or {}).get("dataset_seconds")),
+    ("model", 6, lambda s: (s.get("trainer") or {}).get("model_seconds")),
+    ("deepspeed", 9, lambda s: (s.get("trainer") or {}).get("deepspeed_seconds")),
+    ("1st step", 8, lambda s: (s.get("trainer") or {}).get("first_step_seconds")),
+)
+
+
+def startup_table(rows: list[PerfRow]) -> str:
+    """Where each variant's time before its first step went, in seconds (docs/VERDICT.md's
+    timing.startup); tokens says whether the tokenized dataset was a cache, built or left to XTuner."""
+    headings = "  ".join(f"{name:>{width}}" for name, width, _ in STARTUP_COLUMNS)
+    lines = [f"start-up s  tokens  {headings}  to 1st step"]
+    for row in rows:
+        startup = row.startup or {}
+        source = (startup.get("tokenization") or {}).get("source", "xtuner")
+        figures = "  ".join(
+            "-".rjust(width) if figure(startup) is None else f"{figure(startup):{width}.1f}"
+            for _, width, figure in STARTUP_COLUMNS
+        )
+        total = row.launch_to_first_step_seconds
+        lines.append(
+            f"{row.variant:<10}  {source:<6}  {figures}  {'-'.rjust(11) if total is None else f'{total:11.1f}'}"
+        )
     return "\n".join(lines)
 
 

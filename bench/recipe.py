@@ -15,7 +15,7 @@ from string import Template
 
 from bench.config_facts import ConfigFacts, top_level_values
 from bench.layout import Layout
-from bench.levers import TOKENIZED_CACHE_MARKER, Levers
+from bench.levers import Levers
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
 from bench.trainer import COMPARED_STEPS
 
@@ -99,8 +99,8 @@ def _deviations(options: RecipeOptions) -> list[str]:
         "model and data paths are absolute paths into the mounted layout",
         "xtuner ThroughputHook added (the seed's metrics carry tflops and tokens_per_sec)",
         "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads "
-        "the batch, "
-        "nothing else)",
+        "the batch, nothing else)",
+        "llava-bench StartupHook added: notes when the runner, DeepSpeed and the first step were ready (the clock)",
         f"fixed random seed {options.seed}",
         f"training stops after {options.max_steps} optimizer steps "
         f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",
@@ -144,13 +144,10 @@ def _deviations(options: RecipeOptions) -> list[str]:
         )
     changes += options.levers.deviations()
     if options.levers.tokenized_cache:
-        folder = options.tokenized_cache_folder
-        state = (
-            "reused from an earlier run"
-            if (folder / TOKENIZED_CACHE_MARKER).is_file()
-            else "saved there for later runs"
+        changes.append(
+            f"the dataset tokenized by the appliance before training (XTuner's tokens, computed in one batch) and "
+            f"kept in {options.tokenized_cache_folder} for later runs; every rank reads it from there"
         )
-        changes.append(f"tokenized dataset kept in {folder} ({state}; the same tokens)")
     return changes
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from bench.criteria import EXIT_CODES
+from bench.inputs import DatasetJson
 from bench.layout import Layout
 from bench.synth import DEMO_SAMPLES, SynthSpec
 from entrypoint.cli_options import (
@@ -18,7 +19,7 @@ from entrypoint.cli_options import (
     console,
     errors,
 )
-from entrypoint.preflight import check_layout
+from entrypoint.preflight import check_layout, inspect_layout
 
 
 def synth(
@@ -126,11 +127,11 @@ def validate(
     from entrypoint.preflight import check_writable
 
     layout = Layout.at(root)
-    problems = check_layout(layout)
+    problems, dataset = inspect_layout(layout)
     if layout.root.is_dir():
         problems += check_writable(out.absolute() if out else layout.results_dir, layout)
     if deep and not problems:
-        problems = deep_with_progress(layout, sample)
+        problems = deep_with_progress(layout, dataset, sample)
     if as_json:
         print(
             json.dumps(
@@ -146,10 +147,9 @@ def validate(
     raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
 
 
-def deep_with_progress(layout: Layout, sample: int | None):
+def deep_with_progress(layout: Layout, dataset: DatasetJson, sample: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from bench.inputs import load_dataset
     from entrypoint.deep import deep_problems
     from entrypoint.model_code import ModelCodeProbe
 
@@ -157,7 +157,6 @@ def deep_with_progress(layout: Layout, sample: int | None):
         "decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True
     ) as bar:
         task = bar.add_task("decode", total=None)
-        dataset = load_dataset(layout.dataset_json)
         with ModelCodeProbe(layout.llm_dir) as probe:
             problems = deep_problems(
                 layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total)

@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.criteria import EXIT_CODES
-from bench.inputs import describe, load_dataset
+from bench.inputs import describe
 from bench.layout import Layout
 from bench.recipe import RenderedRecipe, render
 from entrypoint import __version__
@@ -18,7 +18,7 @@ from entrypoint.agreement import AgreementError, Fingerprint, agree
 from entrypoint.environment import gpu_inventory, gpu_inventory_details
 from entrypoint.launch import run_to_end
 from entrypoint.plans import torchrun_plan
-from entrypoint.preflight import check_layout
+from entrypoint.preflight import inspect_layout
 from entrypoint.request import RunRequest, new_run_id, resolve_device
 from entrypoint.topology import Topology, TopologyError, detect
 
@@ -54,9 +54,9 @@ def check_cluster(request: RunRequest) -> tuple[dict, int]:
         topology = detect(env, gpus if device == "cuda" else 0, request.world_size_means, request.nproc_per_node)
     except TopologyError as error:
         return {"status": "invalid", "reason": str(error)}, EXIT_CODES["invalid"]
-    problems = check_layout(layout)
+    problems, dataset = inspect_layout(layout)
     recipe = None if problems else render(layout, replace(request.recipe, device=device), __version__)
-    inputs = None if problems else describe(layout, load_dataset(layout.dataset_json))
+    inputs = None if problems else describe(layout, dataset)
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
     report = {
         "topology": topology.as_dict(),

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from entrypoint.plans import offline_environment
+from entrypoint.child import JsonChild, answer_main
 from entrypoint.preflight import Problem
 
 PROBE_TIMEOUT_SECONDS = 180
@@ -91,56 +90,21 @@ def import_problem(folder: Path, error: str, transformers_version: str) -> Probl
     )
 
 
-class ModelCodeProbe:
+class ModelCodeProbe(JsonChild):
     """The child process that imports the code; started early, read when needed, never
     left running (a context manager)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", "entrypoint.model_code", str(self.folder)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=offline_environment(),
-        )
-
-    def __enter__(self) -> "ModelCodeProbe":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._child.poll() is None:
-            self._child.kill()
-            self._child.communicate()
+        super().__init__("entrypoint.model_code", str(self.folder))
 
     def result(self) -> ModelCode:
-        version = metadata.version("transformers")
-        try:
-            stdout, stderr = self._child.communicate(timeout=PROBE_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._child.kill()
-            self._child.communicate()
-            error = f"importing it took over {PROBE_TIMEOUT_SECONDS} s"
-            return ModelCode(None, False, [import_problem(self.folder, error, version)])
-        lines = stdout.strip().splitlines()
-        try:
-            answer = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            last = (stderr.strip().splitlines() or ["no output"])[-1]
-            answer = {"error": f"the import's child process failed (exit {self._child.returncode}): {last}"}
+        answer = self.answer(PROBE_TIMEOUT_SECONDS)
         if "error" in answer:
-            return ModelCode(None, False, [import_problem(self.folder, answer["error"], version)])
+            problem = import_problem(self.folder, answer["error"], metadata.version("transformers"))
+            return ModelCode(None, False, [problem])
         return ModelCode(answer["model_class"], answer["supports_sdpa"])
 
 
-def main(folder: str) -> None:
-    try:
-        answer = _import_model_class(Path(folder))
-    except Exception as error:  # noqa: BLE001 - any failure to import is the finding
-        answer = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    print(json.dumps(answer))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    answer_main(_import_model_class, Path(sys.argv[1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from bench.recipe import (
     render,
 )
 from bench.report import write_report
+from bench.startup import STARTUP_EVENTS_NAME, trainer_startup
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.cluster import collective, local_fingerprint, log_tails
@@ -65,8 +67,8 @@ def execute(request: RunRequest, console: Console) -> RunResult:
     layout = Layout.at(request.root)
     results_parent = Path(request.out).absolute() if request.out else layout.results_dir
     try:
-        with AbortOnSignals() as before_training:
-            return _execute(request, console, layout, results_parent, before_training)
+        with AbortOnSignals() as before_training, ExitStack() as children:
+            return _execute(request, console, layout, results_parent, before_training, children)
     except Interrupted as stop:
         return _aborted_before_training(request, layout, results_parent, stop)
 
@@ -94,10 +96,16 @@ def _aborted_before_training(request: RunRequest, layout: Layout, results_parent
 
 
 def _execute(
-    request: RunRequest, console: Console, layout: Layout, results_parent: Path, before_training: AbortOnSignals
+    request: RunRequest,
+    console: Console,
+    layout: Layout,
+    results_parent: Path,
+    before_training: AbortOnSignals,
+    children: ExitStack,
 ) -> RunResult:
+    imports_seconds = process_age_seconds()
     gpus, gpu_model, driver = gpu_inventory()
-    checked = preflight(request, layout, results_parent, gpus)
+    checked = preflight(request, layout, results_parent, gpus, children)
     device, topology, options, problems = checked.device, checked.topology, checked.options, checked.problems
     recipe, inputs, inventory = checked.recipe, checked.inputs, checked.inventory
     fingerprint = local_fingerprint(device, gpus, gpu_model, driver, recipe, inputs, problems)
@@ -112,6 +120,7 @@ def _execute(
                 )
             )
     before_training.check()  # a signal that code on the way swallowed
+    startup = {"imports_seconds": imports_seconds, "checks_seconds": _since(imports_seconds)}
     context = verdict_mod.RunContext(
         run_id=run_id,
         criteria=request.criteria,
@@ -150,7 +159,9 @@ def _execute(
     try:
         if device == "cuda":
             collective_logs = run_dir / "logs" / f"node-{topology.node_rank}" / "collective"
+            checked_at = process_age_seconds()
             interconnect, failure = collective(topology, run_dir, collective_logs, layout.root)
+            startup["interconnect_seconds"] = _since(checked_at)
             context = replace(context, interconnect=interconnect)
             if failure:
                 failure += f"; see {collective_logs}"
@@ -168,13 +179,16 @@ def _execute(
                     },
                 )
                 return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+        if checked.tokenization is not None:
+            tokenization = checked.tokenization.wait(lambda line: console.print(f"  {line}", highlight=False))
+            startup["tokenization"] = tokenization.as_dict()
         before_training.check()
     except Interrupted as stop:  # the run's folder exists: its verdict goes there
         return _finish(
             topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0)
         )
     preflight_seconds = process_age_seconds()
-    run = _Run(request, console, layout, run_dir, topology, fingerprint)
+    run = _Run(request, console, layout, run_dir, topology, fingerprint, startup)
     with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
         return _train_and_judge(run, plan, recipe, options, context, preflight_seconds, after_training)
 
@@ -189,13 +203,20 @@ class _Run:
     run_dir: Path
     topology: Topology
     fingerprint: Fingerprint
+    startup: dict  # the appliance's part of timing.startup
+
+
+def _since(seconds: float | None) -> float | None:
+    """Seconds since the process was ``seconds`` old (None without /proc)."""
+    now = process_age_seconds()
+    return None if now is None or seconds is None else round(now - seconds, 3)
 
 
 def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_seconds, signals: SignalFlag) -> RunResult:
     """Train (once more with the memory defaults taken back after an early out-of-memory
     failure, unless a signal came), then the verdict of what ran."""
     request, console, layout, run_dir, topology = run.request, run.console, run.layout, run.run_dir, run.topology
-    outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
+    outcome, started_at, launched_at, wall_seconds = _train(plan, run_dir, request, options, console)
     fallback = memory_fallback(options.levers, request.levers) if recipe.source == "template" else None
     if fallback is not None and signals.received is None and _retry_agreed(topology, outcome, plan.logs_dir):
         first_attempt = {
@@ -218,7 +239,7 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
         options = replace(options, levers=fallback)
         recipe = render(layout, options, __version__)
         plan = _write_attempt(recipe, run_dir, layout, options.device, topology)
-        outcome, started_at, wall_seconds = _train(plan, run_dir, request, options, console)
+        outcome, started_at, launched_at, wall_seconds = _train(plan, run_dir, request, options, console)
         context = replace(
             context, recipe={**recipe_record(recipe, options, topology.world_size), "memory_fallback": first_attempt}
         )
@@ -233,6 +254,7 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
             "first_record_seconds": outcome.first_record_seconds,
             "ended_at": outcome.ended_at,
             "wall_seconds": wall_seconds,
+            "startup": {**run.startup, "trainer": _trainer_startup(run_dir / "xtuner", launched_at)},
         },
     )
     metrics_copy = run_dir / verdict_mod.METRICS_NAME
@@ -264,8 +286,8 @@ def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device
 
 
 def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console):
-    """One training attempt to its end: (outcome, start time, wall seconds)."""
-    started_at, started = utc_now(), time.monotonic()
+    """One training attempt to its end: (outcome, start time, its epoch seconds, wall seconds)."""
+    started_at, launched_at, started = utc_now(), time.time(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
     outcome = supervise(
         plan,
@@ -277,7 +299,16 @@ def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, con
     if outcome.termination.kind not in ("completed", "stopped_on_target"):
         # said here too: should the verdict not be writable (a full disk), the console has it
         console.print(f"[yellow]training {outcome.termination.kind}[/]: {outcome.termination.detail}", highlight=False)
-    return outcome, started_at, round(time.monotonic() - started, 3)
+    return outcome, started_at, launched_at, round(time.monotonic() - started, 3)
+
+
+def _trainer_startup(work_dir: Path, launched_at: float) -> dict | None:
+    """The trainer's start-up parts from rank 0's notes (none when it never built its runner)."""
+    try:
+        events = json.loads((work_dir / STARTUP_EVENTS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return trainer_startup(events, launched_at)
 
 
 def _retry_agreed(topology: Topology, outcome, logs_dir: Path) -> bool:

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.inputs import DatasetJson, load_dataset
 from bench.layout import Layout
 from bench.recipe import referenced_paths
 
@@ -89,21 +90,20 @@ def _named_files(folder: Path) -> list[tuple[str, str]]:
     return list(dict.fromkeys(named))
 
 
-def _check_dataset_json(path: Path) -> tuple[list | None, list[Problem]]:
-    """The records, or the problem that leaves none."""
+def _check_dataset_json(path: Path) -> tuple[DatasetJson | None, list[Problem]]:
+    """The JSON read and parsed (once: 558,128 records take seconds), or the problem that leaves none."""
     fix = f"download blip_laion_cc_sbu_558k.json of liuhaotian/LLaVA-Pretrain to {path}"
     if not path.is_file():
         return None, [Problem(str(path), "the dataset JSON is missing", fix)]
     try:
-        with path.open("rb") as stream:
-            records = json.load(stream)
+        dataset = load_dataset(path)
     except (ValueError, UnicodeDecodeError) as error:
         return None, [Problem(str(path), f"the dataset JSON does not parse ({error})", f"the file is damaged: {fix}")]
     except OSError as error:
         return None, [Problem(str(path), f"the dataset JSON cannot be read ({error.strerror})", "make it readable")]
-    if not isinstance(records, list) or not records:
+    if not isinstance(dataset.records, list) or not dataset.records:
         return None, [Problem(str(path), "the dataset JSON holds no records (expected a non-empty list)", fix)]
-    return records, []
+    return dataset, []
 
 
 def examples(items: list[str]) -> str:
@@ -239,6 +239,11 @@ def _check_override(layout: Layout) -> list[Problem]:
 
 def check_layout(layout: Layout) -> list[Problem]:
     """All problems of the mounted layout; empty when it is valid."""
+    return inspect_layout(layout)[0]
+
+
+def inspect_layout(layout: Layout) -> tuple[list[Problem], DatasetJson | None]:
+    """All problems of the mounted layout, and its dataset JSON where that parsed."""
     if not layout.root.is_dir():
         return [
             Problem(
@@ -246,13 +251,13 @@ def check_layout(layout: Layout) -> list[Problem]:
                 "the layout root does not exist or is not a folder",
                 "mount the prepared folder there (docker run -v ./llava:/llava) or pass --root",
             )
-        ]
-    records, dataset_problems = _check_dataset_json(layout.dataset_json)
+        ], None
+    dataset, dataset_problems = _check_dataset_json(layout.dataset_json)
     image_folder_problems = _check_images(layout)
-    return [
+    problems = [
         *dataset_problems,
         *image_folder_problems,
-        *(_check_image_paths(layout, records) if records is not None and not image_folder_problems else []),
+        *(_check_image_paths(layout, dataset.records) if dataset is not None and not image_folder_problems else []),
         *_check_model(
             layout.llm_dir, "LLM", "internlm/internlm2-chat-20b", (TOKENIZER_FILES, ("tokenizer_config.json",))
         ),
@@ -261,6 +266,7 @@ def check_layout(layout: Layout) -> list[Problem]:
         ),
         *_check_override(layout),
     ]
+    return problems, dataset
 
 
 def check_writable(folder: Path, layout: Layout | None = None) -> list[Problem]:

@@ -5,14 +5,15 @@ levers) and, if all pass, the recipe."""
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.config_facts import ConfigFacts, read_facts
 from bench.flops import are_real_shapes
-from bench.inputs import describe, load_dataset
+from bench.inputs import describe
 from bench.layout import Layout
-from bench.levers import STOCK, resolve_levers, tokenized_cache_folder
+from bench.levers import STOCK, resolve_levers, tokenized_cache_on
 from bench.memory_model import gpu_memory
 from bench.recipe import (
     PRECISIONS,
@@ -24,12 +25,14 @@ from bench.recipe import (
     render,
     warmup_problem,
 )
+from bench.tokenization import tokenized_cache_folder
 from entrypoint import __version__
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.environment import gpu_inventory_details, xtuner_provenance
 from entrypoint.model_code import ModelCodeProbe
-from entrypoint.preflight import Problem, check_layout, check_writable
+from entrypoint.preflight import Problem, check_writable, inspect_layout
 from entrypoint.request import RunRequest, resolve_device, run_topology
+from entrypoint.tokenized_cache import CacheBuild
 from entrypoint.topology import Topology
 
 
@@ -99,11 +102,13 @@ class Preflight:
     inventory: list[dict]
     inputs: dict | None
     recipe: RenderedRecipe | None
+    tokenization: CacheBuild | None  # the tokenized dataset's build, started as soon as the JSON was read
 
 
-def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int) -> Preflight:
+def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int, children: ExitStack) -> Preflight:
     """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
-    disk and GPU checks, the levers; the recipe if all pass."""
+    disk and GPU checks, the levers; the recipe if all pass. The tokenized dataset's
+    build starts beside the checks, in ``children`` (stopped when the run leaves it)."""
     device = resolve_device(request.device, gpus)
     topology, problems = run_topology(request, device, gpus)
     user_config, per_device_batch = None, request.recipe.per_device_batch
@@ -132,11 +137,14 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
             Problem("environment", message, "set it to the simulated card's MiB, or unset it")
             for message in memory_messages
         ),
-        *check_layout(layout),
     ]
-    dataset, supports_sdpa = None, None
+    layout_problems, dataset = inspect_layout(layout)
+    problems += layout_problems
+    supports_sdpa, build = None, None
     if not problems:
-        dataset = load_dataset(layout.dataset_json)
+        if user_config is None and tokenized_cache_on(request.levers, device):
+            folder = tokenized_cache_folder(results_parent, dataset.sha256, layout.llm_dir)
+            build = children.enter_context(CacheBuild(layout.dataset_json, layout.llm_dir, folder))
         with ModelCodeProbe(layout.llm_dir) as probe:
             problems = deep_problems(layout, dataset, request.image_sample)
             too_few = (
@@ -174,11 +182,8 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
         else request.recipe.precision,
     )
     inputs = describe(layout, dataset) if not problems else None
-    if inputs is not None and levers.tokenized_cache:
-        options = replace(
-            options,
-            tokenized_cache_folder=tokenized_cache_folder(results_parent, inputs["dataset_sha256"], layout.llm_dir),
-        )
+    if inputs is not None and build is not None:
+        options = replace(options, tokenized_cache_folder=build.folder)
     if inputs is not None:
         real_shapes = are_real_shapes(inputs["model_shapes"])
         cards = [{**gpu, "memory_mib": mib} for gpu, mib in zip(inventory, memory.cards)]
@@ -193,7 +198,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
     # An unwritable --out, or no layout mounted at the root (whose results folder must
     # not be created either).
     nowhere_to_write = bool(unwritable) or (request.out is None and not layout.root.is_dir())
-    return Preflight(device, topology, options, problems, nowhere_to_write, inventory, inputs, recipe)
+    return Preflight(device, topology, options, problems, nowhere_to_write, inventory, inputs, recipe, build)
 
 
 def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int) -> dict:

@@ -35,7 +35,7 @@ DEMO_ARGS = [
 
 
 def only_run_dir(results: Path) -> Path:
-    (run_dir,) = [p for p in results.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in results.iterdir() if p.is_dir() and p.name != "cache"]
     return run_dir
 
 
@@ -360,7 +360,8 @@ def _children(pid: int) -> list[str]:
 
 def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthetic_layout, tmp_path):
     """Preflight of LLaVA-Pretrain's 558k records takes seconds: a signal then still ends
-    in a verdict (aborted, exit 3), and the child that imports the model's code is gone."""
+    in a verdict (aborted, exit 3), and the children that import the model's code and
+    tokenize the dataset are gone, the tokenizer's half-written folder with it."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -371,6 +372,7 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
             str(synthetic_layout),
             "--out",
             str(tmp_path),
+            "--tokenized-cache",
             *DEMO_ARGS,
         ],
         stdout=subprocess.PIPE,
@@ -378,10 +380,10 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not any(
-        "entrypoint.model_code" in child for child in _children(process.pid)
-    ):  # preflight is importing the code
-        assert time.monotonic() < deadline and process.poll() is None, "preflight never imported the model's code"
+    while not {"entrypoint.model_code", "entrypoint.tokenized_cache"} <= {
+        module for child in _children(process.pid) for module in child.split()
+    }:  # preflight is importing the code and tokenizing
+        assert time.monotonic() < deadline and process.poll() is None, "preflight never started both children"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -393,8 +395,10 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
         and "SIGTERM received before training started" in verdict["termination"]["detail"]
     )
     assert not list(tmp_path.rglob("xtuner"))
-    probe = f"entrypoint.model_code {Layout.at(synthetic_layout).llm_dir}"  # this run's probe, not another's
-    assert subprocess.run(["pgrep", "-f", probe], capture_output=True, text=True).stdout == ""
+    assert not list(tmp_path.glob("cache/.tokenized-*"))
+    llm_dir = Layout.at(synthetic_layout).llm_dir
+    for child in (f"entrypoint.model_code {llm_dir}", f"entrypoint.tokenized_cache .* {llm_dir}"):  # this run's
+        assert subprocess.run(["pgrep", "-f", child], capture_output=True, text=True).stdout == ""
 
 
 def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, tmp_path):

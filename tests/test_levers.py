@@ -20,17 +20,16 @@ from bench import verdict as verdict_mod
 from bench.layout import Layout
 from bench.levers import (
     STOCK,
-    TOKENIZED_CACHE_MARKER,
     LeverRequest,
     Levers,
     memory_fallback,
     out_of_memory_hint,
     resolve_levers,
-    tokenized_cache_folder,
 )
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.tokenization import TOKENIZED_CACHE_MARKER, tokenized_cache_folder
 from tests.conftest import llava_bench
 
 H100 = [81559] * 8
@@ -599,11 +598,12 @@ def test_perf_refuses_an_unknown_variant(tmp_path):
     assert "turbo" in done.stderr
 
 
-def test_the_tokenized_cache_is_reused_by_the_next_run_with_the_same_losses(synthetic_layout, tmp_path):
-    """Two real CPU runs with the cache lever: the first tokenizes and saves, the second
-    loads; the same tokens give the same losses."""
+def test_the_tokenized_cache_is_built_then_reused_with_xtuners_losses(synthetic_layout, tmp_path):
+    """Real CPU runs: XTuner's own tokenization (no cache), then the cache lever twice:
+    the first run's appliance tokenizes before training, the second finds the cache;
+    the same tokens give the same losses in all three."""
     verdicts = []
-    for _ in range(2):
+    for lever in ("--no-tokenized-cache", "--tokenized-cache", "--tokenized-cache"):
         done = llava_bench(
             "run",
             "--root",
@@ -612,7 +612,7 @@ def test_the_tokenized_cache_is_reused_by_the_next_run_with_the_same_losses(synt
             str(tmp_path),
             "--device",
             "cpu",
-            "--tokenized-cache",
+            lever,
             "--per-device-batch",
             str(DEMO_PER_DEVICE_BATCH),
             "--max-steps",
@@ -625,11 +625,44 @@ def test_the_tokenized_cache_is_reused_by_the_next_run_with_the_same_losses(synt
         verdicts.append(json.loads(done.stdout))
     (cache,) = (tmp_path / "cache").iterdir()
     assert (cache / "dataset_info.json").is_file() and cache.name.startswith("tokenized-")
-    first, second = ([d for d in v["recipe"]["deviations"] if "tokenized dataset" in d] for v in verdicts)
-    assert first == [f"tokenized dataset kept in {cache} (saved there for later runs; the same tokens)"]
-    assert second == [f"tokenized dataset kept in {cache} (reused from an earlier run; the same tokens)"]
-    assert verdicts[0]["recipe"]["levers"]["tokenized_cache"] is True
-    assert [p["loss"] for p in verdicts[1]["result"]["curve"]] == [p["loss"] for p in verdicts[0]["result"]["curve"]]
+    assert verdicts[0]["timing"]["startup"].get("tokenization") is None
+    built, found = (v["timing"]["startup"]["tokenization"] for v in verdicts[1:])
+    assert built["source"] == "built" and built["folder"] == str(cache) and built["build"]["kept"] > 0
+    assert found["source"] == "cache" and found["build"] is None and found["wait_seconds"] == 0
+    assert [v["recipe"]["levers"]["tokenized_cache"] for v in verdicts] == [False, True, True]
+    assert any(str(cache) in d for d in verdicts[1]["recipe"]["deviations"])
+    trainer = verdicts[2]["timing"]["startup"]["trainer"]
+    assert 0 < trainer["runner_seconds"] and 0 <= trainer["dataset_seconds"]
+    curves = [[p["loss"] for p in v["result"]["curve"]] for v in verdicts]
+    assert curves[1] == curves[0] and curves[2] == curves[0]
+
+
+def test_a_failed_build_leaves_the_tokenization_to_xtuner_and_the_run_passes(synthetic_layout, tmp_path):
+    """The cache's folder cannot be made (a file stands where it goes): the appliance's
+    build fails, the trainer tokenizes with XTuner's code, cannot keep the result either,
+    and trains; the verdict says why."""
+    (tmp_path / "cache").write_text("not a folder")
+    done = llava_bench(
+        "run",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--tokenized-cache",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps",
+        "20",
+        "--target-loss",
+        "1.6",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokenization = json.loads(done.stdout)["timing"]["startup"]["tokenization"]
+    assert tokenization["source"] == "failed" and "Error" in tokenization["detail"]
+    assert "XTuner's own code" in done.stderr + done.stdout
 
 
 def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy, tmp_path):

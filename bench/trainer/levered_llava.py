@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from xtuner.model import LLaVAModel
 from xtuner.utils import IGNORE_INDEX
 
+from bench.trainer.startup import note
+
 
 class LeveredLLaVAModel(LLaVAModel):
     """``LLaVAModel`` built as the pinned config builds it, then:
@@ -52,6 +54,7 @@ class LeveredLLaVAModel(LLaVAModel):
             self.llm.gradient_checkpointing_disable()
             for layer in layers[: max(0, len(layers) - unchecked_llm_layers)]:
                 layer.forward = _checkpointed(layer.forward)
+        note("model_built")
 
     def compute_loss(self, data, data_samples=None):
         if not self.labelled_logits_only:

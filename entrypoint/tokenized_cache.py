@@ -1,0 +1,154 @@
+"""The tokenized dataset, built before training and shared by every rank.
+
+Preflight starts the build (bench/tokenization.py) in a child process as soon as it
+has read the dataset JSON, so the tokenization runs beside the deep checks, the model
+code's import and the collective check; the run waits for it only if it is still
+working when the trainer is about to start. The result is the cache folder under the
+results folder (named by bench/tokenization.py's key), memory-mapped by every rank
+(bench/trainer/cached_dataset.py); each node builds its own unless the nodes share the
+folder, and of two builders the first to finish is kept. A failed build costs time,
+never the run: the trainer then finds no cache and tokenizes with XTuner's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.tokenization import (
+    RECIPE_MAX_LENGTH,
+    Tokenized,
+    as_table,
+    batch_encoder,
+    concatenate,
+    is_complete,
+    save_atomically,
+    special_ids,
+    tokenize_records,
+)
+from entrypoint.child import JsonChild, answer_main
+
+BUILD_TIMEOUT_SECONDS = 1800  # XTuner's own tokenization of 558,128 records took 490 s
+
+
+# What the fork-started tokenizing processes inherit: the records and the tokenizer.
+_INHERITED: dict = {}
+
+
+def _tokenize(records: list[dict], tokenizer) -> Tokenized:
+    return tokenize_records(records, batch_encoder(tokenizer), *special_ids(tokenizer), RECIPE_MAX_LENGTH)
+
+
+def _tokenize_span(span: tuple[int, int]) -> tuple[int, Tokenized]:
+    return span[0], _tokenize(_INHERITED["records"][span[0] : span[1]], _INHERITED["tokenizer"])
+
+
+def tokenize_in_processes(records: list[dict], tokenizer, processes: int) -> Tokenized:
+    """``tokenize_records`` over consecutive spans of the records in ``processes`` forked
+    processes (the Python between the batch calls is most of the time), joined."""
+    step = -(-len(records) // processes)
+    spans = [(start, min(start + step, len(records))) for start in range(0, len(records), step)]
+    if len(spans) == 1:
+        return _tokenize(records, tokenizer)
+    _INHERITED.update(records=records, tokenizer=tokenizer)
+    try:
+        with multiprocessing.get_context("fork").Pool(len(spans)) as pool:
+            return concatenate(pool.map(_tokenize_span, spans))
+    finally:
+        _INHERITED.clear()
+
+
+def build(json_path: Path, llm_dir: Path, folder: Path) -> dict:
+    """In the child: tokenize the JSON with the LLM folder's tokenizer (built as the
+    recipe builds it) on every core, and save the cache; how long each part took."""
+    started = time.monotonic()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process a core instead of Rust's threads
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=True, padding_side="right")
+    loaded = time.monotonic()
+    records = json.loads(json_path.read_bytes())
+    read = time.monotonic()
+    tokenized = tokenize_in_processes(records, tokenizer, len(os.sched_getaffinity(0)))
+    done = time.monotonic()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(datasets.Dataset(as_table(tokenized, records)), folder)
+    return {
+        "records": len(records),
+        "kept": len(tokenized.kept),
+        "tokens": int(tokenized.offsets[-1]),
+        "processes": len(os.sched_getaffinity(0)),
+        "seconds": {
+            "imports_and_tokenizer": round(loaded - started, 3),
+            "read_json": round(read - loaded, 3),
+            "tokenize": round(done - read, 3),
+            "save": round(time.monotonic() - done, 3),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How this run's tokens were had: the verdict's ``timing.startup.tokenization``."""
+
+    source: str  # "cache": complete before the run; "built": by this run; "failed": the trainer tokenizes
+    folder: str
+    build: dict | None  # the child's answer (records, kept, tokens, seconds of its parts)
+    build_seconds: float | None  # the child's start to its answer
+    wait_seconds: float  # how long the launch waited for it
+    detail: str | None  # why a build failed
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class CacheBuild:
+    """The build of one run: started by preflight (nothing to do when the cache is
+    complete), waited for before launch, never left running; a stopped build leaves no
+    partial folder behind."""
+
+    def __init__(self, json_path: Path, llm_dir: Path, folder: Path):
+        self.folder = folder
+        self._started = time.monotonic()
+        self._child = (
+            None
+            if is_complete(folder)
+            else JsonChild("entrypoint.tokenized_cache", str(json_path), str(llm_dir), str(folder))
+        )
+
+    def __enter__(self) -> CacheBuild:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._child is not None and self._child.running():
+            self._child.stop()
+            shutil.rmtree(self.folder.with_name(f".{self.folder.name}.{self._child.pid}"), ignore_errors=True)
+
+    def wait(self, say: Callable[[str], None]) -> Tokenization:
+        if self._child is None:
+            return Tokenization("cache", str(self.folder), None, None, 0.0, None)
+        waiting = time.monotonic()
+        if self._child.running():
+            say(f"tokenizing the dataset ({waiting - self._started:.0f} s so far; the trainer starts when it is done)")
+        answer = self._child.answer(BUILD_TIMEOUT_SECONDS)
+        self.__exit__()
+        answered = time.monotonic()
+        timings = (round(answered - self._started, 3), round(answered - waiting, 3))
+        if "error" in answer or not is_complete(self.folder):
+            detail = answer.get("error", "the build answered, but left no complete cache")
+            say(f"the appliance's tokenization failed ({detail}); the trainer tokenizes with XTuner's own code")
+            return Tokenization("failed", str(self.folder), None, *timings, detail)
+        return Tokenization("built", str(self.folder), answer, *timings, None)
+
+
+if __name__ == "__main__":
+    answer_main(build, *map(Path, sys.argv[1:4]))
