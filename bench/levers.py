@@ -111,8 +111,8 @@ LEVER_HELP = {
     "pin_memory": "Pinned dataloader memory (default: on with GPUs).",
     "dequantize_nf4": "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on "
     f"when every GPU has >= {DEQUANTIZED_NF4_MIB} MiB).",
-    "tokenized_cache": "Keep the tokenized dataset under <results>/cache/ and reuse it in later runs: the same tokens "
-    "(default: on GPUs).",
+    "tokenized_cache": "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and "
+    "keep it under <results>/cache/ for later runs (default: on GPUs).",
     "skip_vit_backward": "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: "
     "on with GPUs).",
     "unchecked_llm_layers": "Keep the activations of the last N LLM layers instead of recomputing them (default: as "

@@ -101,6 +101,7 @@ def _deviations(options: RecipeOptions) -> list[str]:
         "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads "
         "the batch, nothing else)",
         "llava-bench StartupHook added: notes when the runner, DeepSpeed and the first step were ready (the clock)",
+        "llava-bench RankTimingHook added: times each rank's forward pass (CUDA events, no synchronisation)",
         f"fixed random seed {options.seed}",
         f"training stops after {options.max_steps} optimizer steps "
         f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",
@@ -145,8 +146,9 @@ def _deviations(options: RecipeOptions) -> list[str]:
     changes += options.levers.deviations()
     if options.levers.tokenized_cache:
         changes.append(
-            f"the dataset tokenized by the appliance before training (XTuner's tokens, computed in one batch) and "
-            f"kept in {options.tokenized_cache_folder} for later runs; every rank reads it from there"
+            "the dataset tokenized by the appliance (XTuner's tokens, computed in one batch, by prepare, an earlier "
+            f"run or this run's preflight: timing.startup.tokenization) in {options.tokenized_cache_folder}; every "
+            "rank reads it from there"
         )
     return changes
 

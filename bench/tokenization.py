@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -64,9 +65,9 @@ TOKENIZED_CACHE_MARKER = "dataset_info.json"
 TOKENIZATION_PACKAGES = ("xtuner", "transformers", "tokenizers", "datasets")
 
 
-def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: Path) -> Path:
-    """Where the tokenized dataset of these inputs lives: a folder named by the hash of
-    everything the tokens depend on, so a changed input never meets a stale cache."""
+def cache_name(dataset_sha256: str, llm_dir: Path) -> str:
+    """The tokenized dataset's folder name: a hash of everything the tokens depend on,
+    so a changed input never meets a stale cache."""
     tokenizer_files = sorted(
         p
         for p in llm_dir.iterdir()
@@ -79,8 +80,7 @@ def tokenized_cache_folder(results_parent: Path, dataset_sha256: str, llm_dir: P
         "max_length": RECIPE_MAX_LENGTH,
         "packages": {name: metadata.version(name) for name in TOKENIZATION_PACKAGES},
     }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return results_parent / "cache" / f"tokenized-{key}"
+    return "tokenized-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_complete(folder: Path) -> bool:
@@ -253,10 +253,16 @@ def as_table(tokenized: Tokenized, records: list[dict]):
     )
 
 
+def partial_folder(folder: Path, pid: int) -> Path:
+    """Where process ``pid`` of this host writes ``folder`` before renaming it (the host
+    too: nodes may share the results folder, and their process ids may meet)."""
+    return folder.with_name(f".{folder.name}.{socket.gethostname()}.{pid}")
+
+
 def save_atomically(dataset, folder: Path) -> None:
     """``dataset.save_to_disk`` into a private folder, then renamed to ``folder``: readers
     see the whole dataset or none, and of two writers at once the second keeps the first's."""
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}")
+    partial = partial_folder(folder, os.getpid())
     dataset.save_to_disk(str(partial))
     try:
         partial.rename(folder)

@@ -18,6 +18,7 @@ import jsonschema
 
 from bench.criteria import EXIT_CODES, Criteria, Termination, judge
 from bench.metrics import MetricsStream, read_stream
+from bench.ranks import ranks_section
 from bench.verdict_sections import (
     DERIVED_TIMING,
     baseline_section,
@@ -49,6 +50,7 @@ class RunContext:
     interconnect: dict | None = None  # the collective check before training (GPUs only)
     environment: dict | None = None  # software and per-node GPU inventory
     inputs: dict | None = None  # dataset and model identities, model shapes
+    rank_times: list[dict] | None = None  # each rank's forward time (bench/ranks.py)
     problems: list[dict] = field(default_factory=list)  # preflight refusals: status invalid
 
 
@@ -92,6 +94,7 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
             ((throughput or {}).get("seconds_per_step") or {}).get("mean"),
         ),
         "interconnect": context.interconnect,
+        "ranks": ranks_section(context.rank_times),
         "environment": context.environment,
         "inputs": context.inputs,
         "problems": context.problems,
@@ -170,6 +173,7 @@ def context_from_verdict(verdict: dict) -> RunContext:
         interconnect=verdict["interconnect"],
         environment=verdict["environment"],
         inputs=verdict["inputs"],
+        rank_times=(verdict.get("ranks") or {}).get("per_rank"),
         problems=verdict["problems"],
     )
 

@@ -95,9 +95,14 @@ def prepare(
         except PrepareError as error:
             errors.print(f"[red]prepare stopped:[/] {error}", highlight=False)
             raise typer.Exit(EXIT_CODES["invalid"]) from None
+    problems = check_layout(Layout.at(root))
+    if not problems:  # outside the progress bar: the tokenization forks a process a core
+        from entrypoint.tokenized_cache import prepare_tokenized
+
+        console.print("tokenizing the dataset for the runs", highlight=False)
+        done.append(prepare_tokenized(Layout.at(root)))
     for line in done:
         console.print(f"  done: {line}", highlight=False)
-    problems = check_layout(Layout.at(root))
     for problem in problems:
         errors.print(f"  left: {problem.path}: {problem.problem}\n    fix: {problem.fix}", highlight=False)
     if not problems:

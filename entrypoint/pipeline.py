@@ -24,6 +24,7 @@ from bench.levers import (
     out_of_memory_hint,
 )
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
+from bench.ranks import rank_summaries
 from bench.recipe import (
     RecipeOptions,
     RenderedRecipe,
@@ -34,9 +35,9 @@ from bench.startup import STARTUP_EVENTS_NAME, trainer_startup
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.cluster import collective, local_fingerprint, log_tails
-from entrypoint.diagnose import OUT_OF_MEMORY, logs_report
 from entrypoint.environment import gpu_inventory, software
 from entrypoint.launch import process_age_seconds, supervise, utc_now
+from entrypoint.memory_retry import retry_agreed, set_aside_first_attempt
 from entrypoint.plans import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config
 from entrypoint.preflight import Problem, check_writable
 from entrypoint.progress import ProgressPrinter
@@ -218,10 +219,10 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
     request, console, layout, run_dir, topology = run.request, run.console, run.layout, run.run_dir, run.topology
     outcome, started_at, launched_at, wall_seconds = _train(plan, run_dir, request, options, console)
     fallback = memory_fallback(options.levers, request.levers) if recipe.source == "template" else None
-    if fallback is not None and signals.received is None and _retry_agreed(topology, outcome, plan.logs_dir):
+    if fallback is not None and signals.received is None and retry_agreed(topology, outcome, plan.logs_dir):
         first_attempt = {
             "reason": outcome.termination.detail,
-            "folder": _set_aside_first_attempt(run_dir, topology.node_rank).name,
+            "folder": set_aside_first_attempt(run_dir, topology.node_rank).name,
             "config_sha256": recipe.sha256,
             "levers": options.levers.as_dict(),
             "wall_seconds": wall_seconds,
@@ -243,10 +244,13 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
         context = replace(
             context, recipe={**recipe_record(recipe, options, topology.world_size), "memory_fallback": first_attempt}
         )
+    local_ranks = {"ranks": rank_summaries(run_dir / "xtuner")}
+    answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
     context = replace(
         context,
         termination=outcome.termination,
         trainer_exit_code=outcome.exit_code,
+        rank_times=[rank for answer in answers for rank in answer["ranks"]] or None,
         timing={
             "preflight_seconds": preflight_seconds,
             "started_at": started_at,
@@ -309,34 +313,6 @@ def _trainer_startup(work_dir: Path, launched_at: float) -> dict | None:
     except (OSError, ValueError):
         return None
     return trainer_startup(events, launched_at)
-
-
-def _retry_agreed(topology: Topology, outcome, logs_dir: Path) -> bool:
-    """Whether every node restarts: all crashed, one ran out of GPU memory, and node 0
-    (the node that reads the metrics) saw no step logged. The nodes exchange what they saw."""
-    seen = {
-        "crashed": outcome.termination.kind == "crashed",
-        "out_of_memory": logs_report(logs_dir, OUT_OF_MEMORY),
-        "stepped": outcome.first_record_at is not None,
-    }
-    answers = exchange(topology, "memory-retry", seen)
-    if answers is None:
-        return False
-    return all(a["crashed"] for a in answers) and any(a["out_of_memory"] for a in answers) and not answers[0]["stepped"]
-
-
-def _set_aside_first_attempt(run_dir: Path, node_rank: int) -> Path:
-    """The failed attempt's config, XTuner work dir and training logs, moved under
-    attempt-1/ (the collective check's logs stay); the retry writes where they were."""
-    aside = run_dir / "attempt-1"
-    logs = run_dir / "logs" / f"node-{node_rank}"
-    (aside / "logs" / logs.name).mkdir(parents=True, exist_ok=True)
-    for path in [run_dir / "config.py", run_dir / "xtuner", *(p for p in logs.iterdir() if p.name != "collective")]:
-        try:
-            path.rename(aside / path.relative_to(run_dir))
-        except FileNotFoundError:  # another node on a shared filesystem moved it
-            pass
-    return aside
 
 
 def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint, stream: MetricsStream) -> RunResult:

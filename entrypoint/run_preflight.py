@@ -25,14 +25,13 @@ from bench.recipe import (
     render,
     warmup_problem,
 )
-from bench.tokenization import tokenized_cache_folder
 from entrypoint import __version__
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.environment import gpu_inventory_details, xtuner_provenance
 from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import Problem, check_writable, inspect_layout
 from entrypoint.request import RunRequest, resolve_device, run_topology
-from entrypoint.tokenized_cache import CacheBuild
+from entrypoint.tokenized_cache import CacheBuild, cache_folder
 from entrypoint.topology import Topology
 
 
@@ -143,7 +142,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
     supports_sdpa, build = None, None
     if not problems:
         if user_config is None and tokenized_cache_on(request.levers, device):
-            folder = tokenized_cache_folder(results_parent, dataset.sha256, layout.llm_dir)
+            folder = cache_folder(layout, results_parent, dataset.sha256)
             build = children.enter_context(CacheBuild(layout.dataset_json, layout.llm_dir, folder))
         with ModelCodeProbe(layout.llm_dir) as probe:
             problems = deep_problems(layout, dataset, request.image_sample)

@@ -1,10 +1,11 @@
 """The tokenized dataset, built before training and shared by every rank.
 
-Preflight starts the build (bench/tokenization.py) in a child process as soon as it
+`llava-bench prepare` builds it next to the data (prepare_tokenized), so that even
+the first run finds it. Otherwise preflight starts the build (bench/tokenization.py) in a child process as soon as it
 has read the dataset JSON, so the tokenization runs beside the deep checks, the model
 code's import and the collective check; the run waits for it only if it is still
 working when the trainer is about to start. The result is the cache folder under the
-results folder (named by bench/tokenization.py's key), memory-mapped by every rank
+results folder (named by bench/tokenization.py's cache_name), memory-mapped by every rank
 (bench/trainer/cached_dataset.py); each node builds its own unless the nodes share the
 folder, and of two builders the first to finish is kept. A failed build costs time,
 never the run: the trainer then finds no cache and tokenizes with XTuner's own code.
@@ -22,13 +23,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.inputs import load_dataset
+from bench.layout import Layout
 from bench.tokenization import (
     RECIPE_MAX_LENGTH,
     Tokenized,
     as_table,
     batch_encoder,
+    cache_name,
     concatenate,
     is_complete,
+    partial_folder,
     save_atomically,
     special_ids,
     tokenize_records,
@@ -96,6 +101,35 @@ def build(json_path: Path, llm_dir: Path, folder: Path) -> dict:
     }
 
 
+def cache_folder(layout: Layout, results_parent: Path, dataset_sha256: str) -> Path:
+    """The tokenized dataset a run reads: the one prepare built next to the data where
+    it is complete, else the run's own under its results folder (the run never writes
+    into the layout's data)."""
+    name = cache_name(dataset_sha256, layout.llm_dir)
+    prepared = layout.pretrain_dir / name
+    return prepared if is_complete(prepared) else results_parent / "cache" / name
+
+
+def prepare_tokenized(layout: Layout) -> str:
+    """prepare's last part: the tokenized dataset next to the data (under the layout's
+    results folder where the data folder cannot be written); what was done, in a line.
+    A failure is said, never raised: the first run then builds it."""
+    if not (layout.dataset_json.is_file() and (layout.llm_dir / "tokenizer_config.json").is_file()):
+        return "tokenized dataset: not built (the dataset JSON or the LLM's tokenizer is missing)"
+    try:
+        name = cache_name(load_dataset(layout.dataset_json).sha256, layout.llm_dir)
+        parent = layout.pretrain_dir if os.access(layout.pretrain_dir, os.W_OK) else layout.results_dir / "cache"
+        if is_complete(parent / name):
+            return f"tokenized dataset: already in {parent / name}"
+        answer = build(layout.dataset_json, layout.llm_dir, parent / name)
+    except Exception as error:  # noqa: BLE001 - any failure only defers the build to the first run
+        return f"tokenized dataset: not built ({type(error).__name__}: {error}); the first run builds it"
+    seconds = sum(answer["seconds"].values())
+    return (
+        f"tokenized dataset: {answer['kept']} records, {answer['tokens']} tokens in {seconds:.0f} s, in {parent / name}"
+    )
+
+
 @dataclass(frozen=True)
 class Tokenization:
     """How this run's tokens were had: the verdict's ``timing.startup.tokenization``."""
@@ -129,9 +163,13 @@ class CacheBuild:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._child is not None and self._child.running():
+        self._stop()
+
+    def _stop(self) -> None:
+        """The child killed if it still runs, its half-written folder removed."""
+        if self._child is not None:
             self._child.stop()
-            shutil.rmtree(self.folder.with_name(f".{self.folder.name}.{self._child.pid}"), ignore_errors=True)
+            shutil.rmtree(partial_folder(self.folder, self._child.pid), ignore_errors=True)
 
     def wait(self, say: Callable[[str], None]) -> Tokenization:
         if self._child is None:
@@ -140,7 +178,7 @@ class CacheBuild:
         if self._child.running():
             say(f"tokenizing the dataset ({waiting - self._started:.0f} s so far; the trainer starts when it is done)")
         answer = self._child.answer(BUILD_TIMEOUT_SECONDS)
-        self.__exit__()
+        self._stop()
         answered = time.monotonic()
         timings = (round(answered - self._started, 3), round(answered - waiting, 3))
         if "error" in answer or not is_complete(self.folder):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,26 @@ def tree_digest(root: Path, *parts: str) -> str:
                 digest.update(str(path.relative_to(root)).encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def torchrun_gloo(script: str, processes: int, *args: str) -> subprocess.CompletedProcess:
+    """tests/<script> as ``processes`` real gloo ranks of one torchrun on this machine."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            str(Path(__file__).parent / script),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
+    )
 
 
 def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +28,8 @@ from bench.levers import (
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
-from bench.tokenization import TOKENIZED_CACHE_MARKER, tokenized_cache_folder
-from tests.conftest import llava_bench
+from bench.tokenization import TOKENIZED_CACHE_MARKER, cache_name
+from tests.conftest import llava_bench, torchrun_gloo
 
 H100 = [81559] * 8
 H200 = [143771] * 8
@@ -598,29 +597,34 @@ def test_perf_refuses_an_unknown_variant(tmp_path):
     assert "turbo" in done.stderr
 
 
+def _cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """A real 20-step CPU run of the demo's batch, its verdict on stdout."""
+    return llava_bench(
+        "run",
+        "--root",
+        str(layout),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--per-device-batch",
+        str(DEMO_PER_DEVICE_BATCH),
+        "--max-steps",
+        "20",
+        "--target-loss",
+        "1.6",
+        "--json",
+        *options,
+    )
+
+
 def test_the_tokenized_cache_is_built_then_reused_with_xtuners_losses(synthetic_layout, tmp_path):
     """Real CPU runs: XTuner's own tokenization (no cache), then the cache lever twice:
     the first run's appliance tokenizes before training, the second finds the cache;
     the same tokens give the same losses in all three."""
     verdicts = []
     for lever in ("--no-tokenized-cache", "--tokenized-cache", "--tokenized-cache"):
-        done = llava_bench(
-            "run",
-            "--root",
-            str(synthetic_layout),
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            lever,
-            "--per-device-batch",
-            str(DEMO_PER_DEVICE_BATCH),
-            "--max-steps",
-            "20",
-            "--target-loss",
-            "1.6",
-            "--json",
-        )
+        done = _cpu_run(synthetic_layout, tmp_path, lever)
         assert done.returncode == 0, done.stderr[-3000:]
         verdicts.append(json.loads(done.stdout))
     (cache,) = (tmp_path / "cache").iterdir()
@@ -633,6 +637,8 @@ def test_the_tokenized_cache_is_built_then_reused_with_xtuners_losses(synthetic_
     assert any(str(cache) in d for d in verdicts[1]["recipe"]["deviations"])
     trainer = verdicts[2]["timing"]["startup"]["trainer"]
     assert 0 < trainer["runner_seconds"] and 0 <= trainer["dataset_seconds"]
+    (rank,) = verdicts[2]["ranks"]["per_rank"]  # one CPU process, timed by its hook
+    assert rank["rank"] == 0 and rank["iterations"] > 0 and verdicts[2]["ranks"]["stragglers"] == []
     curves = [[p["loss"] for p in v["result"]["curve"]] for v in verdicts]
     assert curves[1] == curves[0] and curves[2] == curves[0]
 
@@ -642,36 +648,19 @@ def test_a_failed_build_leaves_the_tokenization_to_xtuner_and_the_run_passes(syn
     build fails, the trainer tokenizes with XTuner's code, cannot keep the result either,
     and trains; the verdict says why."""
     (tmp_path / "cache").write_text("not a folder")
-    done = llava_bench(
-        "run",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--tokenized-cache",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
-        "--max-steps",
-        "20",
-        "--target-loss",
-        "1.6",
-        "--json",
-    )
+    done = _cpu_run(synthetic_layout, tmp_path, "--tokenized-cache")
     assert done.returncode == 0, done.stderr[-3000:]
     tokenization = json.loads(done.stdout)["timing"]["startup"]["tokenization"]
     assert tokenization["source"] == "failed" and "Error" in tokenization["detail"]
     assert "XTuner's own code" in done.stderr + done.stdout
 
 
-def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy, tmp_path):
+def test_the_cache_folder_changes_with_the_dataset_or_the_tokenizer(layout_copy):
     llm_dir = Layout.at(layout_copy).llm_dir
-    folder = tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
-    assert folder == tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
-    assert folder != tokenized_cache_folder(tmp_path, "b" * 64, llm_dir)
+    name = cache_name("a" * 64, llm_dir)
+    assert name == cache_name("a" * 64, llm_dir) != cache_name("b" * 64, llm_dir)
     (llm_dir / "tokenizer_config.json").write_text((llm_dir / "tokenizer_config.json").read_text() + " ")
-    assert folder != tokenized_cache_folder(tmp_path, "a" * 64, llm_dir)
+    assert name != cache_name("a" * 64, llm_dir)
 
 
 def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
@@ -791,23 +780,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     curves = []
     model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only", "--sdpa-attention"]
     for levers in (["--stock"], model_levers):
-        done = llava_bench(
-            "run",
-            "--root",
-            str(synthetic_layout),
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            *levers,
-            "--per-device-batch",
-            str(DEMO_PER_DEVICE_BATCH),
-            "--max-steps",
-            "20",
-            "--target-loss",
-            "1.6",
-            "--json",
-        )
+        done = _cpu_run(synthetic_layout, tmp_path, *levers)
         assert done.returncode == 0, done.stderr[-3000:]
         verdict = json.loads(done.stdout)
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
@@ -818,8 +791,8 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
 
 
 def test_a_layout_for_start_up_timing_holds_more_records_than_images(tmp_path):
-    """`perf --records 558128` times XTuner's tokenization of LLaVA-Pretrain's record
-    count without writing as many images: the extra records reuse the images in turn."""
+    """`perf --records 558128` times the start-up with LLaVA-Pretrain's record count
+    without writing as many images: the extra records reuse the images in turn."""
     from bench.synth import SynthSpec, write_synthetic_layout
     from entrypoint.deep import record_problems
     from entrypoint.preflight import check_layout
@@ -840,22 +813,7 @@ def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached
     for rank in holders:
         (tmp_path / f"rank{rank}").mkdir()
         (tmp_path / f"rank{rank}" / TOKENIZED_CACHE_MARKER).write_text("{}")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(Path(__file__).parent / "cache_agreement_worker.py"),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
-    )
+    done = torchrun_gloo("cache_agreement_worker.py", 2, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]
 

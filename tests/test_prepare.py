@@ -11,6 +11,7 @@ import zipfile
 import pytest
 
 from bench.layout import Layout
+from bench.synth import DEMO_SAMPLES
 from tests.conftest import llava_bench, tree_digest
 from tests.hub_server import Hub, _commit
 
@@ -75,12 +76,19 @@ def test_prepare_makes_a_valid_layout_with_only_the_needed_files(hub_root, synth
         s["repo_id"]: s["commit"] for s in describe(layout, load_dataset(layout.dataset_json))["sources"]
     }  # what the verdict records
     assert recorded["liuhaotian/LLaVA-Pretrain"] == _commit(hub_root / DATA_REPO)
+    # The tokenized dataset lies next to the data, where every run finds it.
+    from entrypoint.tokenized_cache import cache_folder
+
+    (prepared,) = layout.pretrain_dir.glob("tokenized-*")
+    assert (prepared / "dataset_info.json").is_file() and f"tokenized dataset: {DEMO_SAMPLES} records" in done.stdout
+    assert cache_folder(layout, tmp_path / "results", load_dataset(layout.dataset_json).sha256) == prepared
     # A second prepare fetches nothing and unpacks nothing.
     with Hub(hub_root) as hub:
         again = prepare(target, hub.endpoint, tmp_path=tmp_path)
         assert again.returncode == 0
         assert not [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
     assert "0 images unpacked, 2048 already there" in again.stdout
+    assert f"tokenized dataset: already in {prepared}" in again.stdout
 
 
 def test_a_cut_connection_resumes_with_a_byte_range(hub_root, tmp_path):

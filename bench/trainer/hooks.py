@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from bench.ranks import RANK_TIMES_FOLDER
 from bench.trainer import PROJECTOR_SNAPSHOTS
 
 
@@ -96,3 +101,63 @@ class TokenCountHook(Hook):
         self.labelled_tokens += int(torch.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
         runner.message_hub.update_scalar("train/text_tokens_per_sample", self.text_tokens / self.samples)
         runner.message_hub.update_scalar("train/labelled_tokens_per_sample", self.labelled_tokens / self.samples)
+
+
+class RankTimingHook(Hook):
+    """Every rank's forward time per micro-iteration, in the work dir's
+    ``rank-times/rank-<RANK>.json`` (bench/ranks.py says why the forward pass).
+
+    On GPUs the forward pass is timed with CUDA events, read once the iteration is
+    done, so the step gains no synchronisation; on CPU with the clock. Each rank writes
+    its own file every WRITE_EVERY iterations and at the end.
+    """
+
+    priority = "LOW"
+    WRITE_EVERY = 10
+
+    def __init__(self):
+        self._pending: list = []
+        self._forward_seconds: list[float] = []
+        self._path: Path | None = None
+        self._on_gpu = False
+        self._identity = {
+            "rank": int(os.environ.get("RANK", "0")),
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "node_rank": int(os.environ.get("GROUP_RANK", "0")),  # torchrun's node rank
+            "host": socket.gethostname(),
+        }
+
+    def before_train(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        self._on_gpu = next(model.parameters()).is_cuda
+        model.register_forward_pre_hook(lambda module, args: self._pending.append([self._mark()]))
+        model.register_forward_hook(lambda module, args, output: self._pending[-1].append(self._mark()))
+        self._path = Path(runner.work_dir) / RANK_TIMES_FOLDER / f"rank-{self._identity['rank']}.json"
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _mark(self):
+        if not self._on_gpu:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        for start, end in (pair for pair in self._pending if len(pair) == 2):
+            if isinstance(start, float):
+                self._forward_seconds.append(end - start)
+            else:
+                end.synchronize()
+                self._forward_seconds.append(start.elapsed_time(end) / 1000)
+        self._pending = []
+        if (runner.iter + 1) % self.WRITE_EVERY == 0:
+            self._write()
+
+    def after_train(self, runner) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        if self._path is not None:
+            partial = self._path.with_name(f".{self._path.name}")
+            partial.write_text(json.dumps({**self._identity, "forward_seconds": self._forward_seconds}))
+            partial.replace(self._path)
