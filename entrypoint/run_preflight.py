@@ -137,14 +137,21 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
             for message in memory_messages
         ),
     ]
-    layout_problems, dataset = inspect_layout(layout)
-    problems += layout_problems
-    supports_sdpa, build = None, None
-    if not problems:
-        if user_config is None and tokenized_cache_on(request.levers, device):
-            folder = cache_folder(layout, results_parent, dataset.sha256)
-            build = children.enter_context(CacheBuild(layout.dataset_json, layout.llm_dir, folder))
-        with ModelCodeProbe(layout.llm_dir) as probe:
+    with ExitStack() as checking:
+        # The model code's import takes longest (a child importing torch, transformers and
+        # the folder's code): it starts first, beside reading the JSON and the checks.
+        probe = (
+            checking.enter_context(ModelCodeProbe(layout.llm_dir))
+            if not problems and (layout.llm_dir / "config.json").is_file()
+            else None
+        )
+        layout_problems, dataset = inspect_layout(layout)
+        problems += layout_problems
+        supports_sdpa, build = None, None
+        if not problems:
+            if user_config is None and tokenized_cache_on(request.levers, device):
+                folder = cache_folder(layout, results_parent, dataset.sha256)
+                build = children.enter_context(CacheBuild(layout.dataset_json, layout.llm_dir, folder))
             problems = deep_problems(layout, dataset, request.image_sample)
             too_few = (
                 None if user_config else warmup_problem(len(dataset.records), per_device_batch, topology.world_size)
@@ -158,8 +165,8 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
                     )
                 )
             code = probe.result()
-        supports_sdpa = code.supports_sdpa
-        problems += code.problems + disk_problems(results_parent)
+            supports_sdpa = code.supports_sdpa
+            problems += code.problems + disk_problems(results_parent)
     if user_config is None:
         levers, lever_messages = resolve_levers(
             request.levers, device, request.recipe.precision, per_device_batch, list(memory.for_defaults), supports_sdpa
