@@ -16,11 +16,14 @@ from bench.inputs import llm_shape
 if TYPE_CHECKING:  # the spec and samples are bench/synth.py's, which imports this module
     from bench.synth import Sample, SynthSpec
 
-# Human turns as in LLaVA-Pretrain: an instruction with the <image> placeholder.
+# Human turns as in LLaVA-Pretrain: a short instruction of a few words with the <image>
+# placeholder before or after it.
 PROMPTS = (
     "Describe the image concisely.\n<image>",
     "<image>\nWrite a short caption for this picture.",
     "What does this image show?\n<image>",
+    "<image>\nGive a brief description of the picture.",
+    "Summarize the visual content of the image.\n<image>",
 )
 
 # InternLM2's model code, named by the real folder's config.json (auto_map).

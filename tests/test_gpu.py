@@ -40,7 +40,8 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
         "--max-steps",
         "60",
         "--target-loss",
-        "1.0",
+        # below the untrained projector's first logged loss (about 0.65 on CPU), above where 60 steps end
+        "0.4",
         "--json",
     )
     print(done.stderr[-3000:])
