@@ -7,16 +7,10 @@ same data order, same weights' values, same global batch and schedule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, make_dataclass, replace
 
-from bench.memory_model import (
-    CHECKPOINTED_PEAK_MIB,
-    DEQUANTIZED_NF4_MIB,
-    LABELLED_LOGITS_SAVING_MIB,
-    MEASURED_PER_DEVICE_BATCH,
-    UNCHECKED_LAYER_MIB,
-    UNCHECKED_MEMORY_SHARE,
-)
+from bench.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
 
 # Dataloader workers per rank when the lever is on: the stock config decodes and
 # preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
@@ -110,13 +104,13 @@ LEVER_HELP = {
     "dataloader_workers": "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
     "pin_memory": "Pinned dataloader memory (default: on with GPUs).",
     "dequantize_nf4": "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on "
-    f"when every GPU has >= {DEQUANTIZED_NF4_MIB} MiB).",
+    "where the memory model says they fit beside the run's heaviest micro-batch).",
     "tokenized_cache": "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and "
     "keep it under <results>/cache/ for later runs (default: on GPUs).",
     "skip_vit_backward": "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: "
     "on with GPUs).",
     "unchecked_llm_layers": "Keep the activations of the last N LLM layers instead of recomputing them (default: as "
-    "many as the smallest GPU holds; 0 on CPU).",
+    "many as the smallest GPU holds with the run's heaviest micro-batch; 0 on CPU).",
     "labelled_logits_only": "Compute the loss's logits only at the labelled positions: the same loss, less memory "
     "(default: on GPUs).",
     "sdpa_attention": "Run the LLM's attention through its model code's SDPA class instead of eager attention: the "
@@ -143,38 +137,19 @@ def lever_arguments(name: str, value) -> list[str]:
     return [lever_option(name), str(value)]
 
 
-def unchecked_layers_that_fit(levers: Levers, precision: str, per_device_batch: int, gpu_memory_mib: list[int]) -> int:
-    """How many LLM layers may keep their activations on the smallest GPU, beside the
-    other levers' memory.
-
-    The measured peaks are of batch 32; a larger batch gets none (its peak is not known),
-    a smaller one is held to batch 32's peak (an overestimate, so it stays safe).
-    """
-    if not gpu_memory_mib or per_device_batch > MEASURED_PER_DEVICE_BATCH:
-        return 0
-    peak = CHECKPOINTED_PEAK_MIB[(precision, levers.dequantize_nf4)]
-    peak -= LABELLED_LOGITS_SAVING_MIB if levers.labelled_logits_only else 0
-    budget = min(gpu_memory_mib) * UNCHECKED_MEMORY_SHARE - peak
-    per_layer = UNCHECKED_LAYER_MIB[levers.attention] * per_device_batch / MEASURED_PER_DEVICE_BATCH
-    return max(0, int(budget // per_layer))
-
-
 def resolve_levers(
-    request: LeverRequest,
-    device: str,
-    precision: str,
-    per_device_batch: int,
-    gpu_memory_mib: list[int],
-    supports_sdpa: bool | None = None,
+    request: LeverRequest, device: str, precision: str, supports_sdpa: bool | None = None
 ) -> tuple[Levers, list[str]]:
-    """The levers of this run and, for choices that cannot apply, why (preflight problems).
+    """The levers of this run but the memory levers' defaults, and, for choices that
+    cannot apply, why (preflight problems). The memory levers (MEMORY_LEVERS) keep the
+    user's value or the stock one here; ``size_memory_levers`` chooses their defaults once
+    the run's micro-batches are known.
 
     Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
-    with pinned memory, NF4 dequantized once where every GPU holds the fp16 weights,
-    the tokenized dataset kept for later runs, no backward pass through the frozen ViT,
-    logits only at the labelled positions, SDPA attention where the LLM folder's code
-    has it (``supports_sdpa``, from preflight's import of that code; None: not known), and, in the memory
-    those leave, as many LLM layers unchecked as the smallest GPU allows.
+    with pinned memory, the tokenized dataset kept for later runs, no backward pass
+    through the frozen ViT, logits only at the labelled positions, and SDPA attention
+    where the LLM folder's code has it (``supports_sdpa``, from preflight's import of that
+    code; None: not known).
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
@@ -184,24 +159,78 @@ def resolve_levers(
             else []
         )
     on_gpu = device == "cuda"
-    applies = on_gpu and precision == "nf4"
-    fits = bool(gpu_memory_mib) and min(gpu_memory_mib) >= DEQUANTIZED_NF4_MIB
     problems = []
-    if request.dequantize_nf4 and not applies:
+    if request.dequantize_nf4 and not dequantization_applies(device, precision):
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
     if request.sdpa_attention and supports_sdpa is False:
         problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
     levers = Levers(
         dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
         pin_memory=_asked_or(request.pin_memory, on_gpu),
-        dequantize_nf4=applies and _asked_or(request.dequantize_nf4, fits),
+        dequantize_nf4=dequantization_applies(device, precision) and bool(request.dequantize_nf4),
         tokenized_cache=tokenized_cache_on(request, device),
         skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
+        unchecked_llm_layers=request.unchecked_llm_layers or 0,
         labelled_logits_only=_asked_or(request.labelled_logits_only, on_gpu),
         sdpa_attention=bool(supports_sdpa) and _asked_or(request.sdpa_attention, on_gpu),
     )
-    fitting_layers = unchecked_layers_that_fit(levers, precision, per_device_batch, gpu_memory_mib) if on_gpu else 0
-    return replace(levers, unchecked_llm_layers=_asked_or(request.unchecked_llm_layers, fitting_layers)), problems
+    return levers, problems
+
+
+def dequantization_applies(device: str, precision: str) -> bool:
+    return device == "cuda" and precision == "nf4"
+
+
+def memory_case(levers: Levers, precision: str, heads: int) -> MemoryCase:
+    return MemoryCase(precision, levers.dequantize_nf4, levers.attention, levers.labelled_logits_only, heads)
+
+
+def worst_peak_mib(levers: Levers, precision: str, plan, heads: int) -> float:
+    """The predicted peak of the plan's heaviest micro-batch under ``levers``."""
+    peaks = peak_mib(
+        memory_case(levers, precision, heads), plan.samples, plan.positions, plan.labelled, levers.unchecked_llm_layers
+    )
+    return float(peaks.max())
+
+
+def size_memory_levers(
+    levers: Levers, request: LeverRequest, precision: str, plan, gpu_memory_mib: list[int], layers: int, heads: int
+) -> tuple[Levers, dict]:
+    """The memory levers' defaults for this run's micro-batches (bench/micro_batches.py)
+    on the smallest GPU: NF4 dequantized where its weights fit beside the heaviest
+    micro-batch with every layer checkpointed, then as many LLM layers unchecked as fit;
+    the user's own choices stay. Also what the memory model predicted, for the verdict."""
+    budget = budget_mib(gpu_memory_mib)
+    if request.dequantize_nf4 is None and dequantization_applies("cuda", precision):
+        dequantized = replace(levers, dequantize_nf4=True, unchecked_llm_layers=0)
+        levers = replace(levers, dequantize_nf4=worst_peak_mib(dequantized, precision, plan, heads) <= budget)
+    if request.unchecked_llm_layers is None:
+        fitting = [
+            n
+            for n in range(layers, 0, -1)
+            if worst_peak_mib(replace(levers, unchecked_llm_layers=n), precision, plan, heads) <= budget
+        ]
+        levers = replace(levers, unchecked_llm_layers=fitting[0] if fitting else 0)
+    return levers, {
+        "gpu_memory_mib": min(gpu_memory_mib),
+        "budget_mib": round(budget),
+        "predicted_peak_mib": round(worst_peak_mib(levers, precision, plan, heads)),
+        "dequantize_nf4": levers.dequantize_nf4,
+        "unchecked_llm_layers": levers.unchecked_llm_layers,
+    }
+
+
+def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -> Levers:
+    """The least memory this run's levers can take: every memory-saving lever the user
+    left to the appliance on, every memory-spending one off."""
+    choices = {
+        "dequantize_nf4": False,
+        "unchecked_llm_layers": 0,
+        "labelled_logits_only": True,
+        "sdpa_attention": bool(supports_sdpa),
+        "skip_vit_backward": True,
+    }
+    return replace(levers, **{name: value for name, value in choices.items() if getattr(request, name) is None})
 
 
 def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
@@ -210,20 +239,25 @@ def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
     return not request.stock and _asked_or(request.tokenized_cache, device == "cuda")
 
 
-def out_of_memory_hint(precision: str, levers: Levers) -> str:
-    """What would free memory in a run of ``levers`` at ``precision``, most first."""
+def layer_mib(levers: Levers, precision: str, plan, heads: int) -> float:
+    """What one more unchecked layer adds to the heaviest micro-batch's peak."""
+    more = replace(levers, unchecked_llm_layers=levers.unchecked_llm_layers + 1)
+    return worst_peak_mib(more, precision, plan, heads) - worst_peak_mib(levers, precision, plan, heads)
+
+
+def out_of_memory_hint(precision: str, levers: Levers, plan=None, heads: int = 48) -> str:
+    """What would free memory in a run of ``levers`` at ``precision``, most first (with
+    the plan's heaviest micro-batch, what each frees there)."""
     helps = []
     if levers.unchecked_llm_layers:
         fewer = sorted({levers.unchecked_llm_layers // 2, 0}, reverse=True)
-        helps.append(
-            f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}), "
-            f"about {UNCHECKED_LAYER_MIB[levers.attention]} MiB a layer"
-        )
+        each = f", about {layer_mib(levers, precision, plan, heads):,.0f} MiB a layer" if plan is not None else ""
+        helps.append(f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}){each}")
     if levers.dequantize_nf4:
-        saving = CHECKPOINTED_PEAK_MIB[("nf4", True)] - CHECKPOINTED_PEAK_MIB[("nf4", False)]
-        helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving} MiB less)")
+        saving = STATIC_MIB[("nf4", True)] - STATIC_MIB[("nf4", False)]
+        helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving:,} MiB less)")
     if not levers.labelled_logits_only:
-        helps.append(f"--labelled-logits-only (about {LABELLED_LOGITS_SAVING_MIB} MiB less)")
+        helps.append("--labelled-logits-only (the logits of the labelled positions only)")
     if not levers.sdpa_attention:
         helps.append("--sdpa-attention where the model code has it")
     if precision == "bf16":
@@ -232,16 +266,24 @@ def out_of_memory_hint(precision: str, levers: Levers) -> str:
     return "; ".join(helps)
 
 
-def memory_fallback(levers: Levers, request: LeverRequest) -> Levers | None:
-    """``levers`` with the memory the appliance's defaults spent taken back (the user's
-    own choices stay), for one retry after an out-of-memory failure; None when no
-    default spent any."""
-    taken_back = {
-        name: getattr(STOCK, name)
-        for name in MEMORY_LEVERS
-        if getattr(request, name) is None and getattr(levers, name) != getattr(STOCK, name)
-    }
-    return replace(levers, **taken_back) if taken_back else None
+def memory_retry(
+    levers: Levers, request: LeverRequest, precision: str, plan, heads: int, shortfall_mib: float
+) -> Levers | None:
+    """The levers of the one retry after an out-of-memory failure before the first logged
+    step, re-sized from what the failure showed: the unchecked layers the appliance chose
+    less those that free ``shortfall_mib`` (what the failed allocation asked for and what
+    the allocator held unused), and at most half of them; only where it chose none, its
+    dequantized weights. The user's own choices stay; None when no default is left to
+    take back."""
+    if request.unchecked_llm_layers is None and levers.unchecked_llm_layers:
+        give_back = math.ceil(
+            shortfall_mib / max(layer_mib(replace(levers, unchecked_llm_layers=0), precision, plan, heads), 1.0)
+        )
+        fewer = min(levers.unchecked_llm_layers // 2, levers.unchecked_llm_layers - give_back)
+        return replace(levers, unchecked_llm_layers=max(0, fewer))
+    if request.dequantize_nf4 is None and levers.dequantize_nf4:
+        return replace(levers, dequantize_nf4=False)
+    return None
 
 
 def _asked_or(asked, default):

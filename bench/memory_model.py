@@ -10,29 +10,70 @@ from dataclasses import dataclass
 # measured peak (NF4 49,451 MiB, bf16 75,949 MiB on an H200, docs/PERFORMANCE.md) plus
 # headroom for the allocator. Preflight refuses a smaller card.
 REQUIRED_MIB = {"nf4": 52_000, "bf16": 78_000}
-# Dequantized NF4 weights take what bf16 weights take.
-DEQUANTIZED_NF4_MIB = REQUIRED_MIB["bf16"]
 
-# Peak memory of a batch-32 step with every LLM layer checkpointed, by precision and
-# dequantized NF4, measured on an H200 with the real shapes (docs/PERFORMANCE.md).
-MEASURED_PER_DEVICE_BATCH = 32
-CHECKPOINTED_PEAK_MIB = {("nf4", False): 49_207, ("nf4", True): 75_699, ("bf16", False): 75_699}
+# The memory model (docs/PERFORMANCE.md, "The memory model"): a micro-batch's peak is
+# what does not grow with it, plus what grows with its padded LLM positions (samples x
+# the longest sample's text and image tokens), its logits' rows and, for eager
+# attention, the square of its positions. Each figure was measured on an H200 with the
+# real shapes at the perf layout's length, batch 32 x 604 positions:
+MEASURED_POSITIONS = 32 * 604
+# the weights, the ViT and the projector's optimizer: the peak with every LLM layer
+# checkpointed less its activations (dequantized NF4 and bf16 alike, 2 bytes a weight;
+# 4-bit NF4 26,492 MiB less, as measured between the two);
+STATIC_MIB = {("nf4", False): 12_638, ("nf4", True): 39_130, ("bf16", False): 39_130}
+# the activations with every layer checkpointed: each layer's input, one layer's forward
+# recomputed, the embeddings (55,306 MiB with SDPA, labelled-only logits and no layer
+# unchecked, less the static 39,130);
+CHECKPOINTED_MIB_PER_POSITION = 16_176 / MEASURED_POSITIONS
+# a row of logits: 92,544 in fp16, their fp32 upcast and gradient (16,663 MiB saved by
+# computing only the labelled rows);
+LOGITS_MIB_PER_ROW = 16_663 / MEASURED_POSITIONS
+# one decoder layer left unchecked, with SDPA: what its input gradient needs kept
+# (3,408 MiB a layer between 2 and 17 layers unchecked);
+UNCHECKED_LAYER_MIB_PER_POSITION = 3_408 / MEASURED_POSITIONS
+# and with eager attention, its fp32 softmax and fp16 copy besides: bytes per element of
+# the heads x positions x positions attention matrix a sample (8 layers unchecked:
+# 5,977 MiB a layer, 2,569 more than SDPA's), kept in every unchecked layer and, while
+# a checkpointed layer is recomputed, in that one.
+EAGER_SCORES_BYTES_PER_ELEMENT = 4.8
 
-# What projecting only the labelled positions saves from those peaks at batch 32: the
-# full logits and their gradient (49,207 -> 32,544 MiB measured with NF4; the logits are
-# 16-bit in both precisions, so the saving is the same).
-LABELLED_LOGITS_SAVING_MIB = 16_663
+# The predicted peak fills the smallest GPU up to this share: the rest is for the
+# allocator's fragmentation (micro-batches of every length come and go) and what lives
+# outside PyTorch (the CUDA context, NCCL's buffers). An out-of-memory failure on an
+# H200 came at 122.21 GiB allocated by PyTorch of the card's 140.4: 13 % of it was
+# neither. The share is the margin the model errs safe by.
+MEMORY_SHARE = 0.85
 
-# What one LLM decoder layer left unchecked adds at batch 32, by the attention it runs
-# (docs/PERFORMANCE.md): with SDPA, 3,399 MiB measured at the perf layout's 604 tokens a
-# sample, plus 5 % for LLaVA-Pretrain's longer captions; InternLM2's eager attention
-# also keeps the fp32 softmax and its fp16 copy, 48 x 604 x 604 a sample (5,977 MiB
-# measured with 8 layers unchecked).
-UNCHECKED_LAYER_MIB = {"sdpa": 3_600, "eager": 6_000}
 
-# Unchecked layers fill the smallest GPU up to this share: room for longer captions
-# than the measured layout's and for the allocator's fragmentation.
-UNCHECKED_MEMORY_SHARE = 0.85
+@dataclass(frozen=True)
+class MemoryCase:
+    """What the model needs to know of a recipe: its weights, attention and logits."""
+
+    precision: str
+    dequantized: bool
+    attention: str  # "sdpa" or "eager"
+    labelled_logits_only: bool
+    attention_heads: int = 48
+
+
+def peak_mib(case: MemoryCase, samples, positions, labelled, unchecked_layers: int):
+    """The predicted peak of a micro-batch in MiB: of ``samples`` samples padded to
+    ``positions`` LLM positions, with ``labelled`` labelled positions (numbers or numpy
+    arrays of them, one per micro-batch)."""
+    tokens = samples * positions
+    rows = labelled if case.labelled_logits_only else tokens
+    peak = STATIC_MIB[(case.precision, case.dequantized)] + tokens * CHECKPOINTED_MIB_PER_POSITION
+    peak = peak + rows * LOGITS_MIB_PER_ROW + unchecked_layers * tokens * UNCHECKED_LAYER_MIB_PER_POSITION
+    if case.attention == "eager":
+        matrix = samples * case.attention_heads * positions**2 * EAGER_SCORES_BYTES_PER_ELEMENT / 2**20
+        peak = peak + (1 + unchecked_layers) * matrix
+    return peak
+
+
+def budget_mib(gpu_memory_mib) -> float:
+    """What the predicted peak may fill on the smallest GPU."""
+    return min(gpu_memory_mib) * MEMORY_SHARE
+
 
 # A smaller GPU simulated on a larger one (docs/PERFORMANCE.md, "Method"): each rank's
 # allocator is capped at this many MiB (bench/trainer/memory.py), and the lever defaults

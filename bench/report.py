@@ -100,9 +100,11 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
             f"| tokens/s incl. image tokens (cluster) | {_figure(throughput['tokens_per_second'], 1)} |",
             f"| data loading share of a step | {_figure(throughput['data_time_share'], 3)} |",
             f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
-            "| launch to first step, s (preflight + trainer start-up) | "
+            "| launch to first step, s (preflight + earlier attempts + trainer start-up) | "
             f"{_figure(timing.get('launch_to_first_step_seconds'), 1)} "
-            f"({_figure(timing.get('preflight_seconds'), 1)} + {_figure(timing.get('startup_seconds'), 1)}) |",
+            f"({_figure(timing.get('preflight_seconds'), 1)} + "
+            f"{_figure(timing.get('earlier_attempts_seconds') or 0, 1)} + "
+            f"{_figure(timing.get('startup_seconds'), 1)}) |",
             f"| trainer's launch to the target, s / to {criteria['max_steps']} steps, projected | "
             f"{_figure(timing.get('time_to_target_seconds'), 1)} / "
             f"{_figure(timing.get('projected_max_steps_seconds'), 1)} |",
@@ -145,6 +147,7 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
             "",
         ]
         lines += [f"- {change}" for change in recipe["deviations"]] + [""]
+        lines += _sizing_lines(recipe, timing)
     if topology:
         lines += [
             "## Topology",
@@ -156,6 +159,40 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
         lines += ["## Problems (preflight refused the run)", ""]
         lines += [f"- **{p['path']}**: {p['problem']}. Fix: {p['fix']}." for p in verdict["problems"]] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _sizing_lines(recipe: dict, timing: dict) -> list[str]:
+    """The run's micro-batches, what the memory model chose for them, and every training attempt."""
+    lines = []
+    batches, memory = recipe.get("micro_batches"), recipe.get("memory") or {}
+    if batches:
+        longest = batches["longest"]
+        lines += [
+            f"Micro-batches ({batches['source']}: {batches['detail']}): {batches['text_tokens_per_sample']:.1f} padded "
+            f"text tokens a sample, {batches['labelled_tokens_per_sample']:.1f} labelled; the heaviest, step "
+            f"{longest['step']} on rank {longest['rank']}, {longest['samples']} samples padded to "
+            f"{longest['text_tokens']} text tokens ({longest['positions']} positions).",
+            "",
+        ]
+    if memory.get("sized"):
+        lines += [
+            f"Memory: {memory['unchecked_llm_layers']} LLM layers unchecked"
+            + (", NF4 dequantized" if memory["dequantize_nf4"] else "")
+            + f", {memory['predicted_peak_mib']:,} MiB predicted for the heaviest micro-batch against "
+            f"{memory['budget_mib']:,} MiB ({memory['memory_share']:.0%} of {memory['gpu_memory_mib']:,}).",
+            "",
+        ]
+    attempts = timing.get("attempts") or []
+    if len(attempts) > 1:
+        lines += ["Training attempts:", ""]
+        lines += [
+            f"{number}. {a['started_at']} to {a['ended_at']}, {a['wall_seconds']:.1f} s: {a['termination']}"
+            + (f" ({a['detail']})" if a["detail"] else "")
+            for number, a in enumerate(attempts, start=1)
+        ]
+        fallback = recipe.get("memory_fallback") or {}
+        lines += ["", f"The retry re-sized {', '.join(fallback.get('taken_back', []))}.", ""]
+    return lines
 
 
 def write_report(run_dir: Path, verdict: dict) -> Path:

@@ -197,6 +197,8 @@ def timing_section(
     if first_seconds is not None and records and records[0].time is not None:
         startup = max(0.0, first_seconds - records[0].iter * records[0].time)
     preflight = context.timing.get("preflight_seconds")
+    # An out-of-memory retry's first attempt and its re-launch count too (0 without one).
+    earlier_attempts = context.timing.get("earlier_attempts_seconds") or 0.0
     to_target = None
     if startup is not None and crossing_iter is not None:
         spent, previous = 0.0, 0
@@ -211,7 +213,9 @@ def timing_section(
     return {
         **context.timing,
         "startup_seconds": startup,
-        "launch_to_first_step_seconds": None if startup is None or preflight is None else preflight + startup,
+        "launch_to_first_step_seconds": (
+            None if startup is None or preflight is None else preflight + earlier_attempts + startup
+        ),
         "time_to_target_seconds": to_target,
         "projected_max_steps_seconds": projected,
     }

@@ -245,6 +245,19 @@ def perf(
             "default: 545 steps an epoch at this batch on these GPUs, the reference run's LR schedule per step.",
         ),
     ] = None,
+    caption_scale: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=9,
+            help="Captions of a layout written here, in multiples of LLaVA-Pretrain's text (3: the memory model's "
+            "edge, about 147 padded text tokens a sample).",
+        ),
+    ] = 1,
+    models_from: Annotated[
+        Optional[Path],
+        typer.Option(help="Hard-link the model folders of another layout perf wrote instead of writing them (no GPU)."),
+    ] = None,
     device: Annotated[
         Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")
     ] = Device.auto,
@@ -259,7 +272,18 @@ def perf(
     chosen = [v.value for v in variant] if variant else list(DEFAULT_VARIANTS)
     try:
         rows, projectors, report = measure(
-            root, out, chosen, steps, precision.value, per_device_batch, samples, records, device.value, errors
+            root,
+            out,
+            chosen,
+            steps,
+            precision.value,
+            per_device_batch,
+            samples,
+            records,
+            device.value,
+            errors,
+            caption_scale,
+            models_from,
         )
     except PerfInvalid as invalid:
         errors.print(f"[red]invalid:[/] {invalid}", highlight=False)

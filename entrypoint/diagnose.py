@@ -98,6 +98,27 @@ def last_lines(logs_dir: Path) -> str:
     return "; ".join(parts)
 
 
+# What CUDA's out-of-memory message says was missing: the allocation that failed and
+# what the allocator held unused ("... reserved by PyTorch but unallocated").
+OUT_OF_MEMORY_FIGURES = (
+    re.compile(r"Tried to allocate ([\d.]+) ([GM]iB)"),
+    re.compile(r"([\d.]+) ([GM]iB) is reserved by PyTorch but unallocated"),
+)
+
+
+def out_of_memory_shortfall_mib(logs_dir: Path) -> float:
+    """The most memory any rank's out-of-memory message says it lacked, in MiB: the failed
+    allocation plus what the allocator held unused (0 when no message says)."""
+    most = 0.0
+    for log in _logs(logs_dir):
+        text = log.read_text(errors="replace")
+        for line in (line for line in text.splitlines() if OUT_OF_MEMORY.search(line)):
+            figures = [pattern.search(line) for pattern in OUT_OF_MEMORY_FIGURES]
+            mib = sum(float(m.group(1)) * (1024 if m.group(2) == "GiB" else 1) for m in figures if m)
+            most = max(most, mib)
+    return most
+
+
 def logs_report(logs_dir: Path, failure: re.Pattern) -> bool:
     """Whether any rank's log reports ``failure`` (OUT_OF_MEMORY, DISK_FULL)."""
     return any(failure.search(log.read_text(errors="replace")) for log in _logs(logs_dir))

@@ -53,6 +53,7 @@ class Outcome:
     first_record_at: str | None
     first_record_seconds: float | None  # from launch to the first metrics record
     ended_at: str
+    last_iteration: int = 0  # the last logged iteration (0: none)
 
 
 @dataclass
@@ -165,11 +166,12 @@ def supervise(
     on_record: Callable[[MetricsRecord], Termination | None],
     watchdog: Watchdog = Watchdog(),
     poll_seconds: float = 1.0,
-    out_of_memory_hint: str | None = None,
+    out_of_memory_hint: Callable[[int], str] | None = None,
 ) -> Outcome:
     """Run the plan to its end. ``on_record`` sees each new record; a Termination it
     returns stops the run with that termination (target reached, non-finite loss).
-    A crash's reason carries ``out_of_memory_hint`` when the GPUs ran out of memory."""
+    A crash's reason carries ``out_of_memory_hint(the last logged iteration)`` when the
+    GPUs ran out of memory."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
     tail = _StreamTail(work_dir)
     first_record_at = first_record_seconds = None
@@ -234,13 +236,13 @@ def supervise(
     elif exit_code == 0:
         termination = Termination("completed")
     else:
-        cause = diagnose(plan.logs_dir, out_of_memory_hint)
+        cause = diagnose(plan.logs_dir, out_of_memory_hint(last_step) if out_of_memory_hint else None)
         full = disk_full_at(work_dir) if logs_report(plan.logs_dir, DISK_FULL) else None
         termination = Termination(
             "crashed",
             (f"{full}: " if full else "") + f"trainer exit code {exit_code}" + (f"; {cause}" if cause else ""),
         )
-    return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now())
+    return Outcome(exit_code, termination, first_record_at, first_record_seconds, utc_now(), last_step)
 
 
 def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:

@@ -154,27 +154,39 @@ def measure(
     records: int | None,
     device: str,
     console,
+    caption_scale: int = 1,
+    models_from: Path | None = None,
 ) -> tuple[list[PerfRow], ProjectorComparison, Path]:
     """Each variant run on the layout at ``root`` (written there first when it holds
-    none: random weights of the real shapes, a GPU needed), compared; perf.json written."""
+    none: random weights of the real shapes, a GPU needed, or another such layout's
+    models hard-linked), compared; perf.json written."""
     import torch
 
     from bench.synth import REAL_SHAPE_SPEC, write_real_shape_layout
 
     if not Layout.at(root).dataset_json.exists():
-        if not torch.cuda.is_available():
+        if models_from is None and not torch.cuda.is_available():
             raise PerfInvalid(
                 f"{root} holds no layout, and writing the real-shape one needs a GPU; pass --root to a layout"
             )
-        records = records or REFERENCE_STEPS_PER_EPOCH * per_device_batch * torch.cuda.device_count()
+        if models_from is not None and not Layout.at(models_from).llm_dir.is_dir():
+            raise PerfInvalid(f"--models-from {models_from} holds no model folders; pass a layout perf wrote")
+        records = records or REFERENCE_STEPS_PER_EPOCH * per_device_batch * max(torch.cuda.device_count(), 1)
+        spec = replace(REAL_SHAPE_SPEC, samples=samples, records=records, caption_scale=caption_scale)
         console.print(
-            f"writing random weights of the real shapes, {samples} images and {records} records to {root} "
-            "(about 45 GB)",
+            f"writing {samples} images and {records} records (captions x{caption_scale}) to {root}, "
+            + (
+                f"the models hard-linked from {models_from}"
+                if models_from
+                else "random weights of the real shapes (about 45 GB)"
+            ),
             highlight=False,
         )
-        in_fresh_process(write_real_shape_layout, root, replace(REAL_SHAPE_SPEC, samples=samples, records=records))
-    elif records is not None:
-        raise PerfInvalid(f"--records applies to a layout written here; {root} already holds one")
+        in_fresh_process(write_real_shape_layout, root, spec, "cuda", models_from)
+    elif records is not None or caption_scale != 1 or models_from is not None:
+        raise PerfInvalid(
+            f"--records, --caption-scale and --models-from apply to a layout written here; {root} already holds one"
+        )
     gpus = torch.cuda.device_count() if device != "cpu" else 0
     # One micro-batch a step: the layout's record count gives the reference schedule per step.
     run_options = [

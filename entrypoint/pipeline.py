@@ -18,18 +18,9 @@ from rich.console import Console
 from bench import verdict as verdict_mod
 from bench.criteria import EXIT_CODES, Criteria, Termination
 from bench.layout import Layout
-from bench.levers import (
-    MEMORY_LEVERS,
-    memory_fallback,
-    out_of_memory_hint,
-)
 from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
 from bench.ranks import rank_summaries
-from bench.recipe import (
-    RecipeOptions,
-    RenderedRecipe,
-    render,
-)
+from bench.recipe import PINNED_LOG_INTERVAL, RecipeOptions, RenderedRecipe, render
 from bench.report import write_report
 from bench.startup import STARTUP_EVENTS_NAME, trainer_startup
 from entrypoint import __version__
@@ -37,13 +28,14 @@ from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, s
 from entrypoint.cluster import collective, local_fingerprint, log_tails
 from entrypoint.environment import gpu_inventory, software
 from entrypoint.launch import process_age_seconds, supervise, utc_now
-from entrypoint.memory_retry import retry_agreed, set_aside_first_attempt
+from entrypoint.memory_retry import re_sized_retry, set_aside_first_attempt
 from entrypoint.plans import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config
 from entrypoint.preflight import Problem, check_writable
 from entrypoint.progress import ProgressPrinter
 from entrypoint.request import RunRequest, RunResult, new_run_id
 from entrypoint.run_preflight import preflight, recipe_record
 from entrypoint.signals import AbortOnSignals, Interrupted, SignalFlag
+from entrypoint.sizing import Sizing, out_of_memory_hint_at, size_on_every_node
 from entrypoint.topology import Topology
 
 
@@ -146,17 +138,13 @@ def _execute(
         run_dir.mkdir(parents=True, exist_ok=True)
         return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = _write_attempt(recipe, run_dir, layout, device, topology)
     console.print(
         f"[bold]llava-bench[/] run {run_id}: {topology.nnodes} node(s) x {topology.nproc_per_node} x {device} "
         f"(this is node {topology.node_rank}), {options.max_steps} steps, target loss < {request.criteria.target_loss}"
     )
     console.print(f"  results: {run_dir}", highlight=False)
-    context = replace(
-        context,
-        recipe=recipe_record(recipe, options, topology.world_size),
-        topology={**topology.as_dict(), "launch_command": plan.argv},
-    )
+    context = replace(context, recipe=recipe_record(recipe, options, topology.world_size))
+    tokenization = None
     try:
         if device == "cuda":
             collective_logs = run_dir / "logs" / f"node-{topology.node_rank}" / "collective"
@@ -188,8 +176,28 @@ def _execute(
         return _finish(
             topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0)
         )
+    sizing = size_on_every_node(
+        options,
+        request.levers,
+        tokenization,
+        topology,
+        checked.inputs["model_shapes"],
+        checked.gpu_memory_mib,
+        checked.supports_sdpa,
+    )
+    if sizing.options != options and recipe.source == "template":
+        options, recipe = sizing.options, render(layout, sizing.options, __version__)
+    context = replace(context, recipe=recipe_record(recipe, options, topology.world_size, sizing))
+    if sizing.problem is not None:
+        return _finish(
+            topology, run_dir, replace(context, problems=[sizing.problem.as_dict()]), fingerprint, MetricsStream([], 0)
+        )
+    if sizing.memory["sized"]:
+        console.print(f"  memory: {sizing.described()}", highlight=False)
+    plan = _write_attempt(recipe, run_dir, layout, device, topology)
+    context = replace(context, topology={**topology.as_dict(), "launch_command": plan.argv})
     preflight_seconds = process_age_seconds()
-    run = _Run(request, console, layout, run_dir, topology, fingerprint, startup)
+    run = _Run(request, console, layout, run_dir, topology, fingerprint, startup, sizing)
     with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
         return _train_and_judge(run, plan, recipe, options, context, preflight_seconds, after_training)
 
@@ -205,6 +213,7 @@ class _Run:
     topology: Topology
     fingerprint: Fingerprint
     startup: dict  # the appliance's part of timing.startup
+    sizing: Sizing  # the run's micro-batches and what the memory model chose for them
 
 
 def _since(seconds: float | None) -> float | None:
@@ -214,35 +223,43 @@ def _since(seconds: float | None) -> float | None:
 
 
 def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_seconds, signals: SignalFlag) -> RunResult:
-    """Train (once more with the memory defaults taken back after an early out-of-memory
-    failure, unless a signal came), then the verdict of what ran."""
+    """Train (once more with the memory levers re-sized after an early out-of-memory
+    failure, unless a signal came), then the verdict of what ran; every attempt's time
+    is in the verdict."""
     request, console, layout, run_dir, topology = run.request, run.console, run.layout, run.run_dir, run.topology
-    outcome, started_at, launched_at, wall_seconds = _train(plan, run_dir, request, options, console)
-    fallback = memory_fallback(options.levers, request.levers) if recipe.source == "template" else None
-    if fallback is not None and signals.received is None and retry_agreed(topology, outcome, plan.logs_dir):
+    heads, sizing = context.inputs["model_shapes"]["llm"]["heads"], run.sizing
+    outcome, attempt = _train(plan, run_dir, request, options, console, sizing, heads)
+    attempts = [attempt]
+    retry = (
+        re_sized_retry(topology, outcome, plan.logs_dir, sizing, request.levers, heads)
+        if recipe.source == "template" and signals.received is None
+        else None
+    )
+    if retry is not None:
+        levers, first_attempt = retry
         first_attempt = {
             "reason": outcome.termination.detail,
             "folder": set_aside_first_attempt(run_dir, topology.node_rank).name,
             "config_sha256": recipe.sha256,
             "levers": options.levers.as_dict(),
-            "wall_seconds": wall_seconds,
-            "taken_back": [
-                f"{name} {getattr(options.levers, name)!r} -> {getattr(fallback, name)!r}"
-                for name in MEMORY_LEVERS
-                if getattr(options.levers, name) != getattr(fallback, name)
-            ],
+            "wall_seconds": attempt["wall_seconds"],
+            **first_attempt,
         }
         console.print(
-            "[yellow]out of GPU memory before the first logged step[/] with the appliance's memory defaults "
-            f"({', '.join(first_attempt['taken_back'])}); restarting once with them taken back",
+            "[yellow]out of GPU memory before the first logged step[/] with the appliance's memory levers "
+            f"({', '.join(first_attempt['taken_back'])} after a shortfall of {first_attempt['shortfall_mib']:,.0f} "
+            "MiB); restarting once with them re-sized",
             highlight=False,
         )
-        options = replace(options, levers=fallback)
+        options = replace(options, levers=levers)
+        sizing = replace(sizing, options=options)
         recipe = render(layout, options, __version__)
         plan = _write_attempt(recipe, run_dir, layout, options.device, topology)
-        outcome, started_at, launched_at, wall_seconds = _train(plan, run_dir, request, options, console)
+        outcome, attempt = _train(plan, run_dir, request, options, console, sizing, heads)
+        attempts.append(attempt)
         context = replace(
-            context, recipe={**recipe_record(recipe, options, topology.world_size), "memory_fallback": first_attempt}
+            context,
+            recipe={**recipe_record(recipe, options, topology.world_size, sizing), "memory_fallback": first_attempt},
         )
     local_ranks = {"ranks": rank_summaries(run_dir / "xtuner")}
     answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
@@ -253,12 +270,14 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
         rank_times=[rank for answer in answers for rank in answer["ranks"]] or None,
         timing={
             "preflight_seconds": preflight_seconds,
-            "started_at": started_at,
+            "earlier_attempts_seconds": round(attempt["launched"] - attempts[0]["launched"], 3),
+            "attempts": [{k: v for k, v in a.items() if k != "launched"} for a in attempts],
+            "started_at": attempt["started_at"],
             "first_record_at": outcome.first_record_at,
             "first_record_seconds": outcome.first_record_seconds,
             "ended_at": outcome.ended_at,
-            "wall_seconds": wall_seconds,
-            "startup": {**run.startup, "trainer": _trainer_startup(run_dir / "xtuner", launched_at)},
+            "wall_seconds": attempt["wall_seconds"],
+            "startup": {**run.startup, "trainer": _trainer_startup(run_dir / "xtuner", attempt["launched"])},
         },
     )
     metrics_copy = run_dir / verdict_mod.METRICS_NAME
@@ -289,21 +308,29 @@ def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device
     )
 
 
-def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console):
-    """One training attempt to its end: (outcome, start time, its epoch seconds, wall seconds)."""
-    started_at, launched_at, started = utc_now(), time.time(), time.monotonic()
+def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console, sizing, heads):
+    """One training attempt to its end: its outcome, and when it started, how long it
+    took and how it ended (the verdict's timing.attempts; ``launched``: epoch seconds)."""
+    started_at, launched, started = utc_now(), time.time(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
     outcome = supervise(
         plan,
         run_dir / "xtuner",
         _stop_check(request.criteria, printer),
         request.watchdog,
-        out_of_memory_hint=out_of_memory_hint(options.precision, options.levers),
+        out_of_memory_hint=out_of_memory_hint_at(sizing, heads, min(PINNED_LOG_INTERVAL, options.max_iters)),
     )
     if outcome.termination.kind not in ("completed", "stopped_on_target"):
         # said here too: should the verdict not be writable (a full disk), the console has it
         console.print(f"[yellow]training {outcome.termination.kind}[/]: {outcome.termination.detail}", highlight=False)
-    return outcome, started_at, launched_at, round(time.monotonic() - started, 3)
+    return outcome, {
+        "started_at": started_at,
+        "ended_at": outcome.ended_at,
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "termination": outcome.termination.kind,
+        "detail": outcome.termination.detail,
+        "launched": launched,
+    }
 
 
 def _trainer_startup(work_dir: Path, launched_at: float) -> dict | None:

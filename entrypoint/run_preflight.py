@@ -102,6 +102,8 @@ class Preflight:
     inputs: dict | None
     recipe: RenderedRecipe | None
     tokenization: CacheBuild | None  # the tokenized dataset's build, started as soon as the JSON was read
+    gpu_memory_mib: list[int]  # what the memory levers' defaults fill (entrypoint/sizing.py)
+    supports_sdpa: bool | None  # the LLM folder's code has an SDPA attention (None: not known)
 
 
 def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int, children: ExitStack) -> Preflight:
@@ -168,9 +170,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
             supports_sdpa = code.supports_sdpa
             problems += code.problems + disk_problems(results_parent)
     if user_config is None:
-        levers, lever_messages = resolve_levers(
-            request.levers, device, request.recipe.precision, per_device_batch, list(memory.for_defaults), supports_sdpa
-        )
+        levers, lever_messages = resolve_levers(request.levers, device, request.recipe.precision, supports_sdpa)
         problems += [
             Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages
         ]
@@ -204,11 +204,24 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
     # An unwritable --out, or no layout mounted at the root (whose results folder must
     # not be created either).
     nowhere_to_write = bool(unwritable) or (request.out is None and not layout.root.is_dir())
-    return Preflight(device, topology, options, problems, nowhere_to_write, inventory, inputs, recipe, build)
+    return Preflight(
+        device,
+        topology,
+        options,
+        problems,
+        nowhere_to_write,
+        inventory,
+        inputs,
+        recipe,
+        build,
+        list(memory.for_defaults),
+        supports_sdpa,
+    )
 
 
-def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int) -> dict:
-    """What ran, read back from the config XTuner was given and its --cfg-options."""
+def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int, sizing=None) -> dict:
+    """What ran, read back from the config XTuner was given and its --cfg-options; with
+    the run's micro-batches and what the memory model predicted for them (``sizing``)."""
     xtuner_version, xtuner_commit = xtuner_provenance()
     facts = read_facts(recipe.text, recipe.cfg_options)
     global_batch = facts.per_device_batch * facts.accumulative_counts * world_size
@@ -230,4 +243,9 @@ def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: in
         "levers": options.levers.as_dict(),
         "deviations": recipe.deviations,
         "cfg_options": recipe.cfg_options,
+        **(
+            {"micro_batches": sizing.plan.summary(), "memory": sizing.memory}
+            if sizing is not None
+            else {"micro_batches": None, "memory": None}
+        ),
     }

@@ -149,7 +149,7 @@ def test_report_and_plot_are_written_and_redrawn(finished_run):
     report = (run_dir / "report.md").read_text()
     assert report.startswith(f"# llava-bench {run_dir.name}: PASS")
     assert "![loss and seconds per step](loss.png)" in report
-    assert "| launch to first step, s (preflight + trainer start-up) | " in report
+    assert "| launch to first step, s (preflight + earlier attempts + trainer start-up) | " in report
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (run_dir / "loss.png").unlink()
     done = llava_bench("report", str(run_dir))

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import verdict as verdict_mod
@@ -21,11 +22,13 @@ from bench.levers import (
     STOCK,
     LeverRequest,
     Levers,
-    memory_fallback,
+    memory_retry,
     out_of_memory_hint,
     resolve_levers,
+    size_memory_levers,
 )
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
+from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from bench.tokenization import TOKENIZED_CACHE_MARKER, cache_name
@@ -42,35 +45,36 @@ GPU_DEFAULTS = Levers(
     labelled_logits_only=True,
     sdpa_attention=True,
 )
-# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words); the LLM
-# folder's code has SDPA attention (InternLM2's) unless the name says otherwise (EAGER_ONLY).
+# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
+# micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
+# folder's code has SDPA attention (InternLM2's) unless the name says otherwise.
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
-    "80 GB GPUs, NF4: dequantized, 2 layers unchecked": (
+    "80 GB GPUs, NF4: dequantized, 3 layers unchecked": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=3),
         None,
     ),
-    "141 GB GPUs, NF4: dequantized, 17 layers unchecked": (
+    "141 GB GPUs, NF4: dequantized, 18 layers unchecked": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H200,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=18),
         None,
     ),
-    "141 GB GPUs, bf16: 17 layers unchecked": (
+    "141 GB GPUs, bf16: 18 layers unchecked": (
         LeverRequest(),
         "cuda",
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=17),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=18),
         None,
     ),
     "code without SDPA, 141 GB, NF4: eager layers cost more, 10 fit": (
@@ -109,31 +113,31 @@ CASES = {
         replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
         None,
     ),
-    "all logits: room for 12 layers": (
+    "all logits: room for 13 layers": (
         LeverRequest(labelled_logits_only=False),
         "cuda",
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=12),
+        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=13),
         None,
     ),
-    "half the batch: twice the layers": (
+    "half the batch: more than twice the layers": (
         LeverRequest(),
         "cuda",
         "bf16",
         16,
         H200,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=35),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=42),
         None,
     ),
-    "a batch above 32: its peak is not known, none unchecked": (
+    "twice the batch: the activations grow with the positions, 6 layers fit": (
         LeverRequest(),
         "cuda",
         "bf16",
         64,
         H200,
-        GPU_DEFAULTS,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=6),
         None,
     ),
     "the smallest GPU decides": (
@@ -142,17 +146,25 @@ CASES = {
         "bf16",
         32,
         [*H200, 81559],
-        replace(GPU_DEFAULTS, unchecked_llm_layers=2),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
         None,
     ),
-    "40 GB GPUs, NF4: weights stay 4-bit": (LeverRequest(), "cuda", "nf4", 32, A100_40, GPU_DEFAULTS, None),
+    "40 GB GPUs, NF4: weights stay 4-bit, 1 layer unchecked": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        A100_40,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=1),
+        None,
+    ),
     "bf16 on 80 GB: nothing to dequantize": (
         LeverRequest(),
         "cuda",
         "bf16",
         32,
         H100,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=2),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
         None,
     ),
     "no tokenized cache when asked": (
@@ -161,7 +173,7 @@ CASES = {
         "bf16",
         32,
         H100,
-        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=2),
+        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=3),
         None,
     ),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
@@ -183,13 +195,13 @@ CASES = {
         STOCK,
         "--stock",
     ),
-    "one lever off, the others default: 4-bit weights leave room for 10 unchecked layers": (
+    "one lever off, the others default: 4-bit weights leave room for 11 unchecked layers": (
         LeverRequest(dequantize_nf4=False),
         "cuda",
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=10),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=11),
         None,
     ),
     "layers asked for: the user's call": (
@@ -249,12 +261,30 @@ CASES = {
 }
 
 
+def uniform_plan(text_tokens: int, per_device_batch: int, labelled: int = 17, records: int = 4096):
+    """The micro-batches of a dataset whose records all have ``text_tokens`` (49: the
+    padded length of LLaVA-Pretrain's micro-batches of 32), on one GPU."""
+    lengths = RecordLengths(
+        [str(i) for i in range(records)],
+        np.full(records, text_tokens),
+        np.ones(records, dtype=np.int64),
+        np.full(records, labelled),
+    )
+    return plan(lengths, per_device_batch, 1, 1, 20, 42, image_tokens=576)
+
+
+def chosen_levers(request, device, precision, batch, memory, supports_sdpa, text_tokens=49):
+    """What a run chooses: resolve_levers in preflight, then the memory levers sized for its micro-batches."""
+    levers, problems = resolve_levers(request, device, precision, supports_sdpa=supports_sdpa)
+    if device == "cuda" and not levers.stock:
+        levers, _ = size_memory_levers(levers, request, precision, uniform_plan(text_tokens, batch), memory, 48, 48)
+    return levers, problems
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_resolve_levers(name):
     request, device, precision, batch, memory, expected, problem = CASES[name]
-    levers, problems = resolve_levers(
-        request, device, precision, batch, memory, supports_sdpa="without SDPA" not in name
-    )
+    levers, problems = chosen_levers(request, device, precision, batch, memory, "without SDPA" not in name)
     assert levers == expected
     if problem is None:
         assert problems == []
@@ -262,38 +292,67 @@ def test_resolve_levers(name):
         assert len(problems) == 1 and problem in problems[0]
 
 
-# name: (request, chosen levers, the retry's levers: None for no retry)
-FALLBACKS = {
-    "the defaults spent memory: both taken back": (
+@pytest.mark.parametrize("memory, short, long", [(H200, 18, 15), (H100, 3, 2)])
+def test_longer_captions_leave_room_for_fewer_unchecked_layers(memory, short, long):
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 49)[0].unchecked_llm_layers == short
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 149)[0].unchecked_llm_layers == long
+
+
+def test_dequantized_weights_stay_only_where_they_fit_beside_the_heaviest_micro_batch():
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 49)[0].dequantize_nf4 is True
+    # near the truncation length the dequantized weights no longer fit beside a checkpointed micro-batch
+    levers = chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 1400)[0]
+    assert levers.dequantize_nf4 is False and levers.unchecked_llm_layers == 0
+
+
+# name: (request, chosen levers, what the failure lacked in MiB, the retry's levers: None for no retry)
+RETRIES = {
+    "the unchecked layers re-sized: at least half given back": (
         LeverRequest(),
         replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        300.0,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=8),
+    ),
+    "a large shortfall gives back the layers that free it": (
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        45_000.0,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+    ),
+    "no layer left to give back: the dequantized weights go": (
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True),
+        300.0,
         GPU_DEFAULTS,
     ),
-    "only unchecked layers to take back": (LeverRequest(), replace(GPU_DEFAULTS, unchecked_llm_layers=2), GPU_DEFAULTS),
     "the user's layers stay: the dequantized default goes": (
         LeverRequest(unchecked_llm_layers=4),
         replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        300.0,
         replace(GPU_DEFAULTS, unchecked_llm_layers=4),
     ),
     "every memory lever the user's: no retry": (
         LeverRequest(unchecked_llm_layers=4, dequantize_nf4=True),
         replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        300.0,
         None,
     ),
-    "nothing spent: no retry": (LeverRequest(), GPU_DEFAULTS, None),
-    "stock: no retry": (LeverRequest(stock=True), STOCK, None),
+    "nothing spent: no retry": (LeverRequest(), GPU_DEFAULTS, 300.0, None),
+    "stock: no retry": (LeverRequest(stock=True), STOCK, 300.0, None),
 }
 
 
-@pytest.mark.parametrize("name", list(FALLBACKS))
-def test_an_out_of_memory_retry_takes_back_only_the_defaults_memory(name):
-    request, chosen, retry = FALLBACKS[name]
-    assert memory_fallback(chosen, request) == retry
+@pytest.mark.parametrize("name", list(RETRIES))
+def test_an_out_of_memory_retry_re_sizes_only_the_defaults(name):
+    request, chosen, shortfall, retry = RETRIES[name]
+    assert memory_retry(chosen, request, "nf4", uniform_plan(49, 32), 48, shortfall) == retry
 
 
 def test_the_out_of_memory_hint_names_what_frees_memory_in_this_recipe():
-    nf4 = out_of_memory_hint("nf4", replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17))
+    levers = replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17)
+    nf4 = out_of_memory_hint("nf4", levers, uniform_plan(49, 32))
     assert "--unchecked-llm-layers 8 or 0" in nf4 and "--no-dequantize-nf4" in nf4 and "--precision nf4" not in nf4
+    assert "about 3,521 MiB a layer" in nf4  # one layer at 32 x 624 positions
     bf16 = out_of_memory_hint("bf16", STOCK)
     assert "--precision nf4" in bf16 and "--labelled-logits-only" in bf16 and "--unchecked-llm-layers" not in bf16
 

@@ -1,5 +1,5 @@
 """An out-of-memory failure under the appliance's memory defaults ends in one retry
-with them taken back, not in a lost run.
+with them re-sized, not in a lost run, and the verdict's timing counts both attempts.
 
 A real CPU run: XTuner's train.py, twice. What cannot happen on a CPU is simulated,
 and only that: the memory model's choice (on GPUs it picks unchecked layers from the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from bench.criteria import Criteria
@@ -36,7 +37,9 @@ def without_checkpointing_out_of_memory(layout: Layout) -> None:
     code.write_text(text.replace(anchor, OUT_OF_MEMORY.strip("\n") + "\n" + anchor))
 
 
-def test_the_run_restarts_once_with_the_memory_defaults_taken_back(layout_copy, tmp_path, monkeypatch, capsys):
+def test_the_run_restarts_once_with_the_memory_levers_re_sized_and_times_both_attempts(
+    layout_copy, tmp_path, monkeypatch, capsys
+):
     layout = Layout.at(layout_copy)
     without_checkpointing_out_of_memory(layout)
     chosen = Levers(unchecked_llm_layers=1)
@@ -63,7 +66,21 @@ def test_the_run_restarts_once_with_the_memory_defaults_taken_back(layout_copy, 
     assert "LeveredLLaVAModel" not in (run_dir / "config.py").read_text()
     assert verdict["recipe"]["config_sha256"] != fallback["config_sha256"]
     assert json.loads((run_dir / "verdict.json").read_text())["recipe"]["memory_fallback"] == fallback
-    assert "restarting once with them taken back" in capsys.readouterr().out
+    assert fallback["shortfall_mib"] == round(3.38 * 1024, 1)  # the simulated "Tried to allocate 3.38 GiB"
+    assert "restarting once with them re-sized" in capsys.readouterr().out
+    # the timing counts both attempts: the first one's time is in the launch to the first step
+    timing = verdict["timing"]
+    first, second = timing["attempts"]
+    assert first["termination"] == "crashed" and "out of GPU memory" in first["detail"]
+    assert second["termination"] == "completed" and second["started_at"] == timing["started_at"]
+    assert timing["earlier_attempts_seconds"] >= first["wall_seconds"] == fallback["wall_seconds"]
+    assert timing["launch_to_first_step_seconds"] == pytest.approx(
+        timing["preflight_seconds"] + timing["earlier_attempts_seconds"] + timing["startup_seconds"]
+    )
+    assert timing["launch_to_first_step_seconds"] > timing["earlier_attempts_seconds"] + timing["startup_seconds"]
+    report = (run_dir / "report.md").read_text()
+    assert "Training attempts:" in report and "1. " in report and "2. " in report
+    assert "The retry re-sized unchecked_llm_layers 1 -> 0." in report
 
 
 def test_an_out_of_memory_failure_under_the_users_own_choice_is_not_retried(layout_copy, tmp_path):
