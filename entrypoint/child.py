@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from entrypoint.plans import offline_environment
+from entrypoint.signals import dies_with_this_process
 
 
 class JsonChild:
@@ -28,6 +29,7 @@ class JsonChild:
             text=True,
             env=offline_environment(),
             start_new_session=True,  # its own group: stopping it stops what it started too
+            preexec_fn=dies_with_this_process(),
         )
 
     @property

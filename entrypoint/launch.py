@@ -22,7 +22,7 @@ from bench.criteria import Termination
 from bench.metrics import MetricsRecord, find_stream, parse_line
 from entrypoint.diagnose import DISK_FULL, diagnose, last_lines, logs_report
 from entrypoint.plans import LaunchPlan
-from entrypoint.signals import SignalFlag
+from entrypoint.signals import SignalFlag, dies_with_this_process
 
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL of the trainer's process group
 LOG_CAP_BYTES = 200 * 2**20  # per captured stream; a runaway rank cannot fill the disk
@@ -184,6 +184,7 @@ def supervise(
         stderr=subprocess.STDOUT if plan.distributed else subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=dies_with_this_process(),
     )
     pumps = [CappedLog(process.stdout, plan.logs_dir / ("launcher.log" if plan.distributed else "rank0.stdout.log"))]
     if not plan.distributed:
@@ -256,6 +257,7 @@ def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=dies_with_this_process(),
     )
     pump = CappedLog(process.stdout, plan.logs_dir / "launcher.log")
     pump.start()

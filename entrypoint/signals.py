@@ -1,15 +1,22 @@
-"""SIGINT and SIGTERM as the appliance handles them: before training they abort the run
-(with a verdict), during training they stop the trainer and the verdict of what ran is
-still written."""
+"""SIGINT, SIGTERM and SIGHUP as the appliance handles them: before training they abort
+the run (with a verdict), during training they stop the trainer and the verdict of what
+ran is still written. What it launches dies with it, even when it is killed outright."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
+from collections.abc import Callable
+
+# A closed terminal or ssh session sends SIGHUP; a scheduler's stop, SIGTERM.
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived before training: the run ends as aborted. A BaseException,
+    """A handled signal arrived before training: the run ends as aborted. A BaseException,
     so that no ``except Exception`` on the way swallows it."""
 
     def __init__(self, number: int):
@@ -18,7 +25,7 @@ class Interrupted(BaseException):
 
 
 class SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag (``received``) inside the block, the previous
+    """Turns the handled signals into a flag (``received``) inside the block, the previous
     handlers after: the supervision loop stops the trainer on it; after training, the
     verdict of what ran is still written."""
 
@@ -27,7 +34,7 @@ class SignalFlag:
         self.received: int | None = None
 
     def __enter__(self):
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in HANDLED:
             self._previous[number] = signal.signal(number, self.handle)
         return self
 
@@ -65,3 +72,18 @@ class AbortOnSignals(SignalFlag):
     def check(self) -> None:
         if self.received is not None:
             raise Interrupted(self.received)
+
+
+def dies_with_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for what the appliance launches: the child gets SIGTERM when the
+    appliance dies, however it dies (kill -9 after a scheduler's grace time included),
+    so no trainer is left holding the GPUs with nobody to judge or stop it (Linux's
+    PR_SET_PDEATHSIG; torchrun passes the SIGTERM on to its ranks)."""
+    parent = os.getpid()
+
+    def set_in_child() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the appliance died before the request took effect
+            os._exit(1)
+
+    return set_in_child

@@ -306,7 +306,8 @@ def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
     assert (only_run_dir(out) / "verdict.json").is_file()
 
 
-def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_layout, tmp_path):
+def _training(synthetic_layout, out: Path) -> subprocess.Popen:
+    """`llava-bench run` on CPU for far more steps than a test waits, once it really trains."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -316,7 +317,7 @@ def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_lay
             "--root",
             str(synthetic_layout),
             "--out",
-            str(tmp_path),
+            str(out),
             "--device",
             "cpu",
             "--per-device-batch",
@@ -333,16 +334,40 @@ def test_sigterm_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_lay
         if "step " in line and "loss" in line:
             break
         assert time.monotonic() < deadline, "no training step within 180 s"
-    process.send_signal(signal.SIGTERM)
+    return process
+
+
+def _leftovers(out: Path) -> str:
+    """Processes whose command line names the run's results folder (the trainer's do)."""
+    return subprocess.run(["pgrep", "-af", str(out)], capture_output=True, text=True).stdout
+
+
+# SIGTERM: a scheduler's stop; SIGHUP: the terminal or ssh session that started it closed.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_layout, tmp_path, stop):
+    process = _training(synthetic_layout, tmp_path)
+    process.send_signal(stop)
     process.wait(timeout=60)
     assert process.returncode == 3
     verdict = json.loads((only_run_dir(tmp_path) / "verdict.json").read_text())
     verdict_mod.validate(verdict)
     assert verdict["status"] == "aborted"
-    assert "SIGTERM" in verdict["termination"]["detail"]
+    assert f"{stop.name} received" in verdict["termination"]["detail"]
     assert verdict["result"]["steps_completed"] >= 10  # the partial curve is kept
-    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
-    assert leftover.stdout == "", "trainer processes outlived the run"
+    assert _leftovers(tmp_path) == "", "trainer processes outlived the run"
+
+
+def test_the_trainer_dies_with_an_appliance_killed_outright(synthetic_layout, tmp_path):
+    """kill -9 (a scheduler's hard kill after its grace time) leaves no verdict, but no
+    trainer holding the GPUs with nobody to judge or stop it either."""
+    process = _training(synthetic_layout, tmp_path)
+    assert _leftovers(tmp_path), "the trainer should be running"
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while _leftovers(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _leftovers(tmp_path) == "", "the trainer outlived the appliance"
 
 
 def _children(pid: int) -> list[str]:

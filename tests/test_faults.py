@@ -13,7 +13,8 @@ by the kind of input they break:
 - scheduler readings (`--world-size-means processes` with NPROC_PER_NODE, SLURM with a
   contradicting WORLD_SIZE, ModelArts' MA_NUM_GPUS, nothing set): `tests/test_topology.py`;
 - the GPU inventory under CUDA_VISIBLE_DEVICES: `tests/test_environment.py`;
-- signals before and during training: `tests/test_end_to_end.py`, `tests/test_supervision.py`;
+- signals before and during training (SIGINT, SIGTERM, SIGHUP, and kill -9 of the appliance, which the
+  trainer must not outlive): `tests/test_end_to_end.py`, `tests/test_supervision.py`;
 - a node that waits for an absent node 0: `tests/test_agreement.py`;
 - here: the machine itself (a results filesystem full at the start or filling during
   training, on a real tmpfs), a machine without a Docker engine running the container
