@@ -273,9 +273,13 @@ def check_writable(folder: Path, layout: Layout | None = None) -> list[Problem]:
     """The results folder must be creatable and writable (a read-only mount needs --out),
     and outside the layout's data/ and model/, which the appliance never writes."""
     if layout is not None:
-        real = Path(os.path.realpath(folder))
+        # Compared as written and resolved, and against each model and data folder resolved
+        # too: huggingface_hub's cache makes a model folder a link into its snapshots.
+        where = {Path(os.path.abspath(folder)), Path(os.path.realpath(folder))}
         for protected in (layout.data_dir, layout.model_dir):
-            if real.is_relative_to(os.path.realpath(protected)):
+            inner = [protected, *(p for p in (protected.iterdir() if protected.is_dir() else []) if p.is_dir())]
+            roots = {Path(os.path.abspath(protected)), *(Path(os.path.realpath(p)) for p in inner)}
+            if any(path.is_relative_to(root) for path in where for root in roots):
                 return [
                     Problem(
                         str(folder),
@@ -285,6 +289,14 @@ def check_writable(folder: Path, layout: Layout | None = None) -> list[Problem]:
                 ]
     probe = folder
     while not probe.exists():
+        if probe.is_symlink():
+            return [
+                Problem(
+                    str(folder),
+                    f"{probe} is a link to {os.readlink(probe)}, which does not exist",
+                    "create the link's target, or pass --out to another folder",
+                )
+            ]
         probe = probe.parent
     if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
         return []

@@ -238,16 +238,45 @@ def test_an_invalid_runs_report_names_the_problems_and_draws_no_plot(layout_copy
     assert "(loss.png not drawn: no loss was logged)" in report and not (run_dir / "loss.png").exists()
 
 
-@pytest.mark.parametrize("inside", ["data", "model/internlm2-chat-20b"])
-def test_results_inside_data_or_model_are_refused_and_nothing_is_written_there(layout_copy, inside):
-    """The appliance never writes the user's data or models, not even when --out points there."""
+def as_hub_cache(layout: Layout, hub: Path) -> Path:
+    """The LLM folder laid out as huggingface_hub's cache lays it out: a link into the
+    cache's snapshots/<rev>/, each file a link into blobs/. Returns the snapshot folder."""
+    snapshot = hub / "models--internlm--internlm2-chat-20b" / "snapshots" / "0123abc"
+    blobs = hub / "models--internlm--internlm2-chat-20b" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for number, path in enumerate(sorted(layout.llm_dir.iterdir())):
+        path.rename(blobs / str(number))
+        (snapshot / path.name).symlink_to(blobs / str(number))
+    layout.llm_dir.rmdir()
+    layout.llm_dir.symlink_to(snapshot)
+    return snapshot
+
+
+@pytest.mark.parametrize("inside", ["data", "model/internlm2-chat-20b", "hub cache"])
+def test_results_inside_data_or_model_are_refused_and_nothing_is_written_there(layout_copy, tmp_path, inside):
+    """The appliance never writes the user's data or models, not even when --out points
+    there, through a link as huggingface_hub's cache lays a model folder out too."""
+    written = layout_copy / inside / "results"
+    if inside == "hub cache":
+        snapshot = as_hub_cache(Layout.at(layout_copy), tmp_path / "hub")
+        written = snapshot / "results"
+        inside = "model/internlm2-chat-20b"
     before = tree_digest(layout_copy, "data", "model")
     for command in (["validate"], ["run", *RUN]):
         done = llava_bench(*command, "--root", str(layout_copy), "--out", str(layout_copy / inside / "results"))
         assert done.returncode == 2, done.stdout + done.stderr
         assert "which the appliance never writes" in done.stdout + done.stderr
-    assert not (layout_copy / inside / "results").exists()
+    assert not written.exists()
     assert tree_digest(layout_copy, "data", "model") == before
+
+
+def test_results_under_a_dangling_link_are_refused_naming_its_target(layout_copy, tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "link" / "results"), *RUN)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"is a link to {tmp_path / 'nowhere'}, which does not exist" in done.stderr
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize(
