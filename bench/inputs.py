@@ -3,6 +3,7 @@ model needs. Recorded in the verdict so the figures can be recomputed and compar
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -25,9 +26,17 @@ class DatasetJson:
         return _sha256(self.raw)
 
 
+class BomError(ValueError):
+    """The JSON starts with a UTF-8 byte-order mark."""
+
+
 def load_dataset(path: Path) -> DatasetJson:
+    """The dataset JSON as XTuner's LLaVADataset reads it: UTF-8 text through ``json.load``,
+    which refuses a byte-order mark (``json.loads`` of the bytes would take it)."""
     raw = Path(path).read_bytes()
-    return DatasetJson(raw, json.loads(raw))
+    if raw.startswith(codecs.BOM_UTF8):
+        raise BomError(f"{path} starts with a UTF-8 byte-order mark")
+    return DatasetJson(raw, json.loads(raw.decode("utf-8")))
 
 
 def _sha256(data: bytes) -> str:

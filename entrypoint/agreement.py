@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
+from entrypoint.schedulers import STORE_PORT_OFFSET
 from entrypoint.topology import Topology
 
-STORE_PORT_OFFSET = 1
 # Waits for the other nodes run in tries this long, so that a signal is acted on
 # between them, and say what they wait for this often.
 TRY_SECONDS = 2.0

@@ -99,7 +99,9 @@ def run(
             "4 x 8 GPUs x 32, the one the target is stated for; CPU: one micro-batch).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed, recorded in the verdict.")] = 42,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1), recorded in the verdict.")
+    ] = 42,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
     stop_on_target: Annotated[
         bool, typer.Option(metavar="", help="End training at the first loss below target (MLPerf style).")
@@ -108,7 +110,13 @@ def run(
         bool, typer.Option(metavar="", help="Save checkpoints every 500 steps (2 kept).")
     ] = False,
     eval_image: Annotated[
-        Optional[Path], typer.Option(help="Local image for XTuner's EvaluateChatHook; without it the hook is off.")
+        Optional[Path],
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="Local image for XTuner's EvaluateChatHook; without it the hook is off.",
+        ),
     ] = None,
     stock: Annotated[
         bool,

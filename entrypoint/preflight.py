@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.inputs import DatasetJson, load_dataset
+from bench.inputs import BomError, DatasetJson, load_dataset
 from bench.layout import Layout
 from bench.recipe import referenced_paths
 
@@ -97,6 +97,14 @@ def _check_dataset_json(path: Path) -> tuple[DatasetJson | None, list[Problem]]:
         return None, [Problem(str(path), "the dataset JSON is missing", fix)]
     try:
         dataset = load_dataset(path)
+    except BomError:
+        return None, [
+            Problem(
+                str(path),
+                "the dataset JSON starts with a UTF-8 byte-order mark, which XTuner's reader (json.load) refuses",
+                f"save it without the mark: sed -i '1s/^\\xEF\\xBB\\xBF//' {path}",
+            )
+        ]
     except (ValueError, UnicodeDecodeError) as error:
         return None, [Problem(str(path), f"the dataset JSON does not parse ({error})", f"the file is damaged: {fix}")]
     except OSError as error:

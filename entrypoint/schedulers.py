@@ -49,12 +49,20 @@ def first_set(env: Mapping[str, str], *names: str) -> tuple[str, str] | tuple[No
     return None, None
 
 
+# The nodes' agreement store (entrypoint/agreement.py) listens on the master port plus this.
+STORE_PORT_OFFSET = 1
+HIGHEST_MASTER_PORT = 65535 - STORE_PORT_OFFSET
+
+
 def read_port(env: Mapping[str, str], *names: str) -> tuple[int | None, str | None]:
     for name in names:
         value = read_int(env, name, minimum=1)
         if value is not None:
-            if value > 65535:
-                raise TopologyError(f"{name}={value} is not a TCP port (1-65535)")
+            if value > HIGHEST_MASTER_PORT:
+                raise TopologyError(
+                    f"{name}={value} is not a usable master port (1-{HIGHEST_MASTER_PORT}: the nodes' agreement store "
+                    "listens on the port after it)"
+                )
             return value, f"{name}={value}"
     return None, None
 

@@ -149,6 +149,25 @@ RUN_CASES = {
         "does not parse",
     ),
     "dataset JSON not a list": (lambda layout: layout.dataset_json.write_text("{}"), [], {}, "no records"),
+    "dataset JSON with a UTF-8 byte-order mark (XTuner's json.load refuses it)": (
+        lambda layout: layout.dataset_json.write_bytes(b"\xef\xbb\xbf" + layout.dataset_json.read_bytes()),
+        [],
+        {},
+        "byte-order mark",
+    ),
+    "a negative seed (numpy's seed refuses it in the trainer)": (lambda layout: None, ["--seed", "-1"], {}, "--seed"),
+    "an evaluation image that does not exist": (
+        lambda layout: None,
+        ["--eval-image", "/nonexistent.png"],
+        {},
+        "--eval-image",
+    ),
+    "a master port whose next port (the nodes' store) is out of range": (
+        lambda layout: None,
+        [],
+        {"MASTER_PORT": "65535", "WORLD_SIZE": "1"},
+        "1-65534",
+    ),
     "override config points nowhere": (
         lambda layout: layout.config_override.write_text("data_path = '/nowhere/blip.json'\n"),
         [],

@@ -226,7 +226,8 @@ REFUSALS = [
     ("multi-node without node rank", {"NNODES": "2", "ADDR": "h"}, {}, "no node rank"),
     ("non-numeric NNODES", {"NNODES": "two"}, {}, "NNODES='two'"),
     ("non-numeric port", {"MASTER_PORT": "http", "WORLD_SIZE": "1"}, {}, "MASTER_PORT='http'"),
-    ("port out of range", {"NNODES": "1", "PORT": "70000"}, {}, "not a TCP port"),
+    ("port out of range", {"NNODES": "1", "PORT": "70000"}, {}, "not a usable master port"),
+    ("the store's port out of range", {"MASTER_PORT": "65535", "WORLD_SIZE": "1"}, {}, "1-65534"),
     ("negative rank", {"NNODES": "2", "NODE_RANK": "-1", "ADDR": "h"}, {}, "at least 0"),
     (
         "PET_* contradict WORLD_SIZE",
