@@ -183,8 +183,13 @@ def _write_dataset(layout: Layout, spec: SynthSpec, rng: random.Random) -> list[
 def _start_layout(root: str | Path, spec: SynthSpec):
     """An empty layout's folders, the dataset and the tokenizer; refuses an existing layout."""
     layout = Layout.at(root)
-    if layout.dataset_json.exists() or layout.llm_dir.exists() or layout.clip_dir.exists():
-        raise FileExistsError(f"{layout.root} already holds a layout; choose an empty folder")
+    # Writes only where nothing is: images or model files already there are someone's.
+    held = [folder for folder in (layout.data_dir, layout.model_dir) if folder.is_dir() and any(folder.iterdir())]
+    if held:
+        raise FileExistsError(
+            f"{layout.root} already holds a layout or part of one ({', '.join(map(str, held))} not empty); "
+            "choose an empty folder"
+        )
     layout.pretrain_dir.mkdir(parents=True, exist_ok=True)
     layout.model_dir.mkdir(parents=True, exist_ok=True)
     samples = _write_dataset(layout, spec, random.Random(spec.seed))

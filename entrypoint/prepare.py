@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.parse
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +173,9 @@ def prepare(
     import requests
 
     layout = Layout.at(root)
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        raise PrepareError(f"HF_ENDPOINT={endpoint!r} is not an http(s) address; write it as https://{endpoint}")
     chosen = [repo for repo in REPOS if only in (None, repo.part)]
     unknown = set(revisions) - {repo.repo_id for repo in REPOS}
     if unknown:

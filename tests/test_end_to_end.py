@@ -51,6 +51,16 @@ def test_synth_refuses_a_folder_that_holds_a_layout(synthetic_layout):
     assert "already holds a layout" in done.stderr
 
 
+def test_synth_never_writes_over_images_it_did_not_write(tmp_path):
+    """A folder holding LLaVA-Pretrain's images but no JSON or model folders yet (prepare stopped half-way)."""
+    image = Layout.at(tmp_path).image_folder / "00000" / "000000000.jpg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"the user's image")
+    done = llava_bench("synth", str(tmp_path))
+    assert done.returncode == 2 and "already holds a layout or part of one" in done.stderr
+    assert image.read_bytes() == b"the user's image" and not Layout.at(tmp_path).llm_dir.exists()
+
+
 @pytest.mark.parametrize("command", [["synth"], ["demo", "--root"]])
 def test_synth_and_demo_into_a_folder_that_cannot_be_written_are_invalid(command, tmp_path):
     blocker = tmp_path / "a-file"

@@ -163,3 +163,10 @@ def test_a_malformed_revision_pin_is_invalid(tmp_path):
     done = llava_bench("prepare", "--root", str(tmp_path / "llava"), "--revision", "no-equals-sign")
     assert done.returncode == 2
     assert "REPO=REVISION" in done.stderr
+
+
+def test_an_endpoint_without_a_scheme_is_invalid_naming_the_variable(tmp_path):
+    done = prepare(tmp_path / "llava", "hf-mirror.com", tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "HF_ENDPOINT='hf-mirror.com' is not an http(s) address" in done.stderr
+    assert "https://hf-mirror.com" in done.stderr
