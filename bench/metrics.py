@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -34,6 +35,7 @@ class MetricsRecord:
 class MetricsStream:
     records: list[MetricsRecord]
     skipped_lines: int  # lines that were not a training record (garbage, other events)
+    sha256: str | None = None  # of the file it was read from (None: not read from a file)
 
 
 def _number(value) -> float | None:
@@ -82,7 +84,8 @@ def parse_stream(text: str) -> MetricsStream:
 
 
 def read_stream(path: Path) -> MetricsStream:
-    return parse_stream(Path(path).read_text(errors="replace"))
+    raw = Path(path).read_bytes()
+    return replace(parse_stream(raw.decode(errors="replace")), sha256=hashlib.sha256(raw).hexdigest())
 
 
 def is_finite(value: float) -> bool:

@@ -80,6 +80,7 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
             "trainer_exit_code": context.trainer_exit_code,
         },
         "result": judgement_section(judgement, stream.skipped_lines),
+        "metrics_sha256": stream.sha256,
         "throughput": throughput,
         "baseline": baseline_section(context, throughput),
         "accumulative_counts": context.accumulative_counts,
@@ -183,6 +184,23 @@ def _recorded_timing(timing: dict | None) -> dict | None:
     if timing is None:
         return None
     return {key: value for key, value in timing.items() if key not in DERIVED_TIMING}
+
+
+def changes_since_the_run(stored: dict, recomputed: dict) -> list[str]:
+    """What a recomputed verdict says that its results folder's stored one did not: a
+    metrics stream that changed since the run (its hash), and another result."""
+    said = []
+    if stored.get("metrics_sha256") and stored["metrics_sha256"] != recomputed["metrics_sha256"]:
+        said.append(
+            f"the metrics stream changed since the run: its sha256 is {recomputed['metrics_sha256']}, the run "
+            f"recorded {stored['metrics_sha256']}"
+        )
+    if (stored["status"], stored["reason"]) != (recomputed["status"], recomputed["reason"]):
+        said.append(
+            f"the recomputed verdict differs from the stored one: {recomputed['status'].upper()} "
+            f"({recomputed['reason']}), stored {stored['status'].upper()} ({stored['reason']})"
+        )
+    return said
 
 
 def recompute(results_dir: Path, criteria: Criteria | None = None) -> dict:

@@ -124,6 +124,9 @@ def verdict(
             stop_on_target=stored["stop_on_target"],
         )
         result = verdict_mod.recompute(path, criteria)
+        if (max_steps, target_loss) == (None, None):  # the run's own criteria: the stored verdict must agree
+            for change in verdict_mod.changes_since_the_run(stored_verdict(path), result):
+                errors.print(f"[yellow]note:[/] {change}", highlight=False)
     else:
         from bench.metrics import read_stream
 

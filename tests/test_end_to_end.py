@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,26 @@ def test_verdict_recomputes_the_stored_one_exactly(finished_run):
     done = llava_bench("verdict", str(run_dir), "--json")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (run_dir / "verdict.json").read_text()
+    assert "note:" not in done.stderr
+    stored = json.loads(done.stdout)
+    assert stored["metrics_sha256"] == hashlib.sha256((run_dir / "metrics.jsonl").read_bytes()).hexdigest()
+
+
+def test_verdict_says_when_the_stream_changed_since_the_run(finished_run, tmp_path):
+    """An edited metrics.jsonl: the recomputed verdict is the stream's, and the command says
+    that the stream is not the one the run recorded and that the result changed."""
+    _, run_dir, _ = finished_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["loss"] = 5.0  # never below the target
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = llava_bench("verdict", str(copy))
+    assert done.returncode == 1, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "the metrics stream changed since the run" in message
+    assert "the recomputed verdict differs from the stored one: FAIL" in message and "stored PASS" in message
 
 
 def test_stop_on_target_ends_at_the_first_crossing(synthetic_layout, tmp_path):
