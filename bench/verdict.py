@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 
-from bench.criteria import EXIT_CODES, Criteria, Termination, judge
+from bench.criteria import EXIT_CODES, Criteria, Termination, judge, log_interval
 from bench.metrics import MetricsStream, read_stream
 from bench.ranks import ranks_section
 from bench.verdict_sections import (
@@ -99,7 +99,7 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
         "environment": context.environment,
         "inputs": context.inputs,
         "problems": context.problems,
-        "notes": [*_schedule_notes(context.recipe), *judgement.notes],
+        "notes": [*_schedule_notes(context.recipe), *judgement.notes, *_unobserved_notes(context, stream)],
     }
 
 
@@ -112,6 +112,20 @@ def _schedule_notes(recipe: dict | None) -> list[str]:
         "covers "
         "other samples and the epoch-based LR schedule follows the global batch, so the target is not the reference "
         "run's criterion (--global-batch sets it)"
+    ]
+
+
+def _unobserved_notes(context: RunContext, stream: MetricsStream) -> list[str]:
+    """Iterations a completed run trained but never logged (mmengine logs every interval,
+    and not at the last iteration): the verdict cannot judge them, and says so."""
+    max_iters = (context.recipe or {}).get("max_iters")
+    last = max((record.iter for record in stream.records), default=0)
+    if context.termination.kind != "completed" or not max_iters or not stream.records or last >= max_iters:
+        return []
+    return [
+        f"iterations {last + 1}-{max_iters} ran but were not logged (the metrics are logged every "
+        f"{log_interval(stream.records) or last} iterations): their losses are not judged; a --max-steps that the "
+        "logging interval divides has every step observed"
     ]
 
 

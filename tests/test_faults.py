@@ -9,7 +9,14 @@ by the kind of input they break:
   `tests/test_bad_inputs.py` DEEP_CASES;
 - arguments and environments that `run` refuses before training (a one-record dataset,
   an unwritable results folder, a `--junit` nobody can write, bad scheduler
-  variables): `tests/test_bad_inputs.py` RUN_CASES and the `--junit` cases;
+  variables, a dataset JSON with a byte-order mark, a seed numpy refuses, a missing
+  evaluation image, a master port whose store port is out of range): `tests/test_bad_inputs.py`
+  RUN_CASES and the `--junit` cases; results inside data/ or model/, also through a
+  huggingface_hub cache's links, and under a dangling link: the cases after them;
+- a hub endpoint without a scheme: `tests/test_prepare.py`; synth over files it did not
+  write: `tests/test_end_to_end.py`;
+- a metrics stream edited after the run, and steps a run trained but never logged:
+  `tests/test_end_to_end.py`, `tests/test_verdict.py`;
 - scheduler readings (`--world-size-means processes` with NPROC_PER_NODE, SLURM with a
   contradicting WORLD_SIZE, ModelArts' MA_NUM_GPUS, nothing set): `tests/test_topology.py`;
 - the GPU inventory under CUDA_VISIBLE_DEVICES: `tests/test_environment.py`;

@@ -244,3 +244,19 @@ def test_verdict_command_on_a_missing_path_is_invalid(tmp_path):
     done = llava_bench("verdict", str(tmp_path / "nothing"))
     assert done.returncode == 2
     assert "nothing" in done.stderr
+
+
+@pytest.mark.parametrize("max_iters, said", [(15, "iterations 11-15 ran but were not logged"), (10, None)])
+def test_steps_a_completed_run_never_logged_are_named(max_iters, said):
+    """--max-steps 15 logs at step 10 only (mmengine's interval): the verdict says steps 11-15 went unjudged."""
+    from bench.metrics import parse_stream
+
+    stream = parse_stream('{"iter": 10, "loss": 1.5, "time": 0.1, "data_time": 0.01, "lr": 1e-3}\n')
+    context = verdict_mod.RunContext(
+        run_id="r",
+        criteria=Criteria(target_loss=1.0, max_steps=max_iters),
+        termination=Termination("completed"),
+        recipe={"max_iters": max_iters},
+    )
+    notes = verdict_mod.build(context, stream)["notes"]
+    assert any(said in note for note in notes) if said else not any("not logged" in note for note in notes)
