@@ -137,6 +137,10 @@ def validate(
         problems += check_writable(out.absolute() if out else layout.results_dir, layout)
     if deep and not problems:
         problems = deep_with_progress(layout, dataset, sample)
+    elif deep and dataset is not None:  # the rest needs a sound layout; the records are checked anyway
+        from entrypoint.deep import record_problems
+
+        problems += record_problems(dataset.records, layout.dataset_json)
     if as_json:
         print(
             json.dumps(

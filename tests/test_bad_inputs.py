@@ -137,6 +137,17 @@ def test_deep_validate_names_each_problem_and_changes_nothing(layout_copy, name)
     assert tree_digest(layout_copy, "data", "model") == before
 
 
+def test_deep_validate_lists_the_record_problems_beside_a_plain_one(layout_copy):
+    """One missing image (a plain problem) does not hide a broken record: every problem at once."""
+    layout = Layout.at(layout_copy)
+    first_image(layout).unlink()
+    edit_records(layout, lambda r: r[3].pop("id"))
+    done = llava_bench("validate", "--root", str(layout_copy), "--deep", "--json")
+    assert done.returncode == 2, done.stdout
+    said = [f"{p['path']}: {p['problem']}" for p in json.loads(done.stdout)["problems"]]
+    assert any("missing" in line for line in said) and any("has no string id" in line for line in said), said
+
+
 RUN = ["--device", "cpu", "--per-device-batch", "8", "--max-steps", "20"]
 # name: (break the layout, extra run arguments, extra environment, words in stderr)
 RUN_CASES = {
