@@ -57,9 +57,10 @@ INTERNLM2_CHAT = ChatTemplate(
 
 # The recipe's max_length: 2048 positions minus CLIP ViT-L/14-336's 576 image tokens.
 RECIPE_MAX_LENGTH = 2048 - (336 // 14) ** 2
-# A complete tokenized cache holds this file (Dataset.save_to_disk writes it; the
-# folder appears by one rename).
-TOKENIZED_CACHE_MARKER = "dataset_info.json"
+# Written last into a tokenized cache (the folder appears by one rename): each file's
+# size, so that a file cut short or emptied (a power loss, a full disk) makes the cache
+# incomplete, and it is built again.
+COMPLETENESS_RECORD = "llava-bench-complete.json"
 # What the tokens depend on besides the JSON, the tokenizer files, the template and
 # max_length: the libraries that compute them (XTuner's, when the trainer falls back to it).
 TOKENIZATION_PACKAGES = ("xtuner", "transformers", "tokenizers", "datasets")
@@ -83,8 +84,21 @@ def cache_name(dataset_sha256: str, llm_dir: Path) -> str:
     return "tokenized-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def damage(folder: Path) -> str | None:
+    """What makes a tokenized cache incomplete, or None where it is whole."""
+    try:
+        sizes = json.loads((folder / COMPLETENESS_RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {COMPLETENESS_RECORD}"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size if path.is_file() else 'missing'}, {size} bytes were written"
+    return None
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / TOKENIZED_CACHE_MARKER).is_file()
+    return damage(folder) is None
 
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
@@ -264,6 +278,10 @@ def save_atomically(dataset, folder: Path) -> None:
     see the whole dataset or none, and of two writers at once the second keeps the first's."""
     partial = partial_folder(folder, os.getpid())
     dataset.save_to_disk(str(partial))
+    sizes = {path.name: path.stat().st_size for path in partial.iterdir() if path.is_file()}
+    (partial / COMPLETENESS_RECORD).write_text(json.dumps({"files": sizes}))
+    if folder.is_dir() and not is_complete(folder):  # a damaged cache is replaced, a whole one kept
+        shutil.rmtree(folder, ignore_errors=True)
     try:
         partial.rename(folder)
     except OSError:

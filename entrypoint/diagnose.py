@@ -41,6 +41,12 @@ KNOWN_FAILURES = (
         "free space on it, or pass --out to a folder on a larger filesystem",
     ),
     (
+        re.compile(r"pyarrow\.lib\.Arrow\w*|ArrowInvalid|ArrowIOError|DatasetGenerationError"),
+        "the dataset's Arrow data could not be read",
+        "a tokenized dataset damaged on disk (under <results>/cache/ or next to the dataset JSON, named "
+        "tokenized-*): delete it, the next run builds it again",
+    ),
+    (
         re.compile(r"exitcode\s*:\s*-9|Signal 9 \(SIGKILL\)"),
         "a rank was killed (SIGKILL)",
         "often the host ran out of memory: check the container's memory limit and dmesg",

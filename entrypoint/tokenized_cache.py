@@ -32,6 +32,7 @@ from bench.tokenization import (
     batch_encoder,
     cache_name,
     concatenate,
+    damage,
     is_complete,
     partial_folder,
     save_atomically,
@@ -139,7 +140,7 @@ class Tokenization:
     build: dict | None  # the child's answer (records, kept, tokens, seconds of its parts)
     build_seconds: float | None  # the child's start to its answer
     wait_seconds: float  # how long the launch waited for it
-    detail: str | None  # why a build failed
+    detail: str | None  # why a build failed, or what was wrong with the cache it replaced
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,7 @@ class CacheBuild:
     def __init__(self, json_path: Path, llm_dir: Path, folder: Path):
         self.folder = folder
         self._started = time.monotonic()
+        self._damaged = damage(folder) if folder.is_dir() else None  # said when it is built again
         self._child = (
             None
             if is_complete(folder)
@@ -185,7 +187,10 @@ class CacheBuild:
             detail = answer.get("error", "the build answered, but left no complete cache")
             say(f"the appliance's tokenization failed ({detail}); the trainer tokenizes with XTuner's own code")
             return Tokenization("failed", str(self.folder), None, *timings, detail)
-        return Tokenization("built", str(self.folder), answer, *timings, None)
+        replaced = f"the cache there was damaged ({self._damaged}) and was built again" if self._damaged else None
+        if replaced:
+            say(f"tokenized dataset in {self.folder}: {replaced}")
+        return Tokenization("built", str(self.folder), answer, *timings, replaced)
 
 
 if __name__ == "__main__":

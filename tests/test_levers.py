@@ -31,7 +31,7 @@ from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, g
 from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
 from bench.synth import DEMO_PER_DEVICE_BATCH
-from bench.tokenization import TOKENIZED_CACHE_MARKER, cache_name
+from bench.tokenization import COMPLETENESS_RECORD, cache_name
 from tests.conftest import llava_bench, torchrun_gloo
 
 H100 = [81559] * 8
@@ -677,6 +677,10 @@ def _cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProc
     )
 
 
+def _losses(verdict: dict) -> list[float]:
+    return [point["loss"] for point in verdict["result"]["curve"]]
+
+
 def test_the_tokenized_cache_is_built_then_reused_with_xtuners_losses(synthetic_layout, tmp_path):
     """Real CPU runs: XTuner's own tokenization (no cache), then the cache lever twice:
     the first run's appliance tokenizes before training, the second finds the cache;
@@ -698,6 +702,16 @@ def test_the_tokenized_cache_is_built_then_reused_with_xtuners_losses(synthetic_
     assert 0 < trainer["runner_seconds"] and 0 <= trainer["dataset_seconds"]
     (rank,) = verdicts[2]["ranks"]["per_rank"]  # one CPU process, timed by its hook
     assert rank["rank"] == 0 and rank["iterations"] > 0 and verdicts[2]["ranks"]["stragglers"] == []
+    # a cache damaged on disk (an arrow file emptied, as a power loss leaves it) is built again, and said so
+    (arrow,) = cache.glob("*.arrow")
+    arrow.write_bytes(b"")
+    done = _cpu_run(synthetic_layout, tmp_path, "--tokenized-cache")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rebuilt = json.loads(done.stdout)
+    tokenization = rebuilt["timing"]["startup"]["tokenization"]
+    assert tokenization["source"] == "built" and f"{arrow.name} is 0" in tokenization["detail"]
+    assert "was built again" in tokenization["detail"] and arrow.stat().st_size > 0
+    assert _losses(rebuilt) == _losses(verdicts[2])
     curves = [[p["loss"] for p in v["result"]["curve"]] for v in verdicts]
     assert curves[1] == curves[0] and curves[2] == curves[0]
 
@@ -871,7 +885,7 @@ def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached
     collective; where all see it, all load it."""
     for rank in holders:
         (tmp_path / f"rank{rank}").mkdir()
-        (tmp_path / f"rank{rank}" / TOKENIZED_CACHE_MARKER).write_text("{}")
+        (tmp_path / f"rank{rank}" / COMPLETENESS_RECORD).write_text('{"files": {}}')
     done = torchrun_gloo("cache_agreement_worker.py", 2, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]
