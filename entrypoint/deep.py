@@ -79,14 +79,27 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
     return problems
 
 
+# The CLIP image processor guesses the channel axis: an image with a side of 3 px or
+# less is taken for channels first (1 px: "mean must have 1 elements" at the first
+# batch; 3 px: read as another image, silently).
+SMALLEST_IMAGE_SIDE = 4
+
+
 def _decode(path: str) -> str | None:
-    """None if the image opens and decodes fully, else why not."""
+    """None if the image opens and decodes fully and the image processor reads it as an
+    image, else why not."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-        return None
+            small = min(image.size) < SMALLEST_IMAGE_SIDE
+        return (
+            f"are smaller than {SMALLEST_IMAGE_SIDE} px on a side (the CLIP image processor takes such a side for "
+            "the channel axis)"
+            if small
+            else None
+        )
     except FileNotFoundError:
         return "missing"
     except Exception as error:  # noqa: BLE001 - any decoder failure is the finding
@@ -119,7 +132,9 @@ def image_problems(
         Problem(
             str(image_folder),
             f"{len(bad)} image(s) {failure} {checked}: {examples(bad)}",
-            "unzip images.zip again (llava-bench prepare skips the intact ones)",
+            "replace those images, or remove their records from the dataset JSON"
+            if failure.startswith("are smaller")
+            else "unzip images.zip again (llava-bench prepare skips the intact ones)",
         )
         for failure, bad in failures.items()
     ]

@@ -185,6 +185,12 @@ RUN_CASES = {
         {},
         "/nowhere/blip.json",
     ),
+    "an image 1 px tall (the CLIP image processor fails on it at the first batch)": (
+        lambda layout: __import__("PIL.Image").Image.new("RGB", (64, 1)).save(first_image(layout)),
+        ["--image-sample", "0"],
+        {},
+        "smaller than 4 px on a side",
+    ),
     "a corrupt image is caught before training": (
         lambda layout: first_image(layout).write_text("broken"),
         ["--image-sample", "0"],
