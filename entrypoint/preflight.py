@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.inputs import BomError, DatasetJson, load_dataset
-from bench.layout import Layout
+from bench.layout import SOURCE_RECORD_NAME, Layout
 from bench.recipe import referenced_paths
 
 EXAMPLES = 3  # offending records named per kind of problem
@@ -62,6 +62,25 @@ def _check_model(folder: Path, what: str, repo: str, extra_files: tuple[tuple[st
     for name, named_by in _named_files(folder):
         if not (folder / name).is_file():
             problems.append(Problem(str(folder / name), f"{named_by} names {name}, which is missing", download))
+    return problems + _unparsed_json(folder, download)
+
+
+def _unparsed_json(folder: Path, download: str, names: tuple[str, ...] | None = None) -> list[Problem]:
+    """Every JSON file of a folder (or those ``names``) must parse: the trainer, the
+    tokenizer and the verdict read them (a truncated config.json was a traceback)."""
+    problems = []
+    everything = sorted(folder.glob("*.json")) + sorted(folder.glob(".*.json"))
+    paths = [folder / name for name in names] if names else everything
+    for path in (p for p in paths if p.is_file()):
+        try:
+            json.loads(path.read_bytes())
+        except (OSError, ValueError) as error:
+            fix = (
+                "delete it, or run llava-bench prepare again (it records where the files came from)"
+                if path.name == SOURCE_RECORD_NAME
+                else f"the file is damaged: {download}"
+            )
+            problems.append(Problem(str(path), f"does not parse as JSON ({error})", fix))
     return problems
 
 
@@ -273,6 +292,7 @@ def inspect_layout(layout: Layout) -> tuple[list[Problem], DatasetJson | None]:
             layout.clip_dir, "CLIP model", "openai/clip-vit-large-patch14-336", (("preprocessor_config.json",),)
         ),
         *_check_override(layout),
+        *_unparsed_json(layout.pretrain_dir, "download LLaVA-Pretrain again", (SOURCE_RECORD_NAME,)),
     ]
     return problems, dataset
 

@@ -191,6 +191,18 @@ RUN_CASES = {
         {},
         "smaller than 4 px on a side",
     ),
+    "a truncated CLIP config.json (a traceback, exit 1, before)": (
+        lambda layout: (layout.clip_dir / "config.json").write_text((layout.clip_dir / "config.json").read_text()[:50]),
+        [],
+        {},
+        "config.json: does not parse as JSON",
+    ),
+    "an empty source record beside the LLM (prepare writes it)": (
+        lambda layout: (layout.llm_dir / ".llava-bench-source.json").write_text(""),
+        [],
+        {},
+        ".llava-bench-source.json: does not parse as JSON",
+    ),
     "a corrupt image is caught before training": (
         lambda layout: first_image(layout).write_text("broken"),
         ["--image-sample", "0"],
