@@ -58,6 +58,7 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
             note("does not start with a human turn followed by a gpt answer", index, record)
         if sum(t["value"].count("<image>") for t in turns if t["from"] == "human") != 1:
             note("does not hold exactly one <image> in its human turns", index, record)
+    mixed = _mixed_field_types([r for r in records if isinstance(r, dict)])
     counts = Counter(r.get("id") for r in records if isinstance(r, dict) and isinstance(r.get("id"), str))
     duplicates = [name for name, count in counts.items() if count > 1]
     problems = [
@@ -67,6 +68,14 @@ def record_problems(records: list, json_path: Path) -> list[Problem]:
             "the JSON is not LLaVA-Pretrain's: download blip_laion_cc_sbu_558k.json again",
         )
         for kind, where in kinds.items()
+    ]
+    problems += [
+        Problem(
+            str(json_path),
+            mixed_one,
+            "give the field one type in every record, or remove it (the recipe reads id, image and conversations)",
+        )
+        for mixed_one in mixed
     ]
     if duplicates:
         problems.append(
@@ -104,6 +113,80 @@ def _decode(path: str) -> str | None:
         return "missing"
     except Exception as error:  # noqa: BLE001 - any decoder failure is the finding
         return f"does not decode ({type(error).__name__})"
+
+
+def _json_type(value):
+    """What Arrow infers a JSON value as: numbers are one type (ints widen to floats),
+    None goes with any; a list or object by what it holds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return ("list", _merged([_json_type(item) for item in value]))
+    if isinstance(value, dict):
+        return ("object", tuple(sorted((key, _json_type(item)) for key, item in value.items())))
+    return type(value).__name__
+
+
+class _Conflict(Exception):
+    pass
+
+
+def _merge(a, b):
+    if a is None or a == b:
+        return b if a is None else a
+    if b is None:
+        return a
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "list":
+        return ("list", _merge(a[1], b[1]))
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "object":
+        fields = dict(a[1])
+        for key, kind in b[1]:
+            fields[key] = _merge(fields.get(key), kind)
+        return ("object", tuple(sorted(fields.items())))
+    raise _Conflict
+
+
+def _merged(kinds):
+    merged = None
+    for kind in kinds:
+        merged = _merge(merged, kind)
+    return merged
+
+
+def _describe(kind) -> str:
+    return kind if isinstance(kind, str) else {"list": "a list", "object": "an object"}[kind[0]]
+
+
+def _mixed_field_types(records: list[dict]) -> list[str]:
+    """Fields whose type varies between records, as XTuner's dataset (datasets' Arrow
+    tables) refuses them, each with two records that disagree. The turns are checked on
+    their own; a record's other fields one by one (a fast pass: most are strings)."""
+    seen: dict[str, tuple] = {}  # field -> (its type so far, the record that set it)
+    said = {}
+    for record in records:
+        for key, value in record.items():
+            if key == "conversations" or key in said:
+                continue
+            kind = _json_type(value)
+            before = seen.get(key)
+            try:
+                merged = _merge(before[0] if before else None, kind)
+            except _Conflict:
+                said[key] = (
+                    f"field {key!r} holds {_describe(before[0])} in record {before[1]!r} and {_describe(kind)} "
+                    f"in record {record.get('id')!r}: the datasets library XTuner builds its dataset with refuses "
+                    "a field whose type varies"
+                )
+                continue
+            if before is None or merged != before[0]:
+                seen[key] = (merged, record.get("id") if before is None else before[1])
+    return list(said.values())
 
 
 def image_problems(
