@@ -52,7 +52,31 @@ def _import_model_class(folder: Path) -> dict:
     return {
         "model_class": f"{model_class.__module__}.{model_class.__qualname__}",
         "supports_sdpa": bool(getattr(model_class, "_supports_sdpa", False)),
+        "shape_mismatches": _shape_mismatches(folder, model_class),
     }
+
+
+def _shape_mismatches(folder: Path, model_class) -> list[list]:
+    """[shard, tensor, its shape there, the shape the config gives it] for every weight of
+    the safetensors shards whose header disagrees with the model the config builds (on
+    the meta device: no memory): a wrong shard fails only when every rank loads it."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in model_class._from_config(config).state_dict().items()}
+    mismatches = []
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with shard.open("rb") as stream:
+                header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+        except (OSError, ValueError, MemoryError):
+            continue  # a shard that is not whole: the deep checks name it
+        for name, entry in header.items():
+            if name in expected and isinstance(entry, dict) and entry.get("shape") != expected[name]:
+                mismatches.append([shard.name, name, entry.get("shape"), expected[name]])
+    return mismatches
 
 
 def _code_file(folder: Path) -> Path:
@@ -103,7 +127,15 @@ class ModelCodeProbe(JsonChild):
         if "error" in answer:
             problem = import_problem(self.folder, answer["error"], metadata.version("transformers"))
             return ModelCode(None, False, [problem])
-        return ModelCode(answer["model_class"], answer["supports_sdpa"])
+        problems = [
+            Problem(
+                str(self.folder / shard),
+                f"{name} is {shape} in the shard, but the model config.json describes makes it {wanted}",
+                f"the shard does not belong to this config: download {LLM_REPO} again (llava-bench prepare)",
+            )
+            for shard, name, shape, wanted in answer.get("shape_mismatches", [])[:5]
+        ]
+        return ModelCode(answer["model_class"], answer["supports_sdpa"], problems)
 
 
 if __name__ == "__main__":

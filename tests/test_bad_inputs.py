@@ -61,7 +61,21 @@ def zip_images(layout: Layout) -> None:
 
 
 # name: (break the layout, words the message must hold)
+def reshape_a_tensor(layout: Layout) -> None:
+    """The LLM's shard with one weight of another shape (its header says so; loading would fail)."""
+    from safetensors.torch import load_file, save_file
+
+    shard = layout.llm_dir / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
 DEEP_CASES = {
+    "a shard whose tensor has another shape than the config's": (
+        reshape_a_tensor,
+        "model.norm.weight is [63] in the shard, but the model config.json describes makes it [64]",
+    ),
     "a field whose type varies between records (XTuner's datasets build refuses it)": (
         lambda layout: edit_records(layout, lambda r: (r[1].update(width=336), r[2].update(width="336"))),
         "field 'width' holds number in record '000000001' and string in record '000000002'",
