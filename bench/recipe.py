@@ -8,6 +8,7 @@ verdict can say exactly how the run departs from the pinned config.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -250,19 +251,34 @@ def accumulation_deviation(accumulative_counts: int) -> str:
     )
 
 
+# The fewest warm-up iterations that raise the LR: mmengine's LinearLR warms up over
+# int(0.03 x iterations an epoch) iterations and reaches start + (1 - start) x (w - 1) / w
+# of the LR at its last one, where the cosine takes over from; with w = 1 that is the
+# start factor 1e-5 (an LR of 1e-8 for the whole run: the projector does not train),
+# with w = 0 mmengine refuses the schedule ("end should be larger than begin").
+FEWEST_WARMUP_ITERATIONS = 2
+
+
 def warmup_problem(records: int, per_device_batch: int, world_size: int) -> str | None:
-    """Why the pinned schedule cannot run on this few records, or None. mmengine turns
-    the 3 % warm-up of one epoch into int(0.03 x iterations an epoch) iterations and
-    refuses a warm-up of none ("end should be larger than begin"), so an epoch needs
-    34 iterations: ceil(ceil(records / processes) / per-device batch) >= 34."""
+    """Why the pinned schedule cannot train on this few records, or None: an epoch
+    needs 67 iterations, ceil(ceil(records / processes) / per-device batch) >= 67, for
+    int(0.03 x 67) = 2 warm-up iterations."""
     per_rank = -(-records // world_size)
     iterations = -(-per_rank // per_device_batch)
-    if int(0.03 * iterations) >= 1:
+    warmup = int(0.03 * iterations)
+    if warmup >= FEWEST_WARMUP_ITERATIONS:
         return None
-    needed = world_size * 33 * per_device_batch + 1
+    fewest = math.ceil(FEWEST_WARMUP_ITERATIONS / 0.03)
+    needed = world_size * (fewest - 1) * per_device_batch + 1
+    consequence = (
+        "mmengine refuses a warm-up of none"
+        if warmup == 0
+        else "a warm-up of 1 iteration leaves the LR at 1e-8 for the whole run: the projector would not train"
+    )
     return (
         f"{records} record(s) make {iterations} iteration(s) an epoch at per-device batch {per_device_batch} on "
-        f"{world_size} process(es); the recipe's 3 % warm-up needs at least 34 (at least {needed} records)"
+        f"{world_size} process(es), so the recipe's 3 % warm-up is {warmup} iteration(s): {consequence}; it needs "
+        f"at least {fewest} iterations an epoch (at least {needed} records)"
     )
 
 

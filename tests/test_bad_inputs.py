@@ -250,6 +250,12 @@ RUN_CASES = {
     "global batch not a multiple": (lambda layout: None, ["--global-batch", "12"], {}, "not a multiple"),
     "per-device batch zero": (lambda layout: None, ["--per-device-batch", "0"], {}, "per-device-batch"),
     "model code written for another transformers": (break_model_code, [], {}, "cannot import name 'NoSuchCache'"),
+    "the synthetic layout at batch 32: a 1-iteration warm-up, the LR stays at 1e-8 (it 'passed' untrained)": (
+        lambda layout: None,
+        ["--per-device-batch", "32"],
+        {},
+        "leaves the LR at 1e-8 for the whole run",
+    ),
     "a one-record dataset": (
         lambda layout: edit_records(layout, lambda r: r.__delitem__(slice(1, None))),
         [],
