@@ -125,9 +125,9 @@ DEEP_CASES = {
         lambda layout: (shard_index(layout, ["model.safetensors"], 0), truncate(layout.llm_dir / "model.safetensors")),
         "header describes",
     ),
-    "index does not parse": (
+    "index does not parse (found by the plain checks, which parse every JSON file of a model folder)": (
         lambda layout: (layout.llm_dir / "model.safetensors.index.json").write_text("{"),
-        "the index does not parse",
+        "model.safetensors.index.json: does not parse as JSON",
     ),
     "CLIP of another size": (
         lambda layout: (layout.clip_dir / SYNTHETIC_MARKER_NAME).unlink(),
