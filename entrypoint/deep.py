@@ -173,15 +173,19 @@ def _mixed_field_types(records: list[dict]) -> list[str]:
         for key, value in record.items():
             if key == "conversations" or key in said:
                 continue
-            kind = _json_type(value)
             before = seen.get(key)
+            refused = ": the datasets library XTuner builds its dataset with refuses a field whose type varies"
+            try:
+                kind = _json_type(value)
+            except _Conflict:  # a list whose items differ, within one record
+                said[key] = f"field {key!r} holds a list of mixed types in record {record.get('id')!r}{refused}"
+                continue
             try:
                 merged = _merge(before[0] if before else None, kind)
             except _Conflict:
                 said[key] = (
                     f"field {key!r} holds {_describe(before[0])} in record {before[1]!r} and {_describe(kind)} "
-                    f"in record {record.get('id')!r}: the datasets library XTuner builds its dataset with refuses "
-                    "a field whose type varies"
+                    f"in record {record.get('id')!r}{refused}"
                 )
                 continue
             if before is None or merged != before[0]:

@@ -72,6 +72,10 @@ def reshape_a_tensor(layout: Layout) -> None:
 
 
 DEEP_CASES = {
+    "a field holding a list of mixed types in one record (a traceback in preflight before)": (
+        lambda layout: edit_records(layout, lambda r: r[1].update(tags=[1, "a"])),
+        "field 'tags' holds a list of mixed types in record '000000001'",
+    ),
     "a shard whose tensor has another shape than the config's": (
         reshape_a_tensor,
         "model.norm.weight is [63] in the shard, but the model config.json describes makes it [64]",
