@@ -205,12 +205,13 @@ def size_memory_levers(
         dequantized = replace(levers, dequantize_nf4=True, unchecked_llm_layers=0)
         levers = replace(levers, dequantize_nf4=worst_peak_mib(dequantized, precision, plan, heads) <= budget)
     if request.unchecked_llm_layers is None:
-        fitting = [
-            n
-            for n in range(layers, 0, -1)
-            if worst_peak_mib(replace(levers, unchecked_llm_layers=n), precision, plan, heads) <= budget
-        ]
-        levers = replace(levers, unchecked_llm_layers=fitting[0] if fitting else 0)
+        # Each micro-batch's peak is linear in the unchecked layers (a + n b): the count
+        # that fits is the smallest (budget - a) / b over the plan, within 0 and ``layers``.
+        case = memory_case(levers, precision, heads)
+        base = peak_mib(case, plan.samples, plan.positions, plan.labelled, 0)
+        per_layer = peak_mib(case, plan.samples, plan.positions, plan.labelled, 1) - base
+        fitting = int(((budget - base) // per_layer).min())
+        levers = replace(levers, unchecked_llm_layers=min(layers, max(0, fitting)))
     return levers, {
         "gpu_memory_mib": min(gpu_memory_mib),
         "budget_mib": round(budget),
@@ -228,7 +229,6 @@ def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -
         "unchecked_llm_layers": 0,
         "labelled_logits_only": True,
         "sdpa_attention": bool(supports_sdpa),
-        "skip_vit_backward": True,
     }
     return replace(levers, **{name: value for name, value in choices.items() if getattr(request, name) is None})
 
