@@ -19,21 +19,22 @@ REQUIRED_MIB = {"nf4": 52_000, "bf16": 78_000}
 MEASURED_POSITIONS = 32 * 604
 # the weights, the ViT and the projector's optimizer: the peak with every LLM layer
 # checkpointed less its activations (dequantized NF4 and bf16 alike, 2 bytes a weight;
-# 4-bit NF4 26,492 MiB less, as measured between the two);
+# 4-bit NF4 26,492 MiB less, as measured between the two on the Llama stand-in);
 STATIC_MIB = {("nf4", False): 12_638, ("nf4", True): 39_130, ("bf16", False): 39_130}
 # the activations with every layer checkpointed: each layer's input, one layer's forward
 # recomputed, the embeddings (55,306 MiB with SDPA, labelled-only logits and no layer
 # unchecked, less the static 39,130);
 CHECKPOINTED_MIB_PER_POSITION = 16_176 / MEASURED_POSITIONS
 # a row of logits: 92,544 in fp16, their fp32 upcast and gradient (16,663 MiB saved by
-# computing only the labelled rows);
+# computing only the labelled rows, measured on the Llama stand-in);
 LOGITS_MIB_PER_ROW = 16_663 / MEASURED_POSITIONS
 # one decoder layer left unchecked, with SDPA: what its input gradient needs kept
 # (3,408 MiB a layer between 2 and 17 layers unchecked);
 UNCHECKED_LAYER_MIB_PER_POSITION = 3_408 / MEASURED_POSITIONS
 # and with eager attention, its fp32 softmax and fp16 copy besides: bytes per element of
 # the heads x positions x positions attention matrix a sample (8 layers unchecked:
-# 5,977 MiB a layer, 2,569 more than SDPA's), kept in every unchecked layer and, while
+# 5,977 MiB a layer over the stand-in's checkpointed peak, 2,569 more than SDPA's), kept
+# in every unchecked layer and, while
 # a checkpointed layer is recomputed, in that one.
 EAGER_SCORES_BYTES_PER_ELEMENT = 4.8
 
