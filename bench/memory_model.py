@@ -34,8 +34,7 @@ UNCHECKED_LAYER_MIB_PER_POSITION = 3_408 / MEASURED_POSITIONS
 # and with eager attention, its fp32 softmax and fp16 copy besides: bytes per element of
 # the heads x positions x positions attention matrix a sample (8 layers unchecked:
 # 5,977 MiB a layer over the stand-in's checkpointed peak, 2,569 more than SDPA's), kept
-# in every unchecked layer and, while
-# a checkpointed layer is recomputed, in that one.
+# in every unchecked layer and, while a checkpointed layer is recomputed, in that one.
 EAGER_SCORES_BYTES_PER_ELEMENT = 4.8
 
 # The predicted peak fills the smallest GPU up to this share: the rest is for the
