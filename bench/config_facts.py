@@ -1,130 +1,44 @@
-"""What an XTuner config does, read back from its text: batch, accumulation, precision.
+"""What an XTuner config makes the trainer do, read back the way XTuner's ``train.py``
+reads it: mmengine's ``Config`` from the file's text, then the ``--cfg-options`` merged
+as mmengine's ``DictAction`` parses them.
 
-The verdict states what ran, so it reads these from the config XTuner is given (the
-rendered template or a user's own file) and the ``--cfg-options`` passed with it, not
-from what the appliance meant to render. Only plain Python is evaluated: constants,
-names assigned earlier, arithmetic, ``dict(...)``, ``int(...)`` and ``float(...)``
-calls, lists, and names the config imports (``Symbol``, e.g. ``torch.float16``);
-anything else is unknown, never guessed.
+The verdict states what ran from this reading, not from what the appliance meant to
+render, so a user's config that reassigns a value (``batch_size //= 4``), computes it
+or inherits it reads back as XTuner will run it. Imported names (types, dtypes) come
+back as their dotted names: nothing the config imports is imported or built. A value
+that is absent or of the wrong kind is None, which callers name as unverified; it is
+never replaced by a default.
 """
 
 from __future__ import annotations
 
-import ast
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
-UNKNOWN = object()  # a value the evaluator cannot know
-
-
-@dataclass(frozen=True)
-class Symbol:
-    """A name the config imports or an attribute of one (``AmpOptimWrapper``, ``torch.float16``)."""
-
-    name: str
-
-
-OPERATORS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Pow: operator.pow,
+# ConfigFacts field: the config key it is read from (paths: see PATH_KEYS)
+FACT_KEYS = {
+    "per_device_batch": "train_dataloader.batch_size",
+    "accumulative_counts": "optim_wrapper.accumulative_counts",
+    "precision": "model.llm.torch_dtype / quantization_config",
+    "max_iters": "train_cfg.max_iters",
+    "optimizer_wrapper": "optim_wrapper.type",
+    "lr": "optim_wrapper.optimizer.lr",
+    "schedule": "param_scheduler",
+    "max_length": "train_dataloader.dataset.max_length",
 }
-CONVERSIONS = {"int": int, "float": float}
+# what the trainer loads: the config keys that name each path
+PATH_KEYS = {
+    "llm": "model.llm.pretrained_model_name_or_path",
+    "tokenizer": "train_dataloader.dataset.tokenizer.pretrained_model_name_or_path",
+    "visual_encoder": "model.visual_encoder.pretrained_model_name_or_path",
+    "image_processor": "train_dataloader.dataset.image_processor.pretrained_model_name_or_path",
+    "data_path": "train_dataloader.dataset.data_path",
+    "image_folder": "train_dataloader.dataset.image_folder",
+}
+DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
-def _dotted(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
-
-
-def _evaluate(node: ast.expr, values: dict):
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        return values.get(node.id, Symbol(node.id))
-    if isinstance(node, ast.Attribute):
-        dotted = _dotted(node)
-        return UNKNOWN if dotted is None else Symbol(dotted)
-    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-        left, right = _evaluate(node.left, values), _evaluate(node.right, values)
-        try:
-            return OPERATORS[type(node.op)](left, right)
-        except (TypeError, ZeroDivisionError, OverflowError):
-            return UNKNOWN
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        operand = _evaluate(node.operand, values)
-        return -operand if isinstance(operand, (int, float)) else UNKNOWN
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_evaluate(item, values) for item in node.elts]
-    if isinstance(node, ast.Call):
-        name = _dotted(node.func)
-        if name == "dict" and not node.args:
-            return {kw.arg: _evaluate(kw.value, values) for kw in node.keywords if kw.arg is not None}
-        if name in CONVERSIONS and len(node.args) == 1:
-            argument = _evaluate(node.args[0], values)
-            try:
-                return CONVERSIONS[name](argument)
-            except (TypeError, ValueError):
-                return UNKNOWN
-    return UNKNOWN
-
-
-def top_level_values(config_text: str) -> dict:
-    """Every top-level ``name = value`` of the config, evaluated in order (UNKNOWN where
-    the evaluator cannot tell). Raises SyntaxError for text that is not Python."""
-    values: dict = {}
-    for statement in ast.parse(config_text).body:
-        if (
-            isinstance(statement, ast.Assign)
-            and len(statement.targets) == 1
-            and isinstance(statement.targets[0], ast.Name)
-        ):
-            values[statement.targets[0].id] = _evaluate(statement.value, values)
-    return values
-
-
-def _literal(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def with_cfg_options(values: dict, cfg_options: list[str]) -> dict:
-    """``values`` with XTuner's ``--cfg-options key.sub=value`` applied, as mmengine does."""
-    import copy
-
-    values = copy.deepcopy(values)
-    for option in cfg_options:
-        key, _, raw = option.partition("=")
-        *parents, last = key.split(".")
-        target = values
-        for part in parents:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[last] = _literal(raw)
-    return values
-
-
-def lookup(values: dict, dotted: str, default=UNKNOWN):
-    """``values["a"]["b"]`` for ``"a.b"``; ``default`` where a key is absent, UNKNOWN where a
-    parent is not a known dict."""
-    current = values
-    for part in dotted.split("."):
-        if not isinstance(current, dict):
-            return UNKNOWN
-        if part not in current:
-            return default
-        current = current[part]
-    return current
+class ConfigUnreadable(ValueError):
+    """The config does not load as mmengine loads it (the trainer would fail the same way)."""
 
 
 @dataclass(frozen=True)
@@ -136,43 +50,95 @@ class ConfigFacts:
     precision: str | None  # nf4 (4-bit weights), bf16, fp16 or fp32: the LLM's weights
     max_iters: int | None
     optimizer_wrapper: str | None = None  # the optim_wrapper's type (AmpOptimWrapper needs a GPU)
+    lr: float | None = None
+    # each LR scheduler: its type's name and its plain settings (begin, end, factors)
+    schedule: list[dict] | None = None
+    max_length: int | None = None
+    paths: dict[str, str | None] = field(default_factory=dict)  # PATH_KEYS' names
 
     def unreadable(self) -> list[str]:
         """The facts that could not be read, by the config key that holds each."""
-        keys = {
-            "per_device_batch": "train_dataloader.batch_size",
-            "accumulative_counts": "optim_wrapper.accumulative_counts",
-            "precision": "model.llm.torch_dtype / quantization_config",
-            "max_iters": "train_cfg.max_iters",
-        }
-        return [key for name, key in keys.items() if getattr(self, name) is None]
+        missing = [FACT_KEYS[f.name] for f in fields(self) if f.name in FACT_KEYS and getattr(self, f.name) is None]
+        return missing + [PATH_KEYS[name] for name in PATH_KEYS if self.paths.get(name) is None]
+
+    @property
+    def schedule_epochs(self) -> float | None:
+        """Where the LR schedule ends, in epochs (its last scheduler's end)."""
+        ends = [s.get("end") for s in self.schedule or []]
+        return max(ends) if ends and all(isinstance(end, (int, float)) for end in ends) else None
+
+
+def _lookup(values: dict, dotted: str):
+    current = values
+    for part in dotted.split("."):
+        if not isinstance(current, dict) or part not in current:
+            return None
+        current = current[part]
+    return current
 
 
 def _positive_int(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
-def _precision(llm: dict) -> str | None:
-    quantization = lookup(llm, "quantization_config", None)
-    if isinstance(quantization, dict):
-        if quantization.get("load_in_4bit") is True and quantization.get("bnb_4bit_quant_type") == "nf4":
-            return "nf4"
+def _short_name(value) -> str | None:
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) else None
+
+
+def _precision(llm) -> str | None:
+    if not isinstance(llm, dict):
         return None
+    quantization = llm.get("quantization_config")
     if quantization is not None:
+        nf4 = (
+            isinstance(quantization, dict)
+            and quantization.get("load_in_4bit") is True
+            and quantization.get("bnb_4bit_quant_type") == "nf4"
+        )
+        return "nf4" if nf4 else None
+    return DTYPES.get(llm.get("torch_dtype"))
+
+
+def _schedule(schedulers) -> list[dict] | None:
+    if isinstance(schedulers, dict):
+        schedulers = [schedulers]
+    if not isinstance(schedulers, list) or not all(isinstance(s, dict) for s in schedulers):
         return None
-    dtype = lookup(llm, "torch_dtype", None)
-    names = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
-    return names.get(dtype.name) if isinstance(dtype, Symbol) else None
+    plain = (int, float, bool, type(None))
+    return [
+        {"type": _short_name(s.get("type")), **{k: v for k, v in s.items() if k != "type" and isinstance(v, plain)}}
+        for s in schedulers
+    ]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def read_facts(config_text: str, cfg_options: list[str] = ()) -> ConfigFacts:
-    """The facts of a config as XTuner will run it with ``cfg_options``."""
-    values = with_cfg_options(top_level_values(config_text), list(cfg_options))
-    llm = lookup(values, "model.llm")
+    """The facts of a config as XTuner will run it with ``cfg_options``. Raises
+    ConfigUnreadable where mmengine cannot load the text (syntax or an error in it)."""
+    from mmengine.config import Config, DictAction
+
+    try:
+        config = Config.fromstring(config_text, ".py")
+        options = dict(option.partition("=")[::2] for option in cfg_options)
+        config.merge_from_dict({key: DictAction._parse_iterable(value) for key, value in options.items()})
+        values = config.to_dict()
+    except Exception as error:  # noqa: BLE001 - whatever stops mmengine stops the trainer too
+        message = str(error).strip().splitlines()
+        raise ConfigUnreadable(f"{type(error).__name__}: {message[-1] if message else ''}") from None
+    accumulative_counts = _lookup(values, "optim_wrapper.accumulative_counts")
     return ConfigFacts(
-        per_device_batch=_positive_int(lookup(values, "train_dataloader.batch_size")),
-        accumulative_counts=_positive_int(lookup(values, "optim_wrapper.accumulative_counts", 1)),
-        precision=_precision(llm) if isinstance(llm, dict) else None,
-        max_iters=_positive_int(lookup(values, "train_cfg.max_iters")),
-        optimizer_wrapper=wrapper.name if isinstance(wrapper := lookup(values, "optim_wrapper.type"), Symbol) else None,
+        per_device_batch=_positive_int(_lookup(values, "train_dataloader.batch_size")),
+        accumulative_counts=1 if accumulative_counts is None else _positive_int(accumulative_counts),
+        precision=_precision(_lookup(values, "model.llm")),
+        max_iters=_positive_int(_lookup(values, "train_cfg.max_iters")),
+        optimizer_wrapper=_short_name(_lookup(values, "optim_wrapper.type")),
+        lr=_number(_lookup(values, "optim_wrapper.optimizer.lr")),
+        schedule=_schedule(_lookup(values, "param_scheduler")),
+        max_length=_positive_int(_lookup(values, "train_dataloader.dataset.max_length")),
+        paths={
+            name: value if isinstance(value := _lookup(values, key), str) else None for name, key in PATH_KEYS.items()
+        },
     )

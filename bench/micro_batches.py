@@ -90,6 +90,7 @@ class MicroBatchPlan:
     samples: np.ndarray
     labelled: np.ndarray
     longest_records: tuple[str, ...] = ()  # the ids of the longest micro-batch's samples
+    records: int | None = None  # the records the trainer keeps (after XTuner's filters); None: not known
 
     @property
     def micro_iterations(self) -> int:
@@ -184,6 +185,7 @@ def plan(
         positions=np.concatenate(tables["positions"])[:planned],
         samples=np.tile(sizes, (epochs, world_size, 1)).transpose(0, 2, 1).reshape(-1, world_size)[:planned],
         labelled=np.concatenate(tables["labelled"])[:planned],
+        records=records,
     )
     longest = result.longest
     epoch, batch = divmod(longest.micro_iteration, batches_per_epoch)

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from bench.config_facts import ConfigFacts, top_level_values
+from bench.config_facts import ConfigFacts
 from bench.layout import Layout
 from bench.levers import Levers
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
@@ -259,12 +259,36 @@ def accumulation_deviation(accumulative_counts: int) -> str:
 FEWEST_WARMUP_ITERATIONS = 2
 
 
+def iterations_an_epoch(records: int, per_device_batch: int, world_size: int) -> int:
+    """mmengine's DefaultSampler rounds the records up to a multiple of the processes,
+    and each rank's dataloader keeps its last, smaller batch."""
+    per_rank = -(-records // world_size)
+    return -(-per_rank // per_device_batch)
+
+
+def epoch_problem(
+    max_steps: int, records: int, per_device_batch: int, world_size: int, accumulative_counts: int, epochs: float
+) -> str | None:
+    """Why ``max_steps`` is past the end of the LR schedule (``epochs`` long), or None.
+    Past it the schedule has no LR left to give (the cosine ends at its minimum) and
+    the sampler deals the records again, so no step there is the benchmark's; a count
+    far past it also overflows the trainer. The records are the JSON's: XTuner's
+    filters can only make the epoch shorter."""
+    steps = int(iterations_an_epoch(records, per_device_batch, world_size) * epochs) // accumulative_counts
+    if max_steps <= steps:
+        return None
+    return (
+        f"{max_steps} optimizer steps, but the LR schedule ends after {steps}: {records} record(s) at per-device "
+        f"batch {per_device_batch} on {world_size} process(es) with accumulation {accumulative_counts} make "
+        f"{steps} steps in its {epochs:g} epoch(s); past its end the LR is spent and the records repeat"
+    )
+
+
 def warmup_problem(records: int, per_device_batch: int, world_size: int) -> str | None:
     """Why the pinned schedule cannot train on this few records, or None: an epoch
     needs 67 iterations, ceil(ceil(records / processes) / per-device batch) >= 67, for
     int(0.03 x 67) = 2 warm-up iterations."""
-    per_rank = -(-records // world_size)
-    iterations = -(-per_rank // per_device_batch)
+    iterations = iterations_an_epoch(records, per_device_batch, world_size)
     warmup = int(0.03 * iterations)
     if warmup >= FEWEST_WARMUP_ITERATIONS:
         return None
@@ -334,14 +358,3 @@ def from_user_config(config: Path, options: RecipeOptions, as_written: ConfigFac
         cfg_options.append(f"optim_wrapper.accumulative_counts={options.accumulative_counts}")
         deviations.append(f"{accumulation_deviation(options.accumulative_counts)} (--cfg-options {cfg_options[-1]})")
     return RenderedRecipe(text=config.read_text(), source="user", deviations=deviations, cfg_options=cfg_options)
-
-
-PATH_VARIABLES = ("llm_name_or_path", "visual_encoder_name_or_path", "data_path", "image_folder")
-
-
-def referenced_paths(config_text: str) -> dict[str, str]:
-    """The model and data paths a config assigns at top level, where they are plain
-    strings or built from them (the pinned config builds ``data_path = data_root +
-    '...'``); a config that computes its paths some other way is not guessed at."""
-    values = top_level_values(config_text)
-    return {name: values[name] for name in PATH_VARIABLES if isinstance(values.get(name), str)}

@@ -104,14 +104,20 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
 
 
 def _schedule_notes(recipe: dict | None) -> list[str]:
-    """A run off the reference schedule says what its target then means."""
+    """A run off the reference schedule says what its target then means; what the
+    config XTuner ran did not say back is named."""
+    unverified = (recipe or {}).get("unverified")
+    not_read = (
+        [f"not read back from the config XTuner ran or the data it read: {', '.join(unverified)}"] if unverified else []
+    )
     if not recipe or recipe.get("on_reference_schedule", True):
-        return []
+        return not_read
     return [
+        *not_read,
         f"global batch {recipe['global_batch']}, not the reference {recipe['reference_global_batch']}: max_steps "
         "covers "
         "other samples and the epoch-based LR schedule follows the global batch, so the target is not the reference "
-        "run's criterion (--global-batch sets it)"
+        "run's criterion (--global-batch sets it)",
     ]
 
 

@@ -11,9 +11,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.config_facts import PATH_KEYS, ConfigUnreadable, read_facts
 from bench.inputs import BomError, DatasetJson, load_dataset
 from bench.layout import SOURCE_RECORD_NAME, Layout
-from bench.recipe import referenced_paths
 
 EXAMPLES = 3  # offending records named per kind of problem
 WEIGHT_FILES = (
@@ -236,29 +236,58 @@ def _check_images(layout: Layout) -> list[Problem]:
 
 
 def _check_override(layout: Layout) -> list[Problem]:
-    """A user config at the layout root must point at paths that exist."""
+    """A user config at the layout root must load, and every model and data path it
+    gives the trainer must be the layout's own: those are what the checks read and the
+    verdict describes (the trainer resolves relative paths from the layout root)."""
     config = layout.config_override
     if not config.is_file():
         return []
     try:
-        paths = referenced_paths(config.read_text())
-    except SyntaxError as error:
+        paths = read_facts(config.read_text()).paths
+    except ConfigUnreadable as error:
         return [
             Problem(
                 str(config),
-                f"the config override does not parse ({error.msg}, line {error.lineno})",
+                f"the config override does not load as XTuner's trainer loads it ({error})",
                 "fix the file or remove it to use the built-in recipe",
             )
         ]
+    own = {
+        "llm": layout.llm_dir,
+        "tokenizer": layout.llm_dir,
+        "visual_encoder": layout.clip_dir,
+        "image_processor": layout.clip_dir,
+        "data_path": layout.dataset_json,
+        "image_folder": layout.image_folder,
+    }
     problems = []
     for name, value in paths.items():
+        if value is None:
+            problems.append(
+                Problem(
+                    str(config),
+                    f"{name} ({PATH_KEYS[name]}) is not a path string in it as XTuner's trainer reads it, so what "
+                    "the trainer would load cannot be checked",
+                    f"set it to {own[name]}, or remove the override",
+                )
+            )
+            continue
         resolved = Path(value) if Path(value).is_absolute() else layout.root / value
         if not resolved.exists():
             problems.append(
                 Problem(
                     str(config),
-                    f"{name} = {value!r} does not exist (resolved to {resolved})",
-                    "point it at the folder under /llava (e.g. /llava/model/internlm2-chat-20b) or remove the override",
+                    f"{name} {value!r} does not exist (resolved to {resolved})",
+                    f"point it at {own[name]} or remove the override",
+                )
+            )
+        elif resolved.resolve() != own[name].resolve():
+            problems.append(
+                Problem(
+                    str(config),
+                    f"{name} {value!r} is not the layout's {own[name]}: the appliance checks and reports the "
+                    "layout's models and data, so a run on other files would be neither checked nor described",
+                    f"point it at {own[name]} (put the files there), or remove the override",
                 )
             )
     return problems

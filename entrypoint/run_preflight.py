@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.config_facts import ConfigFacts, read_facts
+from bench.config_facts import FACT_KEYS, ConfigFacts, ConfigUnreadable, read_facts
 from bench.flops import are_real_shapes
 from bench.inputs import describe
 from bench.layout import Layout
@@ -20,6 +20,7 @@ from bench.recipe import (
     REFERENCE_GLOBAL_BATCH,
     RecipeOptions,
     RenderedRecipe,
+    epoch_problem,
     from_user_config,
     global_batch_plan,
     render,
@@ -41,7 +42,7 @@ def _user_config(request: RunRequest, device: str, config: Path) -> tuple[Config
     fix = "leave the option out (the config's own value runs), edit the config, or remove it to use the built-in recipe"
     try:
         facts = read_facts(config.read_text())
-    except SyntaxError:
+    except ConfigUnreadable:
         return None, []  # the layout checks name it
     problems = []
     cpu_obstacles = [
@@ -77,13 +78,16 @@ def _user_config(request: RunRequest, device: str, config: Path) -> tuple[Config
                 "recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a user's config", fix
             )
         )
-    unreadable = [key for key in facts.unreadable() if key != "train_cfg.max_iters"]  # the appliance sets max_iters
+    # what the batch plan and the checks decide by; the rest, unread, is named unverified in the verdict
+    decisive = [FACT_KEYS[name] for name in ("per_device_batch", "accumulative_counts", "precision")]
+    unreadable = [key for key in facts.unreadable() if key in decisive]
     if unreadable:
         problems.append(
             Problem(
                 str(config),
-                f"cannot read {', '.join(unreadable)} from it (only literal values, names and arithmetic are read)",
-                "write them as literal values",
+                f"cannot read {', '.join(unreadable)} from it as XTuner's trainer reads it (mmengine's Config): "
+                "the appliance plans the batch and checks the GPUs by them",
+                "give them plain values",
             )
         )
     return facts, problems
@@ -166,6 +170,22 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
                         "use the whole LLaVA-Pretrain JSON, or a smaller --per-device-batch",
                     )
                 )
+            past_the_schedule = epoch_problem(
+                request.recipe.max_steps,
+                len(dataset.records),
+                per_device_batch,
+                topology.world_size,
+                accumulative_counts,
+                (user_config.schedule_epochs or 1) if user_config else 1,
+            )
+            if past_the_schedule:
+                problems.append(
+                    Problem(
+                        "--max-steps",
+                        past_the_schedule,
+                        "pass a --max-steps of at most that many steps",
+                    )
+                )
             code = probe.result()
             supports_sdpa = code.supports_sdpa
             problems += code.problems + disk_problems(results_parent)
@@ -225,6 +245,7 @@ def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: in
     xtuner_version, xtuner_commit = xtuner_provenance()
     facts = read_facts(recipe.text, recipe.cfg_options)
     global_batch = facts.per_device_batch * facts.accumulative_counts * world_size
+    records = sizing.plan.records if sizing is not None else None
     return {
         "source": recipe.source,
         "config_sha256": recipe.sha256,
@@ -239,6 +260,14 @@ def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: in
         "reference_global_batch": REFERENCE_GLOBAL_BATCH,
         "on_reference_schedule": global_batch == REFERENCE_GLOBAL_BATCH,
         "max_iters": facts.max_iters,
+        "lr": facts.lr,
+        "schedule": facts.schedule,
+        "max_length": facts.max_length,
+        "paths": facts.paths,
+        "records_after_filters": records,
+        # read back from neither the config nor the tokenized dataset: not restated from defaults
+        "unverified": facts.unreadable()
+        + ([] if records is not None else ["records_after_filters (XTuner filters them inside the trainer)"]),
         "seed": options.seed,
         "levers": options.levers.as_dict(),
         "deviations": recipe.deviations,

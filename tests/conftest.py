@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.synth import DEMO_SAMPLES, SynthSpec, write_synthetic_layout
+from bench.synth import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec, write_synthetic_layout
 
 DATA = Path(__file__).parent / "data"
 
@@ -21,6 +21,27 @@ def synthetic_layout(tmp_path_factory) -> Path:
     """A pristine layout; tests must not change it (use ``layout_copy``)."""
     root = tmp_path_factory.mktemp("pristine") / "llava"
     write_synthetic_layout(root, SynthSpec(samples=DEMO_SAMPLES))
+    return root
+
+
+# For runs a test stops while they train: the epoch (and so --max-steps, which may not
+# pass the LR schedule's end) is this many steps at the demo's per-device batch.
+ENDLESS_STEPS = 8_000
+
+
+@pytest.fixture(scope="session")
+def endless_layout(tmp_path_factory) -> Path:
+    """The synthetic layout with records enough for ENDLESS_STEPS steps an epoch (the
+    images reused in turn); tests must not change it (use ``endless_copy``)."""
+    root = tmp_path_factory.mktemp("endless") / "llava"
+    write_synthetic_layout(root, SynthSpec(samples=DEMO_SAMPLES, records=ENDLESS_STEPS * DEMO_PER_DEVICE_BATCH))
+    return root
+
+
+@pytest.fixture
+def endless_copy(endless_layout, tmp_path) -> Path:
+    root = tmp_path / "llava"
+    shutil.copytree(endless_layout, root)
     return root
 
 

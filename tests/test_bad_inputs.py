@@ -49,6 +49,16 @@ def break_model_code(layout: Layout) -> None:
     code.write_text(text.replace("import Cache, DynamicCache", "import Cache, DynamicCache, NoSuchCache", 1))
 
 
+def user_config(layout: Layout, old: str, new: str, copy: tuple[Path, Path] | None = None) -> None:
+    """The tests' user config at the layout root with ``old`` replaced by ``new``, after
+    copying ``copy`` (source, destination) into the layout where one is given."""
+    if copy is not None:
+        (shutil.copytree if copy[0].is_dir() else shutil.copyfile)(*copy)
+    text = (Path(__file__).parent / "data" / "user_config.py").read_text()
+    assert old in text
+    layout.config_override.write_text(text.replace(old, new))
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
@@ -202,10 +212,50 @@ RUN_CASES = {
         "1-65534",
     ),
     "override config points nowhere": (
-        lambda layout: layout.config_override.write_text("data_path = '/nowhere/blip.json'\n"),
+        lambda layout: user_config(layout, "data_path = './data", "data_path = '/nowhere"),
         [],
         {},
-        "/nowhere/blip.json",
+        "/nowhere/llava_data",
+    ),
+    "override config names another dataset JSON (the verdict reported the layout's records)": (
+        lambda layout: user_config(
+            layout,
+            "blip_laion_cc_sbu_558k.json'",
+            "subset.json'",
+            (layout.dataset_json, layout.pretrain_dir / "subset.json"),
+        ),
+        [],
+        {},
+        "data_path './data/llava_data/LLaVA-Pretrain/subset.json' is not the layout's",
+    ),
+    "override config names another LLM folder (the verdict reported the layout's model)": (
+        lambda layout: user_config(
+            layout,
+            "llm_name_or_path = './model/internlm2-chat-20b'",
+            "llm_name_or_path = './model/other-llm'",
+            (layout.llm_dir, layout.model_dir / "other-llm"),
+        ),
+        [],
+        {},
+        "llm './model/other-llm' is not the layout's",
+    ),
+    "override config that does not load (a name it never defines)": (
+        lambda layout: user_config(layout, "batch_size = 8  # per device", "batch_size = per_device"),
+        [],
+        {},
+        "NameError: name 'per_device' is not defined",
+    ),
+    "--max-steps 10**18 (the trainer overflowed after 10 iterations)": (
+        lambda layout: None,
+        ["--max-steps", str(10**18)],
+        {},
+        "the LR schedule ends after 256",
+    ),
+    "--max-steps one past the epoch (the run went on at an LR of 1e-12)": (
+        lambda layout: None,
+        ["--max-steps", "257"],
+        {},
+        "257 optimizer steps, but the LR schedule ends after 256",
     ),
     "an image 1 px tall (the CLIP image processor fails on it at the first batch)": (
         lambda layout: __import__("PIL.Image").Image.new("RGB", (64, 1)).save(first_image(layout)),

@@ -28,7 +28,7 @@ import pytest
 from bench import verdict as verdict_mod
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from entrypoint import __version__
-from tests.conftest import tree_digest
+from tests.conftest import ENDLESS_STEPS, tree_digest
 
 pytestmark = pytest.mark.container
 
@@ -208,9 +208,9 @@ def test_as_another_user_with_read_only_data_and_models(engine, appliance_image,
     assert tree_digest(layout_copy, "data", "model") == before
 
 
-def test_docker_stop_during_training_leaves_an_aborted_verdict_and_exit_3(engine, appliance_image, layout_copy):
-    endless = [*QUICK_RUN[:-4], "--max-steps", "100000"]
-    container = engine.containers.run(APPLIANCE_TAG, endless, volumes=layout_volumes(layout_copy), detach=True)
+def test_docker_stop_during_training_leaves_an_aborted_verdict_and_exit_3(engine, appliance_image, endless_copy):
+    endless = [*QUICK_RUN[:-4], "--max-steps", str(ENDLESS_STEPS)]
+    container = engine.containers.run(APPLIANCE_TAG, endless, volumes=layout_volumes(endless_copy), detach=True)
     try:
         deadline = time.monotonic() + 300
         while "step " not in (output := container.logs().decode(errors="replace")):  # training really runs
@@ -226,7 +226,7 @@ def test_docker_stop_during_training_leaves_an_aborted_verdict_and_exit_3(engine
         container.remove(force=True)
     assert status == 3, output  # 137 would mean docker had to SIGKILL it
     assert stop_seconds < 60
-    _, verdict = only_verdict(layout_copy)
+    _, verdict = only_verdict(endless_copy)
     assert verdict["status"] == "aborted"
     assert "SIGTERM" in verdict["termination"]["detail"]
     assert verdict["result"]["steps_completed"] >= 10

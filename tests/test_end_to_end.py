@@ -21,7 +21,7 @@ import pytest
 from bench import verdict as verdict_mod
 from bench.layout import Layout
 from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
-from tests.conftest import llava_bench, tree_digest
+from tests.conftest import ENDLESS_STEPS, llava_bench, tree_digest
 
 DEMO_ARGS = [
     "--device",
@@ -128,6 +128,14 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     )
     assert verdict["inputs"]["dataset_samples"] == 2048
     assert verdict["inputs"]["model_shapes"]["vit"]["image_size"] == 28
+    # read back from the config XTuner ran; on CPU XTuner tokenizes, so the records it keeps are not known
+    recipe = verdict["recipe"]
+    assert (recipe["lr"], recipe["max_length"], recipe["paths"]["data_path"]) == (
+        1e-3,
+        1472,
+        str(Layout.at(synthetic_layout).dataset_json),
+    )
+    assert recipe["unverified"] == ["records_after_filters (XTuner filters them inside the trainer)"]
     assert verdict["environment"]["gpus"] == []  # CPU
     assert verdict["environment"]["software"]["packages"]["xtuner"] == verdict["recipe"]["xtuner_version"]
     throughput = verdict["throughput"]
@@ -285,6 +293,13 @@ def test_a_user_configs_verdict_says_what_ran(layout_copy, tmp_path):
     (dumped,) = (only_run_dir(out) / "xtuner").glob("*.py")  # mmengine's dump of the config it ran
     ran = read_facts(dumped.read_text())
     assert (ran.per_device_batch, ran.accumulative_counts) == (8, 2)
+    # the LR, schedule and paths as the trainer's dump has them; the records XTuner kept are not known
+    assert (recipe["lr"], recipe["schedule"], recipe["paths"]) == (ran.lr, ran.schedule, ran.paths)
+    assert recipe["paths"]["data_path"] == "./data/llava_data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+    assert recipe["records_after_filters"] is None and recipe["unverified"] == [
+        "records_after_filters (XTuner filters them inside the trainer)"
+    ]
+    assert any(note.startswith("not read back from the config XTuner ran or the data") for note in verdict["notes"])
     assert verdict["result"]["curve"][-1]["iter"] == 40 and verdict["result"]["steps_completed"] == 20
     assert verdict["throughput"]["samples_per_second"] == pytest.approx(
         16 / verdict["throughput"]["seconds_per_step"]["mean"]
@@ -300,8 +315,8 @@ USER_CONFIG_REFUSALS = {
         [],
         "on CPU this one cannot: 4-bit weights",
     ),
-    "a batch the appliance cannot read": (
-        {"batch_size = 8  # per device": "batch_size = len('abcd')"},
+    "a batch that is no whole number (as mmengine reads it)": (
+        {"batch_size = 8  # per device": "batch_size = 16 / 2"},
         [],
         "cannot read train_dataloader.batch_size",
     ),
@@ -337,7 +352,7 @@ def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
     assert (only_run_dir(out) / "verdict.json").is_file()
 
 
-def _training(synthetic_layout, out: Path) -> subprocess.Popen:
+def _training(endless_layout, out: Path) -> subprocess.Popen:
     """`llava-bench run` on CPU for far more steps than a test waits, once it really trains."""
     process = subprocess.Popen(
         [
@@ -346,7 +361,7 @@ def _training(synthetic_layout, out: Path) -> subprocess.Popen:
             "entrypoint",
             "run",
             "--root",
-            str(synthetic_layout),
+            str(endless_layout),
             "--out",
             str(out),
             "--device",
@@ -354,7 +369,7 @@ def _training(synthetic_layout, out: Path) -> subprocess.Popen:
             "--per-device-batch",
             str(DEMO_PER_DEVICE_BATCH),
             "--max-steps",
-            "100000",
+            str(ENDLESS_STEPS),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -375,8 +390,8 @@ def _leftovers(out: Path) -> str:
 
 # SIGTERM: a scheduler's stop; SIGHUP: the terminal or ssh session that started it closed.
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_layout, tmp_path, stop):
-    process = _training(synthetic_layout, tmp_path)
+def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(endless_layout, tmp_path, stop):
+    process = _training(endless_layout, tmp_path)
     process.send_signal(stop)
     process.wait(timeout=60)
     assert process.returncode == 3
@@ -388,10 +403,10 @@ def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(synthetic_la
     assert _leftovers(tmp_path) == "", "trainer processes outlived the run"
 
 
-def test_the_trainer_dies_with_an_appliance_killed_outright(synthetic_layout, tmp_path):
+def test_the_trainer_dies_with_an_appliance_killed_outright(endless_layout, tmp_path):
     """kill -9 (a scheduler's hard kill after its grace time) leaves no verdict, but no
     trainer holding the GPUs with nobody to judge or stop it either."""
-    process = _training(synthetic_layout, tmp_path)
+    process = _training(endless_layout, tmp_path)
     assert _leftovers(tmp_path), "the trainer should be running"
     process.kill()
     process.wait(timeout=10)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ENDLESS_STEPS
 from tests.test_end_to_end import DEMO_ARGS
 
 
@@ -94,7 +95,7 @@ def test_a_full_results_filesystem_at_the_start_is_one_line_and_exit_3(synthetic
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(synthetic_layout, tmp_path):
+def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(endless_layout, tmp_path):
     """Past the 2 GB free-space check, the disk fills while the trainer runs: the run
     stops within a minute as disk full, naming the file, and nothing is left running."""
     with tmpfs(tmp_path / "small", "2200m") as small:
@@ -105,12 +106,12 @@ def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(synth
                 "entrypoint",
                 "run",
                 "--root",
-                str(synthetic_layout),
+                str(endless_layout),
                 "--out",
                 str(small / "results"),
                 *DEMO_ARGS[:-6],
                 "--max-steps",
-                "100000",
+                str(ENDLESS_STEPS),
                 "--target-loss",
                 "1e-9",
                 "--per-device-batch",

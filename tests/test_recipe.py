@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.config_facts import ConfigFacts, read_facts
+from bench.config_facts import ConfigFacts, ConfigUnreadable, read_facts
 from bench.layout import Layout
 from bench.recipe import (
     REFERENCE_GLOBAL_BATCH,
     RecipeOptions,
     from_user_config,
     global_batch_plan,
-    referenced_paths,
     render,
 )
 
+DATA = Path(__file__).parent / "data"
 LAYOUT = Layout.at("/llava")
 
 
@@ -63,9 +64,11 @@ def test_default_recipe_keeps_the_pinned_hyperparameters():
 
 def test_paths_are_absolute_into_the_layout():
     text = render(LAYOUT, RecipeOptions(), "test").text
-    assert referenced_paths(text) == {
-        "llm_name_or_path": "/llava/model/internlm2-chat-20b",
-        "visual_encoder_name_or_path": "/llava/model/clip-vit-large-patch14-336",
+    assert read_facts(text).paths == {
+        "llm": "/llava/model/internlm2-chat-20b",
+        "tokenizer": "/llava/model/internlm2-chat-20b",
+        "visual_encoder": "/llava/model/clip-vit-large-patch14-336",
+        "image_processor": "/llava/model/clip-vit-large-patch14-336",
         "data_path": "/llava/data/llava_data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
         "image_folder": "/llava/data/llava_data/LLaVA-Pretrain/images",
     }
@@ -216,7 +219,30 @@ RENDERED = [
 
 @pytest.mark.parametrize("options, facts", RENDERED)
 def test_the_rendered_config_says_back_what_the_options_asked(options, facts):
-    assert read_facts(render(LAYOUT, options, "test").text) == facts
+    ran = read_facts(render(LAYOUT, options, "test").text)
+    assert replace(ran, lr=None, schedule=None, max_length=None, paths={}) == facts
+    assert ran.lr == 1e-3 and ran.max_length == 1472 and ran.schedule_epochs == 1
+    assert [s["type"] for s in ran.schedule] == ["LinearLR", "CosineAnnealingLR"]
+    assert ran.unreadable() == []
+
+
+def test_a_user_config_reads_back_as_the_trainer_reads_it(tmp_path):
+    """What the issue found: a config that reassigns its batch (``//=``) and its LR after
+    first setting them, and names another dataset, was reported with the first values.
+    mmengine's reading, the trainer's, says what runs; a path that is not a string is
+    unverified."""
+    text = (DATA / "user_config.py").read_text()
+    text = text.replace("batch_size = 8  # per device", "batch_size = 8\nbatch_size //= 4")
+    text = text.replace("lr = 1e-3", "lr = 1e-3\nlr *= 20")
+    text = text.replace("image_folder = './data/llava_data/LLaVA-Pretrain/images'", "image_folder = dict(path='x')")
+    ran = read_facts(text, ["optim_wrapper.optimizer.weight_decay=0.1"])
+    assert (ran.per_device_batch, ran.lr) == (2, pytest.approx(2e-2))
+    assert ran.paths["image_folder"] is None
+    assert "train_dataloader.dataset.image_folder" in ran.unreadable()
+    with pytest.raises(ConfigUnreadable, match="SyntaxError"):
+        read_facts("batch_size = = 2")
+    with pytest.raises(ConfigUnreadable, match="NameError"):
+        read_facts("batch_size = undefined_name + 1")
 
 
 @pytest.mark.parametrize("gpus, accumulation", [(1, 32), (2, 16), (8, 4), (32, 1)])

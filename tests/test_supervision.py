@@ -19,7 +19,7 @@ from bench.layout import Layout
 from bench.synth import DEMO_PER_DEVICE_BATCH
 from entrypoint.diagnose import diagnose
 from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
-from tests.conftest import DATA, llava_bench
+from tests.conftest import DATA, ENDLESS_STEPS, llava_bench
 
 CPU = ["--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH)]
 
@@ -32,7 +32,18 @@ def verdict_of(out: Path) -> dict:
 
 
 def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tmp_path):
-    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(tmp_path), *CPU, "--startup-timeout", "3")
+    done = llava_bench(
+        "run",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        *CPU,
+        "--max-steps",
+        "20",
+        "--startup-timeout",
+        "3",
+    )
     assert done.returncode == 3
     verdict = verdict_of(tmp_path)
     assert (verdict["status"], verdict["termination"]["kind"]) == ("error", "stalled")
@@ -40,7 +51,7 @@ def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tm
     assert "last lines: rank0.std" in verdict["reason"]
 
 
-def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(synthetic_layout, tmp_path):
+def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(endless_layout, tmp_path):
     process = subprocess.Popen(
         [
             sys.executable,
@@ -48,12 +59,12 @@ def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(synthetic_layout, tmp
             "entrypoint",
             "run",
             "--root",
-            str(synthetic_layout),
+            str(endless_layout),
             "--out",
             str(tmp_path),
             *CPU,
             "--max-steps",
-            "100000",
+            str(ENDLESS_STEPS),
             "--stall-timeout",
             "8",
         ],
@@ -82,14 +93,14 @@ def test_a_non_finite_loss_stops_the_run_early_as_fail(layout_copy, tmp_path):
     config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 1e30")  # the weights blow up
     Layout.at(layout_copy).config_override.write_text(config)
     done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "100000", "--json"
+        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "250", "--json"
     )
     assert done.returncode == 1, done.stderr
     verdict = json.loads(done.stdout)
     assert verdict["status"] == "fail"
     assert verdict["termination"]["kind"] == "stopped_nonfinite_loss"
     assert "non-finite loss" in verdict["reason"]
-    assert verdict["result"]["steps_completed"] < 1000
+    assert verdict["result"]["steps_completed"] < 250
     assert any(not point["finite"] for point in verdict["result"]["curve"])
 
 
@@ -123,7 +134,7 @@ def test_nccl_timeout_points_at_the_network_variables():
     assert "NCCL_SOCKET_IFNAME" in reason and "check-cluster" in reason
 
 
-def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
+def test_sigint_is_handled_like_sigterm(endless_layout, tmp_path):
     process = subprocess.Popen(
         [
             sys.executable,
@@ -131,12 +142,12 @@ def test_sigint_is_handled_like_sigterm(synthetic_layout, tmp_path):
             "entrypoint",
             "run",
             "--root",
-            str(synthetic_layout),
+            str(endless_layout),
             "--out",
             str(tmp_path),
             *CPU,
             "--max-steps",
-            "100000",
+            str(ENDLESS_STEPS),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from bench.layout import Layout
-from tests.conftest import llava_bench, tree_digest
+from tests.conftest import DATA, llava_bench, tree_digest
 
 
 def test_the_synthetic_layout_is_valid(synthetic_layout):
@@ -105,7 +105,11 @@ BREAKAGES = {
         "preprocessor_config.json",
     ),
     "override points nowhere": (
-        lambda layout: layout.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
+        lambda layout: layout.config_override.write_text(
+            (DATA / "user_config.py")
+            .read_text()
+            .replace("'./model/internlm2-chat-20b'", "'/nowhere/internlm2-chat-20b'")
+        ),
         lambda layout: layout.config_override,
         "/nowhere/internlm2-chat-20b",
     ),
@@ -139,10 +143,15 @@ BREAKAGES = {
         lambda layout: layout.results_dir,
         "--out",
     ),
+    "override without the model paths the trainer reads": (
+        lambda layout: layout.config_override.write_text("llm_name_or_path = '/nowhere/internlm2-chat-20b'\n"),
+        lambda layout: layout.config_override,
+        "llm (model.llm.pretrained_model_name_or_path) is not a path string in it",
+    ),
     "override does not parse": (
         lambda layout: layout.config_override.write_text("model = dict(\n"),
         lambda layout: layout.config_override,
-        "does not parse",
+        "does not load as XTuner's trainer loads it (SyntaxError",
     ),
 }
 
@@ -197,9 +206,16 @@ def test_run_without_a_root_writes_nothing_and_says_to_mount_one(tmp_path):
 
 
 def test_an_override_with_existing_relative_paths_is_valid(layout_copy):
-    Layout.at(layout_copy).config_override.write_text(
-        "data_root = './data/llava_data/'\n"
-        "data_path = data_root + 'LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'\n"
-        "llm_name_or_path = './model/internlm2-chat-20b'\n"
-    )
-    assert llava_bench("validate", "--root", str(layout_copy)).returncode == 0
+    """Relative paths built from parts (the pinned config's ``data_root + ...``), taken
+    from the layout root as the trainer takes them, and one through a link to the
+    layout's own folder: the layout's own files."""
+    layout = Layout.at(layout_copy)
+    (layout.root / "llm-link").symlink_to(layout.llm_dir)
+    text = (DATA / "user_config.py").read_text()
+    text = text.replace(
+        "data_path = './data/llava_data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'",
+        "data_root = './data/llava_data/'\ndata_path = data_root + 'LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'",
+    ).replace("llm_name_or_path = './model/internlm2-chat-20b'", "llm_name_or_path = 'llm-link'")
+    layout.config_override.write_text(text)
+    done = llava_bench("validate", "--root", str(layout_copy))
+    assert done.returncode == 0, done.stdout + done.stderr
