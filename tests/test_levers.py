@@ -529,7 +529,8 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
         "from xtuner.model import LLaVAModel\nfrom tests.zero_projector_gradient import "
         "ZeroProjectorGradientLLaVAModel\n",
     )
-    Layout.at(layout_copy).config_override.write_text(broken)
+    # the rendered config names the pristine layout's files; an override must name its own layout's
+    Layout.at(layout_copy).config_override.write_text(broken.replace(str(synthetic_layout), str(layout_copy)))
     repo = str(Path(__file__).resolve().parent.parent)
     done = llava_bench(
         "run",
