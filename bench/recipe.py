@@ -15,6 +15,7 @@ from pathlib import Path
 from string import Template
 
 from bench.config_facts import ConfigFacts
+from bench.criteria import Criteria
 from bench.layout import Layout
 from bench.levers import Levers
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
@@ -34,7 +35,7 @@ PINNED_LOG_INTERVAL = 10
 class RecipeOptions:
     """What a user may choose; every field lands in the verdict."""
 
-    max_steps: int = 500
+    max_steps: int = Criteria.max_steps  # the criteria's, written once there
     precision: str = "nf4"
     per_device_batch: int = STOCK_PER_DEVICE_BATCH
     accumulative_counts: int = 1

@@ -37,6 +37,7 @@ from entrypoint.cli_options import (
     with_lever_options,
 )
 from entrypoint.cli_results import run_to_verdict
+from entrypoint.launch import Watchdog
 
 app = typer.Typer(
     help="llava-bench: pretrain LLaVA-InternLM2-20B with XTuner + DeepSpeed ZeRO-2 and write a verdict.",
@@ -77,18 +78,21 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")] = None,
     max_steps: Annotated[
         int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")
-    ] = 500,
+    ] = Criteria.max_steps,
     target_loss: Annotated[
         float,
         typer.Option(callback=a_loss_target, help="The logged loss must fall strictly below this (finite, above 0)."),
-    ] = 2.3,
+    ] = Criteria.target_loss,
     precision: Annotated[
         Optional[Precision],
         typer.Option(help="LLM weights: nf4 (the pinned recipe, the default) or bf16; a user's config keeps its own."),
     ] = None,
     per_device_batch: Annotated[
         Optional[int],
-        typer.Option(min=1, help="Samples per GPU per micro-iteration (default 32, or a user's config's own)."),
+        typer.Option(
+            min=1,
+            help=f"Samples per GPU per micro-iteration (default {STOCK_PER_DEVICE_BATCH}, or a user's config's own).",
+        ),
     ] = None,
     global_batch: Annotated[
         Optional[int],
@@ -101,7 +105,7 @@ def run(
     ] = None,
     seed: Annotated[
         int, typer.Option(min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1), recorded in the verdict.")
-    ] = 42,
+    ] = RecipeOptions.seed,
     device: Annotated[Device, typer.Option(help="auto: every visible GPU, else one CPU process.")] = Device.auto,
     stop_on_target: Annotated[
         bool, typer.Option(metavar="", help="End training at the first loss below target (MLPerf style).")
@@ -147,16 +151,15 @@ def run(
     startup_timeout: Annotated[
         float,
         typer.Option(min=1, help="Seconds from launch to the first training step before the run counts as stalled."),
-    ] = 3600,
+    ] = Watchdog.startup_seconds,
     stall_timeout: Annotated[
         float,
         typer.Option(min=1, help="Seconds without new metrics, once training runs, before the run counts as stalled."),
-    ] = 1800,
+    ] = Watchdog.stall_seconds,
     junit: JunitOption = None,
     as_json: JsonOption = False,
 ):
     """Validate, train with XTuner, and write results/<run_id>/verdict.json (node-<rank>.json on other nodes)."""
-    from entrypoint.launch import Watchdog
     from entrypoint.request import RunRequest
 
     request = RunRequest(

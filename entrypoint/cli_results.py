@@ -102,11 +102,15 @@ def stored_verdict(run_dir: Path) -> dict:
 def verdict(
     path: Annotated[Path, typer.Argument(help="A results/<run_id> folder, or a bare metrics stream (.json/.jsonl).")],
     max_steps: Annotated[
-        Optional[int], typer.Option(min=1, help="Override the recorded max_steps (default 500 for a bare stream).")
+        Optional[int],
+        typer.Option(min=1, help=f"Override the recorded max_steps (default {Criteria.max_steps} for a bare stream)."),
     ] = None,
     target_loss: Annotated[
         Optional[float],
-        typer.Option(callback=a_loss_target, help="Override the recorded target loss (default 2.3 for a bare stream)."),
+        typer.Option(
+            callback=a_loss_target,
+            help=f"Override the recorded target loss (default {Criteria.target_loss} for a bare stream).",
+        ),
     ] = None,
     accumulative_counts: Annotated[int, typer.Option(min=1, help="Micro-iterations per step, for a bare stream.")] = 1,
     junit: JunitOption = None,
@@ -142,8 +146,8 @@ def verdict(
             )
             raise typer.Exit(EXIT_CODES["invalid"])
         criteria = Criteria(
-            target_loss=2.3 if target_loss is None else target_loss,
-            max_steps=500 if max_steps is None else max_steps,
+            target_loss=Criteria.target_loss if target_loss is None else target_loss,
+            max_steps=Criteria.max_steps if max_steps is None else max_steps,
         )
         result = verdict_mod.from_stream(path, criteria, accumulative_counts)
     verdict_mod.validate(result)
