@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import jsonschema
 from bench.criteria import EXIT_CODES, Criteria, Termination, judge, log_interval
 from bench.metrics import MetricsStream, read_stream
 from bench.ranks import ranks_section
+from bench.run_context import RunContext
 from bench.verdict_sections import (
     DERIVED_TIMING,
     baseline_section,
@@ -30,28 +31,6 @@ from bench.verdict_sections import (
 SCHEMA_VERSION = 2
 VERDICT_NAME = "verdict.json"
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Everything besides the metrics stream that the verdict depends on."""
-
-    run_id: str
-    criteria: Criteria
-    termination: Termination
-    accumulative_counts: int = 1
-    per_device_batch: int | None = None
-    world_size: int | None = None
-    trainer_exit_code: int | None = None
-    demo: bool = False
-    recipe: dict | None = None
-    topology: dict | None = None
-    timing: dict | None = None
-    interconnect: dict | None = None  # the collective check before training (GPUs only)
-    environment: dict | None = None  # software and per-node GPU inventory
-    inputs: dict | None = None  # dataset and model identities, model shapes
-    rank_times: list[dict] | None = None  # each rank's forward time (bench/ranks.py)
-    problems: list[dict] = field(default_factory=list)  # preflight refusals: status invalid
 
 
 def build(context: RunContext, stream: MetricsStream) -> dict:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from bench import flops as flops_mod
 from bench import throughput as throughput_mod
 from bench.criteria import Judgement, log_interval
 from bench.metrics import MetricsStream
+from bench.run_context import RunContext
 
 STEADY_WINDOW_RULE = "all logged intervals but the first (start-up); the only one if there is one"
-
-if TYPE_CHECKING:  # the context is built in bench/verdict.py, which imports this module
-    from bench.verdict import RunContext
 
 
 # The seed's A100 run (its metrics lines, iterations 360-380): mean s/step at batch 32 per GPU.

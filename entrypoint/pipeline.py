@@ -22,6 +22,7 @@ from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, 
 from bench.ranks import rank_summaries
 from bench.recipe import PINNED_LOG_INTERVAL, RecipeOptions, RenderedRecipe, render
 from bench.report import write_report
+from bench.run_context import RunContext
 from bench.startup import STARTUP_EVENTS_NAME, trainer_startup
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
@@ -72,7 +73,7 @@ def _aborted(stop: Interrupted) -> Termination:
 
 def _aborted_before_training(request: RunRequest, layout: Layout, results_parent: Path, stop: Interrupted) -> RunResult:
     """A signal before the run had a folder: a verdict of its own, where it can be written."""
-    context = verdict_mod.RunContext(
+    context = RunContext(
         run_id=new_run_id(),
         criteria=request.criteria,
         termination=_aborted(stop),
@@ -114,7 +115,7 @@ def _execute(
             )
     before_training.check()  # a signal that code on the way swallowed
     startup = {"imports_seconds": imports_seconds, "checks_seconds": _since(imports_seconds)}
-    context = verdict_mod.RunContext(
+    context = RunContext(
         run_id=run_id,
         criteria=request.criteria,
         termination=Termination("unknown"),

@@ -12,6 +12,7 @@ from bench import verdict as verdict_mod
 from bench.criteria import Criteria, Termination
 from bench.levers import STOCK
 from bench.metrics import MetricsStream, read_stream
+from bench.run_context import RunContext
 from tests.conftest import DATA, llava_bench
 
 RECIPE = {
@@ -79,7 +80,7 @@ REAL_INPUTS = {
 }
 
 
-def context(**changes) -> verdict_mod.RunContext:
+def context(**changes) -> RunContext:
     base = dict(
         run_id="r1",
         criteria=Criteria(max_steps=15),
@@ -111,7 +112,7 @@ def context(**changes) -> verdict_mod.RunContext:
         environment=H200_ENVIRONMENT,
         inputs=REAL_INPUTS,
     )
-    return verdict_mod.RunContext(**{**base, **changes})
+    return RunContext(**{**base, **changes})
 
 
 H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
@@ -252,7 +253,7 @@ def test_steps_a_completed_run_never_logged_are_named(max_iters, said):
     from bench.metrics import parse_stream
 
     stream = parse_stream('{"iter": 10, "loss": 1.5, "time": 0.1, "data_time": 0.01, "lr": 1e-3}\n')
-    context = verdict_mod.RunContext(
+    context = RunContext(
         run_id="r",
         criteria=Criteria(target_loss=1.0, max_steps=max_iters),
         termination=Termination("completed"),
