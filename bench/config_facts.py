@@ -12,6 +12,7 @@ never replaced by a default.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 
 # ConfigFacts field: the config key it is read from (paths: see PATH_KEYS)
@@ -118,6 +119,11 @@ def _number(value) -> float | None:
 def read_facts(config_text: str, cfg_options: list[str] = ()) -> ConfigFacts:
     """The facts of a config as XTuner will run it with ``cfg_options``. Raises
     ConfigUnreadable where mmengine cannot load the text (syntax or an error in it)."""
+    return _read_facts(config_text, tuple(cfg_options))
+
+
+@functools.cache  # preflight reads a user's config in two checks: mmengine loads it once
+def _read_facts(config_text: str, cfg_options: tuple[str, ...]) -> ConfigFacts:
     from mmengine.config import Config, DictAction
 
     try:

@@ -135,6 +135,17 @@ class MicroBatchPlan:
         }
 
 
+def records_a_rank(records: int, world_size: int) -> int:
+    """mmengine's DefaultSampler(round_up=True) rounds the records up to a multiple of
+    the processes."""
+    return -(-records // world_size)
+
+
+def iterations_an_epoch(records: int, per_device_batch: int, world_size: int) -> int:
+    """Each rank's dataloader keeps its last, smaller batch."""
+    return -(-records_a_rank(records, world_size) // per_device_batch)
+
+
 def sampler_order(records: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
     """Each rank's dataset indices for one epoch, as mmengine's DefaultSampler(shuffle=True,
     round_up=True) yields them: rank r's are row r."""
@@ -143,7 +154,7 @@ def sampler_order(records: int, world_size: int, seed: int, epoch: int) -> np.nd
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
     permutation = torch.randperm(records, generator=generator).numpy()
-    per_rank = -(-records // world_size)
+    per_rank = records_a_rank(records, world_size)
     dealt = np.resize(permutation, per_rank * world_size)  # np.resize repeats it, as round_up does
     return dealt.reshape(per_rank, world_size).T
 
@@ -160,8 +171,8 @@ def plan(
     """Every rank's micro-batches up to ``max_steps`` from the records' lengths."""
     records = len(lengths.text_tokens)
     positions_per_record = lengths.text_tokens + lengths.images * (image_tokens - 1)
-    per_rank = -(-records // world_size)
-    batches_per_epoch = -(-per_rank // per_device_batch)
+    per_rank = records_a_rank(records, world_size)
+    batches_per_epoch = iterations_an_epoch(records, per_device_batch, world_size)
     wanted = max_steps * accumulative_counts
     epochs = min(-(-wanted // batches_per_epoch), PLANNED_EPOCHS_AT_MOST)
     starts = np.arange(0, per_rank, per_device_batch)

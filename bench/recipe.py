@@ -19,6 +19,7 @@ from bench.criteria import Criteria
 from bench.layout import Layout
 from bench.levers import Levers
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
+from bench.micro_batches import iterations_an_epoch
 from bench.trainer import COMPARED_STEPS
 
 PRECISIONS = ("nf4", "bf16")
@@ -258,13 +259,6 @@ def accumulation_deviation(accumulative_counts: int) -> str:
 # start factor 1e-5 (an LR of 1e-8 for the whole run: the projector does not train),
 # with w = 0 mmengine refuses the schedule ("end should be larger than begin").
 FEWEST_WARMUP_ITERATIONS = 2
-
-
-def iterations_an_epoch(records: int, per_device_batch: int, world_size: int) -> int:
-    """mmengine's DefaultSampler rounds the records up to a multiple of the processes,
-    and each rank's dataloader keeps its last, smaller batch."""
-    per_rank = -(-records // world_size)
-    return -(-per_rank // per_device_batch)
 
 
 def epoch_problem(

@@ -78,11 +78,11 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
         "environment": context.environment,
         "inputs": context.inputs,
         "problems": context.problems,
-        "notes": [*_schedule_notes(context.recipe), *judgement.notes, *_unobserved_notes(context, stream)],
+        "notes": [*_recipe_notes(context.recipe), *judgement.notes, *_unobserved_notes(context, stream)],
     }
 
 
-def _schedule_notes(recipe: dict | None) -> list[str]:
+def _recipe_notes(recipe: dict | None) -> list[str]:
     """A run off the reference schedule says what its target then means; what the
     config XTuner ran did not say back is named."""
     unverified = (recipe or {}).get("unverified")

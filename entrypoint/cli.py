@@ -77,7 +77,12 @@ def run(
     root: RootOption = Path("/llava"),
     out: Annotated[Optional[Path], typer.Option(help="Folder for results/<run_id>/ (default: <root>/results).")] = None,
     max_steps: Annotated[
-        int, typer.Option(min=1, help="Optimizer steps within which the loss must fall below target.")
+        int,
+        typer.Option(
+            min=1,
+            help="Optimizer steps within which the loss must fall below target; at most the LR "
+            "schedule's length (the pinned recipe's one epoch of the dataset).",
+        ),
     ] = Criteria.max_steps,
     target_loss: Annotated[
         float,
