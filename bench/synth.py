@@ -21,10 +21,9 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from bench.criteria import Criteria
 from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 from bench.synth_models import (
@@ -36,6 +35,7 @@ from bench.synth_models import (
     write_llm,
     write_tokenizer,
 )
+from bench.synth_spec import IMAGE_PIXELS, REAL_SHAPE_SPEC, Sample, SynthSpec
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -74,39 +74,6 @@ BACKGROUND_TAILS = {
 # A long-caption layout (``caption_scale`` above 1) adds this many sentences a unit of
 # scale: three times the text at scale 3 (147.2 text tokens padded at batch 32).
 SENTENCES_PER_SCALE = 5
-IMAGE_PIXELS = 64  # JPEG side; the image processor resizes to VISION_IMAGE_SIZE
-
-# Demo criteria for the synthetic layout (`llava-bench demo`), set from measured
-# runs of this layout (seed 0, batch 8, one CPU process, the tiny InternLM2): the
-# first logged loss is 0.645 (steps 1-10, the projector barely trained), the loss
-# crosses 0.2 near step 70 and 200 steps end near 0.06. The target sits between, so
-# a healthy machine passes with margin and a broken projector update fails. It
-# proves the pipeline works, nothing about hardware.
-DEMO_SAMPLES = 2048
-DEMO_PER_DEVICE_BATCH = 8
-DEMO_CRITERIA = Criteria(target_loss=0.2, max_steps=200)
-
-
-@dataclass(frozen=True)
-class SynthSpec:
-    """What to generate. ``samples`` must give XTuner's warm-up at least one iteration."""
-
-    samples: int = DEMO_SAMPLES
-    seed: int = 0
-    vocab_size: int = 1000  # more than the captions' words need: each word is one token
-    llm_hidden: int = 64
-    llm_layers: int = 2
-    llm_train_steps: int = 300
-    vision_hidden: int = 32
-    vision_layers: int = 3
-    image_pixels: int = IMAGE_PIXELS
-    # JSON records; None: one per image. More records than images reuse the images in
-    # turn, to time start-up with LLaVA-Pretrain's 558,128 records without writing as
-    # many images.
-    records: int | None = None
-    # How many times LLaVA-Pretrain's text a record carries (SENTENCES_PER_SCALE): 1, or
-    # more for the memory model's edge (`llava-bench perf --caption-scale 3`).
-    caption_scale: int = 1
 
 
 def _draw(shape: str, fg: tuple, bg: tuple, rng: random.Random, pixels: int):
@@ -141,13 +108,6 @@ def caption(fg: str, shape: str, bg: str, scale: int = 1) -> str:
     first = f"a {fg} {shape}{FOREGROUND_TAILS[fg]} on a {bg} background{SHAPE_TAILS[shape]}{BACKGROUND_TAILS[bg]}"
     again = [f"the {shape} is {fg} and the background is {bg}"] * ((scale - 1) * SENTENCES_PER_SCALE)
     return ". ".join([first, *again])
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt: str  # the human turn, with <image>
-    caption: str  # the gpt turn
-    words: tuple[str, str, str, str]  # what the four image quadrants show, in patch order
 
 
 def _write_dataset(layout: Layout, spec: SynthSpec, rng: random.Random) -> list[Sample]:
@@ -222,12 +182,6 @@ def write_synthetic_layout(root: str | Path, spec: SynthSpec = SynthSpec()) -> L
         torch.set_num_threads(threads)
     _mark_synthetic(layout, spec, random_weights=False, llm_stand_in=stand_in)
     return layout
-
-
-# Speed measurements on the real shapes (`llava-bench perf`): images of LLaVA-Pretrain's
-# size, so decoding costs what it costs there (perf sets the record count: the records
-# reuse the images in turn).
-REAL_SHAPE_SPEC = SynthSpec(samples=2_048, vocab_size=2_000, image_pixels=384)
 
 
 def write_real_shape_layout(

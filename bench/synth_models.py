@@ -8,13 +8,10 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bench.flops import LLMShape
 from bench.inputs import llm_shape
-
-if TYPE_CHECKING:  # the spec and samples are bench/synth.py's, which imports this module
-    from bench.synth import Sample, SynthSpec
+from bench.synth_spec import Sample, SynthSpec
 
 # Human turns as in LLaVA-Pretrain: a short instruction of a few words with the <image>
 # placeholder before or after it.

@@ -12,7 +12,7 @@ import typer
 from bench.criteria import EXIT_CODES
 from bench.inputs import DatasetJson
 from bench.layout import Layout
-from bench.synth import DEMO_SAMPLES, SynthSpec
+from bench.synth_spec import DEMO_SAMPLES, SynthSpec
 from entrypoint.cli_options import (
     JsonOption,
     RootOption,

@@ -162,7 +162,8 @@ def measure(
     models hard-linked), compared; perf.json written."""
     import torch
 
-    from bench.synth import REAL_SHAPE_SPEC, write_real_shape_layout
+    from bench.synth import write_real_shape_layout
+    from bench.synth_spec import REAL_SHAPE_SPEC
 
     if not Layout.at(root).dataset_json.exists():
         if models_from is None and not torch.cuda.is_available():

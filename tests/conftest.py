@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.synth import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec, write_synthetic_layout
+from bench.synth import write_synthetic_layout
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
 
 DATA = Path(__file__).parent / "data"
 

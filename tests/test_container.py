@@ -26,7 +26,7 @@ import docker
 import pytest
 
 from bench import verdict as verdict_mod
-from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint import __version__
 from tests.conftest import ENDLESS_STEPS, tree_digest
 

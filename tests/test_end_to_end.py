@@ -20,7 +20,7 @@ import pytest
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
 from tests.conftest import ENDLESS_STEPS, llava_bench, tree_digest
 
 DEMO_ARGS = [

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from bench import verdict as verdict_mod
-from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from tests.conftest import llava_bench
 
 pytestmark = pytest.mark.gpu

@@ -30,7 +30,7 @@ from bench.levers import (
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
-from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from bench.tokenization import COMPLETENESS_RECORD, cache_name
 from tests.conftest import llava_bench, torchrun_gloo
 
@@ -867,7 +867,8 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
 def test_a_layout_for_start_up_timing_holds_more_records_than_images(tmp_path):
     """`perf --records 558128` times the start-up with LLaVA-Pretrain's record count
     without writing as many images: the extra records reuse the images in turn."""
-    from bench.synth import SynthSpec, write_synthetic_layout
+    from bench.synth import write_synthetic_layout
+    from bench.synth_spec import SynthSpec
     from entrypoint.deep import record_problems
     from entrypoint.preflight import check_layout
 

@@ -18,7 +18,7 @@ from bench.criteria import Criteria
 from bench.layout import Layout
 from bench.levers import Levers
 from bench.recipe import RecipeOptions
-from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint import pipeline, run_preflight
 from entrypoint.request import RunRequest
 

@@ -145,7 +145,8 @@ def test_the_synthetic_text_is_llava_pretrains_length(tokenized):
 def test_longer_captions_on_the_same_gpu_leave_fewer_layers_unchecked(synthetic_layout, tokenized, tmp_path):
     from dataclasses import replace
 
-    from bench.synth import SynthSpec, write_real_shape_layout
+    from bench.synth import write_real_shape_layout
+    from bench.synth_spec import SynthSpec
 
     long = write_real_shape_layout(
         tmp_path / "long", replace(SynthSpec(), caption_scale=3), models_from=Path(synthetic_layout)

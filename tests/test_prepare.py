@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from bench.layout import Layout
-from bench.synth import DEMO_SAMPLES
+from bench.synth_spec import DEMO_SAMPLES
 from tests.conftest import llava_bench, tree_digest
 from tests.hub_server import Hub, _commit
 

@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 
 from bench import verdict as verdict_mod
-from bench.synth import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
 from tests.conftest import tree_digest
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.synth import DEMO_PER_DEVICE_BATCH
+from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint.diagnose import diagnose
 from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
 from tests.conftest import DATA, ENDLESS_STEPS, llava_bench
