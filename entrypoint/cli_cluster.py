@@ -30,6 +30,7 @@ def topology(
     from entrypoint.environment import gpu_inventory
     from entrypoint.plans import training_plan
     from entrypoint.request import RunRequest, resolve_device, run_topology
+    from entrypoint.run_folder import RunFolder
 
     gpus = gpu_inventory()[0]
     device = resolve_device("auto", gpus)
@@ -45,11 +46,9 @@ def topology(
     if problems:
         errors.print(f"[red]refused:[/] {problems[0].problem}; fix: {problems[0].fix}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"])
-    results = Path("<results>/<run_id>")
+    folder = RunFolder(Path("<results>/<run_id>"), decision.node_rank)
     try:
-        command = training_plan(
-            results / "config.py", results / "xtuner", results / "logs", Path("/llava"), device, decision
-        ).argv
+        command = training_plan(folder.config, folder.xtuner, folder.logs, Path("/llava"), device, decision).argv
     except FileNotFoundError as error:  # XTuner is not installed here
         errors.print(f"[red]refused:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"]) from None

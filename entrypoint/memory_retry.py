@@ -9,6 +9,7 @@ from pathlib import Path
 from bench.levers import MEMORY_LEVERS, LeverRequest, memory_retry
 from entrypoint.agreement import exchange
 from entrypoint.diagnose import OUT_OF_MEMORY, logs_report, out_of_memory_shortfall_mib
+from entrypoint.run_folder import RunFolder
 from entrypoint.topology import Topology
 
 
@@ -49,15 +50,15 @@ def re_sized_retry(topology: Topology, outcome, logs_dir: Path, sizing, request:
     return retry, {"shortfall_mib": round(shortfall, 1), "taken_back": taken_back}
 
 
-def set_aside_first_attempt(run_dir: Path, node_rank: int) -> Path:
+def set_aside_first_attempt(folder: RunFolder) -> Path:
     """The failed attempt's config, XTuner work dir and training logs, moved under
     attempt-1/ (the collective check's logs stay); the retry writes where they were."""
-    aside = run_dir / "attempt-1"
-    logs = run_dir / "logs" / f"node-{node_rank}"
-    (aside / "logs" / logs.name).mkdir(parents=True, exist_ok=True)
-    for path in [run_dir / "config.py", run_dir / "xtuner", *(p for p in logs.iterdir() if p.name != "collective")]:
+    aside = folder.first_attempt
+    (aside / folder.logs.relative_to(folder.path)).mkdir(parents=True, exist_ok=True)
+    moved = [folder.config, folder.xtuner, *(p for p in folder.logs.iterdir() if p != folder.collective_logs)]
+    for path in moved:
         try:
-            path.rename(aside / path.relative_to(run_dir))
+            path.rename(aside / path.relative_to(folder.path))
         except FileNotFoundError:  # another node on a shared filesystem moved it
             pass
     return aside

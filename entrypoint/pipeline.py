@@ -1,14 +1,14 @@
 """One benchmark run: preflight -> recipe -> launch/supervise -> metrics -> verdict.
 
 Each step is a plain function over plain data; this module only wires them in the
-one direction docs/ARCHITECTURE.md shows, and decides where every file of the run goes.
+one direction docs/ARCHITECTURE.md shows; where each file goes is the run's folder's
+(entrypoint/run_folder.py), and one training attempt is entrypoint/training.py.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,42 +16,27 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import verdict as verdict_mod
-from bench.criteria import EXIT_CODES, Criteria, Termination
+from bench.criteria import EXIT_CODES, Termination
 from bench.layout import Layout
-from bench.metrics import MetricsRecord, MetricsStream, find_stream, is_finite, read_stream
+from bench.metrics import MetricsStream, find_stream, read_stream
 from bench.ranks import rank_summaries
-from bench.recipe import PINNED_LOG_INTERVAL, RecipeOptions, RenderedRecipe, render
+from bench.recipe import render
 from bench.report import write_report
 from bench.run_context import RunContext
-from bench.startup import STARTUP_EVENTS_NAME, trainer_startup
 from entrypoint import __version__
 from entrypoint.agreement import AgreementError, Fingerprint, agree, exchange, share_status
 from entrypoint.cluster import collective, local_fingerprint, log_tails
 from entrypoint.environment import gpu_inventory, software
-from entrypoint.launch import process_age_seconds, supervise, utc_now
+from entrypoint.launch import process_age_seconds, utc_now
 from entrypoint.memory_retry import re_sized_retry, set_aside_first_attempt
-from entrypoint.plans import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config
 from entrypoint.preflight import Problem, check_writable
-from entrypoint.progress import ProgressPrinter
 from entrypoint.request import RunRequest, RunResult, new_run_id
+from entrypoint.run_folder import RunFolder
 from entrypoint.run_preflight import preflight, recipe_record
 from entrypoint.signals import AbortOnSignals, Interrupted, SignalFlag
-from entrypoint.sizing import Sizing, out_of_memory_hint_at, size_on_every_node
+from entrypoint.sizing import Sizing, size_on_every_node
 from entrypoint.topology import Topology
-
-
-def _stop_check(criteria: Criteria, printer: ProgressPrinter):
-    """Print each record; stop at a non-finite loss (the verdict is fail) or, if asked, at the target."""
-
-    def on_record(record: MetricsRecord) -> Termination | None:
-        printer(record)
-        if not is_finite(record.loss):
-            return Termination("stopped_nonfinite_loss", f"loss {record.loss} at iteration {record.iter}")
-        if criteria.stop_on_target and record.loss < criteria.target_loss:
-            return Termination("stopped_on_target", "ended by the appliance at the first crossing")
-        return None
-
-    return on_record
+from entrypoint.training import attempt_trainer_startup, train_attempt, write_attempt
 
 
 def execute(request: RunRequest, console: Console) -> RunResult:
@@ -131,13 +116,14 @@ def _execute(
         inputs=inputs,
     )
     run_dir = results_parent / run_id
+    folder = RunFolder(run_dir, topology.node_rank)
     if problems:
         context = replace(context, problems=[p.as_dict() for p in problems])
         if checked.nowhere_to_write:
             invalid = verdict_mod.build(context, MetricsStream([], 0))
             return RunResult(invalid, None, invalid["exit_code"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+        return _finish(topology, folder, context, fingerprint, MetricsStream([], 0))
     run_dir.mkdir(parents=True, exist_ok=True)
     console.print(
         f"[bold]llava-bench[/] run {run_id}: {topology.nnodes} node(s) x {topology.nproc_per_node} x {device} "
@@ -148,13 +134,12 @@ def _execute(
     tokenization = None
     try:
         if device == "cuda":
-            collective_logs = run_dir / "logs" / f"node-{topology.node_rank}" / "collective"
             checked_at = process_age_seconds()
-            interconnect, failure = collective(topology, run_dir, collective_logs, layout.root)
+            interconnect, failure = collective(topology, run_dir, folder.collective_logs, layout.root)
             startup["interconnect_seconds"] = _since(checked_at)
             context = replace(context, interconnect=interconnect)
             if failure:
-                failure += f"; see {collective_logs}"
+                failure += f"; see {folder.collective_logs}"
                 now = utc_now()
                 context = replace(
                     context,
@@ -168,14 +153,14 @@ def _execute(
                         "wall_seconds": 0.0,
                     },
                 )
-                return _finish(topology, run_dir, context, fingerprint, MetricsStream([], 0))
+                return _finish(topology, folder, context, fingerprint, MetricsStream([], 0))
         if checked.tokenization is not None:
             tokenization = checked.tokenization.wait(lambda line: console.print(f"  {line}", highlight=False))
             startup["tokenization"] = tokenization.as_dict()
         before_training.check()
     except Interrupted as stop:  # the run's folder exists: its verdict goes there
         return _finish(
-            topology, run_dir, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0)
+            topology, folder, replace(context, termination=_aborted(stop)), fingerprint, MetricsStream([], 0)
         )
     sizing = size_on_every_node(
         options,
@@ -191,14 +176,14 @@ def _execute(
     context = replace(context, recipe=recipe_record(recipe, options, topology.world_size, sizing))
     if sizing.problem is not None:
         return _finish(
-            topology, run_dir, replace(context, problems=[sizing.problem.as_dict()]), fingerprint, MetricsStream([], 0)
+            topology, folder, replace(context, problems=[sizing.problem.as_dict()]), fingerprint, MetricsStream([], 0)
         )
     if sizing.memory["sized"]:
         console.print(f"  memory: {sizing.described()}", highlight=False)
-    plan = _write_attempt(recipe, run_dir, layout, device, topology)
+    plan = write_attempt(recipe, folder, layout, device, topology)
     context = replace(context, topology={**topology.as_dict(), "launch_command": plan.argv})
     preflight_seconds = process_age_seconds()
-    run = _Run(request, console, layout, run_dir, topology, fingerprint, startup, sizing)
+    run = _Run(request, console, layout, folder, topology, fingerprint, startup, sizing)
     with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
         return _train_and_judge(run, plan, recipe, options, context, preflight_seconds, after_training)
 
@@ -210,7 +195,7 @@ class _Run:
     request: RunRequest
     console: Console
     layout: Layout
-    run_dir: Path
+    folder: RunFolder
     topology: Topology
     fingerprint: Fingerprint
     startup: dict  # the appliance's part of timing.startup
@@ -227,9 +212,9 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
     """Train (once more with the memory levers re-sized after an early out-of-memory
     failure, unless a signal came), then the verdict of what ran; every attempt's time
     is in the verdict."""
-    request, console, layout, run_dir, topology = run.request, run.console, run.layout, run.run_dir, run.topology
+    request, console, layout, folder, topology = run.request, run.console, run.layout, run.folder, run.topology
     heads, sizing = context.inputs["model_shapes"]["llm"]["heads"], run.sizing
-    outcome, attempt = _train(plan, run_dir, request, options, console, sizing, heads)
+    outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads)
     attempts = [attempt]
     retry = (
         re_sized_retry(topology, outcome, plan.logs_dir, sizing, request.levers, heads)
@@ -240,7 +225,7 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
         levers, first_attempt = retry
         first_attempt = {
             "reason": outcome.termination.detail,
-            "folder": set_aside_first_attempt(run_dir, topology.node_rank).name,
+            "folder": set_aside_first_attempt(folder).name,
             "config_sha256": recipe.sha256,
             "levers": options.levers.as_dict(),
             "wall_seconds": attempt["wall_seconds"],
@@ -255,14 +240,14 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
         options = replace(options, levers=levers)
         sizing = replace(sizing, options=options)
         recipe = render(layout, options, __version__)
-        plan = _write_attempt(recipe, run_dir, layout, options.device, topology)
-        outcome, attempt = _train(plan, run_dir, request, options, console, sizing, heads)
+        plan = write_attempt(recipe, folder, layout, options.device, topology)
+        outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads)
         attempts.append(attempt)
         context = replace(
             context,
             recipe={**recipe_record(recipe, options, topology.world_size, sizing), "memory_fallback": first_attempt},
         )
-    local_ranks = {"ranks": rank_summaries(run_dir / "xtuner")}
+    local_ranks = {"ranks": rank_summaries(folder.xtuner)}
     answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
     context = replace(
         context,
@@ -278,77 +263,27 @@ def _train_and_judge(run: _Run, plan, recipe, options, context, preflight_second
             "first_record_seconds": outcome.first_record_seconds,
             "ended_at": outcome.ended_at,
             "wall_seconds": attempt["wall_seconds"],
-            "startup": {**run.startup, "trainer": _trainer_startup(run_dir / "xtuner", attempt["launched"])},
+            "startup": {**run.startup, "trainer": attempt_trainer_startup(folder.xtuner, attempt["launched"])},
         },
     )
-    metrics_copy = run_dir / verdict_mod.METRICS_NAME
-    stream_path = find_stream(run_dir / "xtuner")
+    stream_path = find_stream(folder.xtuner)
     if topology.node_rank == 0:
         if stream_path is not None:
-            shutil.copyfile(stream_path, metrics_copy)
+            shutil.copyfile(stream_path, folder.metrics)
         else:
-            metrics_copy.write_text("")
-    stream = read_stream(metrics_copy) if topology.node_rank == 0 else MetricsStream([], 0)
-    return _finish(topology, run_dir, context, run.fingerprint, stream)
+            folder.metrics.write_text("")
+    stream = read_stream(folder.metrics) if topology.node_rank == 0 else MetricsStream([], 0)
+    return _finish(topology, folder, context, run.fingerprint, stream)
 
 
-def _write_attempt(recipe: RenderedRecipe, run_dir: Path, layout: Layout, device: str, topology: Topology):
-    """config.py of this attempt and the command that trains it."""
-    config_path = run_dir / "config.py"
-    config_path.write_text(recipe.text)
-    deepspeed = write_float32_deepspeed_config(run_dir) if recipe.float32 else DEEPSPEED_CONFIG
-    return training_plan(
-        config_path,
-        run_dir / "xtuner",
-        run_dir / "logs" / f"node-{topology.node_rank}",
-        layout.root,
-        device,
-        topology,
-        recipe.cfg_options,
-        deepspeed,
-    )
-
-
-def _train(plan, run_dir: Path, request: RunRequest, options: RecipeOptions, console: Console, sizing, heads):
-    """One training attempt to its end: its outcome, and when it started, how long it
-    took and how it ended (the verdict's timing.attempts; ``launched``: epoch seconds)."""
-    started_at, launched, started = utc_now(), time.time(), time.monotonic()
-    printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
-    outcome = supervise(
-        plan,
-        run_dir / "xtuner",
-        _stop_check(request.criteria, printer),
-        request.watchdog,
-        out_of_memory_hint=out_of_memory_hint_at(sizing, heads, min(PINNED_LOG_INTERVAL, options.max_iters)),
-    )
-    if outcome.termination.kind not in ("completed", "stopped_on_target"):
-        # said here too: should the verdict not be writable (a full disk), the console has it
-        console.print(f"[yellow]training {outcome.termination.kind}[/]: {outcome.termination.detail}", highlight=False)
-    return outcome, {
-        "started_at": started_at,
-        "ended_at": outcome.ended_at,
-        "wall_seconds": round(time.monotonic() - started, 3),
-        "termination": outcome.termination.kind,
-        "detail": outcome.termination.detail,
-        "launched": launched,
-    }
-
-
-def _trainer_startup(work_dir: Path, launched_at: float) -> dict | None:
-    """The trainer's start-up parts from rank 0's notes (none when it never built its runner)."""
-    try:
-        events = json.loads((work_dir / STARTUP_EVENTS_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return trainer_startup(events, launched_at)
-
-
-def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint, stream: MetricsStream) -> RunResult:
+def _finish(
+    topology: Topology, folder: RunFolder, context, fingerprint: Fingerprint, stream: MetricsStream
+) -> RunResult:
     """Node 0 writes the verdict and tells the others the job's status; they write node-<rank>.json."""
     if topology.node_rank == 0:
         verdict = verdict_mod.build(context, stream)
-        path = verdict_mod.write(run_dir, verdict)
-        write_report(run_dir, verdict)
+        path = verdict_mod.write(folder.path, verdict)
+        write_report(folder.path, verdict)
         share_status(topology, verdict["status"])
         return RunResult(verdict, path, verdict["exit_code"])
     local = verdict_mod.build(context, stream)
@@ -368,8 +303,8 @@ def _finish(topology: Topology, run_dir: Path, context, fingerprint: Fingerprint
         "problems": context.problems,
         "termination": local["termination"],
         "fingerprint": asdict(fingerprint),
-        "log_tails": log_tails(run_dir / "logs" / f"node-{topology.node_rank}"),
+        "log_tails": log_tails(folder.logs),
     }
-    path = run_dir / f"node-{topology.node_rank}.json"
+    path = folder.node_document
     verdict_mod.write_atomic(path, json.dumps(document, indent=2) + "\n")
     return RunResult(document, path, document["exit_code"])
