@@ -179,7 +179,12 @@ def _sizing_lines(recipe: dict, timing: dict) -> list[str]:
             f"Memory: {memory['unchecked_llm_layers']} LLM layers unchecked"
             + (", NF4 dequantized" if memory["dequantize_nf4"] else "")
             + f", {memory['predicted_peak_mib']:,} MiB predicted for the heaviest micro-batch against "
-            f"{memory['budget_mib']:,} MiB ({memory['memory_share']:.0%} of {memory['gpu_memory_mib']:,}).",
+            f"{memory['budget_mib']:,} MiB ({memory['memory_share']:.0%} of {memory['gpu_memory_mib']:,})"
+            + (
+                " (the 20B shapes' figure: an upper bound for this smaller model)."
+                if memory.get("upper_bound")
+                else "."
+            ),
             "",
         ]
     attempts = timing.get("attempts") or []

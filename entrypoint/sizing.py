@@ -17,7 +17,7 @@ from bench.levers import (
     size_memory_levers,
     worst_peak_mib,
 )
-from bench.memory_model import MEMORY_SHARE, budget_mib
+from bench.memory_model import MEMORY_SHARE, budget_mib, shapes_against_measured
 from bench.micro_batches import MicroBatchPlan, RecordLengths, bounded, plan
 from bench.recipe import RecipeOptions
 from bench.tokenization import RECIPE_MAX_LENGTH
@@ -40,6 +40,7 @@ class Sizing:
             + (", NF4 dequantized" if levers.dequantize_nf4 else "")
             + f" for the heaviest micro-batch ({heavy.samples} x {heavy.text_tokens} text tokens, step {heavy.step}): "
             f"{self.memory['predicted_peak_mib']:,} MiB predicted of {self.memory['gpu_memory_mib']:,}"
+            + (" (the 20B shapes' figure: an upper bound for this smaller model)" if self.memory["upper_bound"] else "")
         )
 
 
@@ -86,12 +87,25 @@ def size_run(
         return Sizing(options, run_plan, {"sized": False, "why": "not on GPUs"}, None)
     if options.levers.stock:
         return Sizing(options, run_plan, {"sized": False, "why": "every lever off (--stock, or a user's config)"}, None)
+    against_measured = shapes_against_measured(shapes)
+    if against_measured == "larger":
+        why = (
+            "the model is larger than the 20B shapes the memory model was measured on: the memory levers keep "
+            "their safe defaults"
+        )
+        return Sizing(options, run_plan, {"sized": False, "why": why}, None)
     precision, layers, heads = options.precision, shapes["llm"]["layers"], shapes["llm"]["heads"]
     levers, memory = size_memory_levers(options.levers, request, precision, run_plan, gpu_memory_mib, layers, heads)
-    memory = {"sized": True, "why": None, "memory_share": MEMORY_SHARE, **memory}
+    upper_bound = against_measured == "smaller"
+    memory = {"sized": True, "why": None, "memory_share": MEMORY_SHARE, "upper_bound": upper_bound, **memory}
     problem = None
     lean = leanest(levers, request, supports_sdpa)
-    if lengths is not None and worst_peak_mib(lean, precision, run_plan, heads) > budget_mib(gpu_memory_mib):
+    # an upper bound over the budget refuses nothing: this model may still fit
+    if (
+        lengths is not None
+        and not upper_bound
+        and worst_peak_mib(lean, precision, run_plan, heads) > budget_mib(gpu_memory_mib)
+    ):
         problem = _no_setting_fits(lengths, options, lean, run_plan, world_size, shapes, gpu_memory_mib)
     return Sizing(replace(options, levers=levers), run_plan, memory, problem)
 

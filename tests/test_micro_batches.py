@@ -9,13 +9,16 @@ prepare_inputs_labels_for_multimodal with the layout's LLM.
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
 from bench.layout import Layout
 from bench.levers import Levers
+from bench.memory_model import shapes_against_measured
 from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
 from bench.tokenization import cache_name
@@ -121,11 +124,11 @@ def test_a_run_longer_than_the_epochs_it_plans_says_it_was_cut():
     assert "cut at" in planned.detail and planned.micro_iterations == 16 * 2
 
 
-REAL_SHAPES = {"llm": {"layers": 48, "heads": 48}, "vit": {"image_size": 336, "patch": 14}}
+REAL_SHAPES = {"llm": asdict(INTERNLM2_20B), "vit": asdict(CLIP_VIT_L_336)}
 
 
-def sized(folder: Path, gpu_mib: int, per_device_batch: int = 32):
-    """What `run` on GPUs of ``gpu_mib`` chooses for the tokenized dataset in ``folder``, with the real shapes."""
+def sized(folder: Path, gpu_mib: int, per_device_batch: int = 32, shapes: dict = REAL_SHAPES):
+    """What `run` on GPUs of ``gpu_mib`` chooses for the tokenized dataset in ``folder`` (real shapes by default)."""
     from bench.levers import LeverRequest, resolve_levers
     from entrypoint.sizing import size_run
     from entrypoint.tokenized_cache import Tokenization
@@ -133,7 +136,7 @@ def sized(folder: Path, gpu_mib: int, per_device_batch: int = 32):
     levers, _ = resolve_levers(LeverRequest(), "cuda", "nf4", supports_sdpa=True)
     options = RecipeOptions(device="cuda", per_device_batch=per_device_batch, max_steps=60, levers=levers)
     built = Tokenization("built", str(folder), None, None, 0.0, None)
-    return size_run(options, LeverRequest(), built, 1, REAL_SHAPES, [gpu_mib], supports_sdpa=True)
+    return size_run(options, LeverRequest(), built, 1, shapes, [gpu_mib], supports_sdpa=True)
 
 
 def test_the_synthetic_text_is_llava_pretrains_length(tokenized):
@@ -143,8 +146,6 @@ def test_the_synthetic_text_is_llava_pretrains_length(tokenized):
 
 
 def test_longer_captions_on_the_same_gpu_leave_fewer_layers_unchecked(synthetic_layout, tokenized, tmp_path):
-    from dataclasses import replace
-
     from bench.synth import write_real_shape_layout
     from bench.synth_spec import SynthSpec
 
@@ -169,3 +170,18 @@ def test_a_micro_batch_no_setting_fits_is_refused_with_a_batch_that_does(tokeniz
     assert f"step {longest.step} " in problem.problem and longest.records[0] in problem.problem
     assert "--per-device-batch 16 --global-batch 32" in problem.fix
     assert sized(tokenized, 30_000, per_device_batch=16).problem is None
+
+
+def test_the_memory_figures_bound_a_smaller_model_and_say_nothing_of_a_larger_one(tokenized):
+    """The figures were measured on the 20B shapes: a smaller model (a test's tiny one)
+    gets them as an upper bound that refuses nothing; a larger one is not sized."""
+    tiny = {"llm": {**REAL_SHAPES["llm"], "hidden": 64, "layers": 2}, "vit": REAL_SHAPES["vit"]}
+    larger = {"llm": {**REAL_SHAPES["llm"], "layers": 60}, "vit": REAL_SHAPES["vit"]}
+    assert [shapes_against_measured(s) for s in (REAL_SHAPES, tiny, larger)] == ["measured", "smaller", "larger"]
+    real, bounded = sized(tokenized, 30_000), sized(tokenized, 30_000, shapes=tiny)
+    assert real.problem is not None and real.memory["upper_bound"] is False
+    assert bounded.problem is None and bounded.memory["upper_bound"] is True
+    assert "an upper bound for this smaller model" in sized(tokenized, 143_771, shapes=tiny).described()
+    unsized = sized(tokenized, 143_771, shapes=larger)
+    assert unsized.memory["sized"] is False and "larger than the 20B shapes" in unsized.memory["why"]
+    assert unsized.options.levers.unchecked_llm_layers == 0 and unsized.problem is None
