@@ -84,6 +84,16 @@ def torchrun_gloo(script: str, processes: int, *args: str) -> subprocess.Complet
     )
 
 
+def cli_argv(*args: str) -> list[str]:
+    """The real CLI's command line, as a user would run it."""
+    return [sys.executable, "-m", "entrypoint", *args]
+
+
+def run_argv(root, out, *args: str) -> list[str]:
+    """`llava-bench run` on the layout ``root`` with its results in ``out``."""
+    return cli_argv("run", "--root", str(root), "--out", str(out), *args)
+
+
 def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "entrypoint", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run(cli_argv(*args), capture_output=True, text=True, **kwargs)

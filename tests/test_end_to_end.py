@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from bench import verdict as verdict_mod
 from bench.layout import Layout
 from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
-from tests.conftest import ENDLESS_STEPS, llava_bench, tree_digest
+from tests.conftest import ENDLESS_STEPS, llava_bench, run_argv, tree_digest
 
 DEMO_ARGS = [
     "--device",
@@ -356,14 +355,7 @@ def _training(endless_layout, out: Path) -> subprocess.Popen:
     """`llava-bench run` on CPU for far more steps than a test waits, once it really trains."""
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "entrypoint",
-            "run",
-            "--root",
-            str(endless_layout),
-            "--out",
-            str(out),
+            *run_argv(endless_layout, out),
             "--device",
             "cpu",
             "--per-device-batch",
@@ -435,14 +427,7 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     tokenize the dataset are gone, the tokenizer's half-written folder with it."""
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "entrypoint",
-            "run",
-            "--root",
-            str(synthetic_layout),
-            "--out",
-            str(tmp_path),
+            *run_argv(synthetic_layout, tmp_path),
             "--tokenized-cache",
             *DEMO_ARGS,
         ],

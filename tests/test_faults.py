@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENDLESS_STEPS
+from tests.conftest import ENDLESS_STEPS, cli_argv, run_argv
 from tests.test_end_to_end import DEMO_ARGS
 
 
@@ -76,14 +76,7 @@ def test_a_full_results_filesystem_at_the_start_is_one_line_and_exit_3(synthetic
         fill(full)
         done = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "entrypoint",
-                "run",
-                "--root",
-                str(synthetic_layout),
-                "--out",
-                str(full / "results"),
+                *run_argv(synthetic_layout, full / "results"),
                 *DEMO_ARGS,
             ],
             capture_output=True,
@@ -101,14 +94,7 @@ def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(endle
     with tmpfs(tmp_path / "small", "2200m") as small:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "entrypoint",
-                "run",
-                "--root",
-                str(endless_layout),
-                "--out",
-                str(small / "results"),
+                *run_argv(endless_layout, small / "results"),
                 *DEMO_ARGS[:-6],
                 "--max-steps",
                 str(ENDLESS_STEPS),
@@ -175,7 +161,7 @@ def test_every_command_shows_its_flags_as_flags_and_one_default_root(command):
     """A flag's help shows no <bool> (it takes no value), and every command that reads a
     layout defaults to the same root, /llava (demo and perf write their own)."""
     done = subprocess.run(
-        [sys.executable, "-m", "entrypoint", command, "--help"],
+        cli_argv(command, "--help"),
         capture_output=True,
         text=True,
         timeout=60,

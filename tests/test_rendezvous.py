@@ -12,11 +12,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from bench.layout import Layout
+from tests.conftest import cli_argv, run_argv
 
 SCHEDULER_VARIABLES = (
     "WORLD_SIZE",
@@ -84,7 +84,7 @@ def start_node(root, scheduler_env: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_VARIABLES and not k.startswith(("SLURM_", "PET_"))}
     env.update(scheduler_env, GLOO_SOCKET_IFNAME="lo")
     return subprocess.Popen(
-        [sys.executable, "-m", "entrypoint", "check-cluster", "--root", str(root), "--device", "cpu", "--json"],
+        cli_argv("check-cluster", "--root", str(root), "--device", "cpu", "--json"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -138,14 +138,7 @@ def test_run_on_two_nodes_writes_verdict_on_node_0_and_node_json_elsewhere(synth
         nodes.append(
             subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "entrypoint",
-                    "run",
-                    "--root",
-                    str(synthetic_layout),
-                    "--out",
-                    str(tmp_path / f"node{rank}"),
+                    *run_argv(synthetic_layout, tmp_path / f"node{rank}"),
                     "--device",
                     "cpu",
                     "--json",

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from contextlib import contextmanager
 
 from bench import verdict as verdict_mod
 from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
-from tests.conftest import tree_digest
+from tests.conftest import cli_argv, tree_digest
 
 
 @contextmanager
@@ -48,7 +47,7 @@ def test_two_concurrent_runs_on_read_only_data_and_models(layout_copy):
         assert probe.returncode != 0  # the mount really is read-only
         runs = [
             subprocess.Popen(
-                [sys.executable, "-m", "entrypoint", "run", *arguments],
+                cli_argv("run", *arguments),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

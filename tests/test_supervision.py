@@ -19,7 +19,7 @@ from bench.layout import Layout
 from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint.diagnose import diagnose
 from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
-from tests.conftest import DATA, ENDLESS_STEPS, llava_bench
+from tests.conftest import DATA, ENDLESS_STEPS, llava_bench, run_argv
 
 CPU = ["--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH)]
 
@@ -54,14 +54,7 @@ def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tm
 def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(endless_layout, tmp_path):
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "entrypoint",
-            "run",
-            "--root",
-            str(endless_layout),
-            "--out",
-            str(tmp_path),
+            *run_argv(endless_layout, tmp_path),
             *CPU,
             "--max-steps",
             str(ENDLESS_STEPS),
@@ -137,14 +130,7 @@ def test_nccl_timeout_points_at_the_network_variables():
 def test_sigint_is_handled_like_sigterm(endless_layout, tmp_path):
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "entrypoint",
-            "run",
-            "--root",
-            str(endless_layout),
-            "--out",
-            str(tmp_path),
+            *run_argv(endless_layout, tmp_path),
             *CPU,
             "--max-steps",
             str(ENDLESS_STEPS),
