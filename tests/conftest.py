@@ -84,6 +84,10 @@ def torchrun_gloo(script: str, processes: int, *args: str) -> subprocess.Complet
     )
 
 
+# A run or perf on this machine's CPU at the demo's per-device batch.
+CPU = ("--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH))
+
+
 def cli_argv(*args: str) -> list[str]:
     """The real CLI's command line, as a user would run it."""
     return [sys.executable, "-m", "entrypoint", *args]

@@ -26,9 +26,8 @@ import docker
 import pytest
 
 from bench import verdict as verdict_mod
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint import __version__
-from tests.conftest import ENDLESS_STEPS, tree_digest
+from tests.conftest import CPU, ENDLESS_STEPS, tree_digest
 
 pytestmark = pytest.mark.container
 
@@ -54,10 +53,7 @@ QUICK_RUN = [
     "run",
     "--root",
     "/llava",
-    "--device",
-    "cpu",
-    "--per-device-batch",
-    str(DEMO_PER_DEVICE_BATCH),
+    *CPU,
     "--max-steps",
     "20",
     "--target-loss",

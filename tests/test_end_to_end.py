@@ -20,7 +20,7 @@ import pytest
 from bench import verdict as verdict_mod
 from bench.layout import Layout
 from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
-from tests.conftest import ENDLESS_STEPS, llava_bench, run_argv, tree_digest
+from tests.conftest import CPU, ENDLESS_STEPS, llava_bench, run_argv, tree_digest
 
 DEMO_ARGS = [
     "--device",
@@ -356,10 +356,7 @@ def _training(endless_layout, out: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [
             *run_argv(endless_layout, out),
-            "--device",
-            "cpu",
-            "--per-device-batch",
-            str(DEMO_PER_DEVICE_BATCH),
+            *CPU,
             "--max-steps",
             str(ENDLESS_STEPS),
         ],

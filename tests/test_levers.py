@@ -32,7 +32,7 @@ from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
 from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from bench.tokenization import COMPLETENESS_RECORD, cache_name
-from tests.conftest import llava_bench, torchrun_gloo
+from tests.conftest import CPU, llava_bench, torchrun_gloo
 
 H100 = [81559] * 8
 H200 = [143771] * 8
@@ -418,22 +418,18 @@ def test_dequantizing_is_refused_where_it_cannot_apply():
         RecipeOptions(device="cpu", levers=Levers(dequantize_nf4=True))
 
 
+def perf_on_cpu(root: Path, out: Path, *args: str):
+    """`llava-bench perf` of 30 steps on this machine's CPU at the demo's batch."""
+    return llava_bench("perf", "--root", str(root), "--out", str(out), "--steps", "30", *CPU, *args)
+
+
 def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthetic_layout, tmp_path):
     """`llava-bench perf` on CPU: real runs of the stock recipe, stock again (its noise)
     and 2 dataloader workers with pinned memory; the same samples in the same order give
     the same losses and the same projector after the last step."""
-    done = llava_bench(
-        "perf",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--steps",
-        "30",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
+    done = perf_on_cpu(
+        synthetic_layout,
+        tmp_path,
         "--variant",
         "stock",
         "--variant",
@@ -472,18 +468,9 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
     assert stock["times_limit"] == stock["seconds_per_step"] / stock["limit_seconds_per_step"]
     for row in report["rows"]:
         verdict_mod.validate(json.loads((Path(row["run_dir"]) / "verdict.json").read_text()))
-    again = llava_bench(
-        "perf",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--steps",
-        "30",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
+    again = perf_on_cpu(
+        synthetic_layout,
+        tmp_path,
         "--variant",
         "stock",
         "--json",
@@ -538,10 +525,7 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
         str(layout_copy),
         "--out",
         str(tmp_path / "broken"),
-        "--device",
-        "cpu",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
+        *CPU,
         "--max-steps",
         "20",
         "--target-loss",
@@ -665,10 +649,7 @@ def _cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProc
         str(layout),
         "--out",
         str(out),
-        "--device",
-        "cpu",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
+        *CPU,
         "--max-steps",
         "20",
         "--target-loss",

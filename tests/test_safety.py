@@ -8,8 +8,8 @@ import subprocess
 from contextlib import contextmanager
 
 from bench import verdict as verdict_mod
-from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
-from tests.conftest import cli_argv, tree_digest
+from bench.synth_spec import DEMO_CRITERIA
+from tests.conftest import CPU, cli_argv, tree_digest
 
 
 @contextmanager
@@ -33,10 +33,7 @@ def test_two_concurrent_runs_on_read_only_data_and_models(layout_copy):
     arguments = [
         "--root",
         str(layout_copy),
-        "--device",
-        "cpu",
-        "--per-device-batch",
-        str(DEMO_PER_DEVICE_BATCH),
+        *CPU,
         "--max-steps",
         "20",
         "--target-loss",

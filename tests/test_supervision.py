@@ -16,12 +16,9 @@ from pathlib import Path
 
 from bench import verdict as verdict_mod
 from bench.layout import Layout
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH
 from entrypoint.diagnose import diagnose
 from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
-from tests.conftest import DATA, ENDLESS_STEPS, llava_bench, run_argv
-
-CPU = ["--device", "cpu", "--per-device-batch", str(DEMO_PER_DEVICE_BATCH)]
+from tests.conftest import CPU, DATA, ENDLESS_STEPS, llava_bench, run_argv
 
 
 def verdict_of(out: Path) -> dict:
