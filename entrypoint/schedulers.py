@@ -27,6 +27,9 @@ class Reading:
     master_port: int | None = None
     world_size_reading: str | None = None
     origins: dict[str, str] = field(default_factory=dict)
+    # The convention reads WORLD_SIZE itself (or its values override it): detect()
+    # then does not hold a WORLD_SIZE beside it against what it says.
+    accounts_for_world_size: bool = False
 
 
 def read_int(env: Mapping[str, str], name: str, minimum: int = 0) -> int | None:
@@ -148,6 +151,7 @@ def _pytorchjob(env) -> Reading | None:
         port,
         "processes" if world_size else None,
         origins,
+        accounts_for_world_size=True,
     )
 
 

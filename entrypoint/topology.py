@@ -118,7 +118,16 @@ def _explicit(env) -> Reading | None:
         master_addr=(addr, f"{addr_name}={addr}"),
         master_port=(port, port_origin),
     )
-    return Reading("explicit NNODES/NODE_RANK/ADDR/PORT", nnodes, node_rank, None, addr, port, origins=origins)
+    return Reading(
+        "explicit NNODES/NODE_RANK/ADDR/PORT",
+        nnodes,
+        node_rank,
+        None,
+        addr,
+        port,
+        origins=origins,
+        accounts_for_world_size=True,
+    )
 
 
 def _world_size_convention(
@@ -156,7 +165,7 @@ def _world_size_convention(
         origins["nnodes"] = f"WORLD_SIZE={world_size} read as nodes ({why})"
         if rank is not None:
             origins["node_rank"] = f"RANK={rank} read as the node rank"
-        return Reading("WORLD_SIZE/RANK (nodes)", world_size, rank, None, addr, port, "nodes", origins)
+        return Reading("WORLD_SIZE/RANK (nodes)", world_size, rank, None, addr, port, "nodes", origins, True)
     if local_world_size is None:
         raise TopologyError(
             f"WORLD_SIZE={world_size} read as processes needs LOCAL_WORLD_SIZE (processes per node) "
@@ -179,6 +188,7 @@ def _world_size_convention(
         port,
         "processes",
         origins,
+        accounts_for_world_size=True,
     )
 
 
@@ -209,7 +219,13 @@ def detect(
         schedulers = [legacy] if legacy else []
     chosen = explicit or (schedulers[0] if schedulers else None)
     if chosen is None:
-        chosen = Reading("single node (no scheduler variables)", 1, 0, origins={"nnodes": "default: one node"})
+        chosen = Reading(
+            "single node (no scheduler variables)",
+            1,
+            0,
+            origins={"nnodes": "default: one node"},
+            accounts_for_world_size=True,
+        )
     # Explicit values win; a scheduler fills in what they leave out.
     fallback = schedulers[0] if explicit and schedulers else None
     origins = dict(chosen.origins)
@@ -261,8 +277,8 @@ def _check_world_size(env, chosen: Reading, world_size_means: str | None, nnodes
     """A WORLD_SIZE beside a scheduler's own variables must count what they say: the
     nodes or the processes (as --world-size-means says, else either); never ignored."""
     world_size = read_int(env, "WORLD_SIZE", 1)
-    if world_size is None or chosen.source.startswith(("WORLD_SIZE", "explicit", "Kubeflow", "single node")):
-        return  # read by the convention itself, overridden by explicit values, or checked by PyTorchJob's
+    if world_size is None or chosen.accounts_for_world_size:
+        return
     readings = {"nodes": nnodes, "processes": nnodes * nproc}
     allowed = [readings[world_size_means]] if world_size_means else list(readings.values())
     if world_size not in allowed:
