@@ -1,4 +1,4 @@
-# llava-bench: the appliance image (DESIGN §6). Everything the training stack needs is
+# llava-bench: the appliance image (docs/RECIPE.md, "XTuner versions"). Everything the training stack needs is
 # pinned in constraints/image.txt; the appliance itself is installed last, so a code
 # change rebuilds one thin layer. Build: make image.
 ARG BASE_IMAGE=nvcr.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04
@@ -41,7 +41,7 @@ RUN apt-get update \
 
 COPY constraints/ /opt/llava-bench/constraints/
 RUN pip install --constraint /opt/llava-bench/${CONSTRAINTS} ${TORCH_INDEX_URL:+--extra-index-url ${TORCH_INDEX_URL}} ${TORCH_REQUIREMENTS}
-# The pinned commit declares python_requires <3.11 (FACTS.md); its code runs on newer ones.
+# The pinned commit declares python_requires >=3.8,<3.11: a newer PYTHON needs the flag, and its code runs there.
 RUN pip install --constraint /opt/llava-bench/${CONSTRAINTS} --ignore-requires-python "${XTUNER_REQUIREMENT}"
 RUN if [ -n "${FLASH_ATTN_WHEEL}" ]; then pip install --no-deps "${FLASH_ATTN_WHEEL}"; fi
 

@@ -2,7 +2,7 @@
 
 The trainer runs in its own process group so that one signal reaches torchrun and
 every rank; its output goes to files under ``logs/`` (XTuner's own log omits
-tracebacks). ``xtuner train`` is not used: it drops the exit code (FACTS.md).
+tracebacks). ``xtuner train`` is not used: it returns 0 even when the trainer crashed.
 """
 
 from __future__ import annotations
