@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.trainer import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
+from bench.projector_snapshots import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
 
 # The reference runs, in order of preference, and whose difference from each is the
 # rounding a variant is allowed: against exact, stock's (its half precision); against

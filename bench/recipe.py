@@ -20,7 +20,7 @@ from bench.layout import Layout
 from bench.levers import Levers
 from bench.memory_model import GPU_MEMORY_CAP_VARIABLE
 from bench.micro_batches import iterations_an_epoch
-from bench.trainer import COMPARED_STEPS
+from bench.projector_snapshots import COMPARED_STEPS
 
 PRECISIONS = ("nf4", "bf16")
 STOCK_PER_DEVICE_BATCH = 32

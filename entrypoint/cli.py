@@ -17,9 +17,9 @@ import typer
 from bench.criteria import EXIT_CODES, Criteria
 from bench.layout import Layout
 from bench.levers import LeverRequest
+from bench.projector_snapshots import COMPARED_STEPS
 from bench.recipe import STOCK_PER_DEVICE_BATCH, RecipeOptions
 from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, REAL_SHAPE_SPEC, SynthSpec
-from bench.trainer import COMPARED_STEPS
 from entrypoint import __version__, cli_cluster, cli_layout, cli_results
 from entrypoint.cli_layout import write_synthetic
 from entrypoint.cli_options import (

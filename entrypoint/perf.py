@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.layout import Layout
 from bench.levers import APPLIANCE_DATALOADER_WORKERS, STOCK, Levers, lever_arguments
 from bench.perf_compare import PerfRow, ProjectorComparison, compare, compare_projectors, write_perf_report
-from bench.trainer import COMPARED_STEPS
+from bench.projector_snapshots import COMPARED_STEPS
 
 
 def _stock_but(**on) -> list[str]:

@@ -549,7 +549,7 @@ def _saved_projector(folder: Path, initial, gradient, compared) -> dict:
     """A run folder holding the three projector snapshots; its verdict as perf reads it."""
     from safetensors.torch import save_file
 
-    from bench.trainer import PROJECTOR_SNAPSHOTS
+    from bench.projector_snapshots import PROJECTOR_SNAPSHOTS
 
     (folder / "xtuner").mkdir(parents=True)
     for key, tensor in (("before_train", initial), ("first_gradient", gradient), ("after_compared_steps", compared)):

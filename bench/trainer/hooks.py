@@ -12,8 +12,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from bench.projector_snapshots import PROJECTOR_SNAPSHOTS
 from bench.ranks import RANK_TIMES_FOLDER
-from bench.trainer import PROJECTOR_SNAPSHOTS
 
 
 class ProjectorSnapshotHook(Hook):
