@@ -40,6 +40,14 @@ class Criteria:
 
 
 @dataclass(frozen=True)
+class Watchdog:
+    """A run that shows no progress is stopped rather than left to hold the cluster."""
+
+    startup_seconds: float = 3600.0  # launch to the first metrics record
+    stall_seconds: float = 1800.0  # between metrics records once training runs
+
+
+@dataclass(frozen=True)
 class Termination:
     """How the training process ended, as the launcher saw it."""
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench.criteria import EXIT_CODES, Criteria
+from bench.criteria import EXIT_CODES, Criteria, Watchdog
 from bench.layout import Layout
 from bench.levers import LeverRequest
 from bench.projector_snapshots import COMPARED_STEPS
@@ -37,7 +37,6 @@ from entrypoint.cli_options import (
     with_lever_options,
 )
 from entrypoint.cli_results import run_to_verdict
-from entrypoint.launch import Watchdog
 
 app = typer.Typer(
     help="llava-bench: pretrain LLaVA-InternLM2-20B with XTuner + DeepSpeed ZeRO-2 and write a verdict.",

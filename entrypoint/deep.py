@@ -18,7 +18,8 @@ from pathlib import Path
 from bench.inputs import DatasetJson
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
 from bench.memory_model import REQUIRED_MIB
-from entrypoint.preflight import Problem, examples
+from entrypoint.preflight import examples
+from entrypoint.problem import Problem
 
 LLM_ARCHITECTURES = {
     "InternLM2ForCausalLM",  # the real model

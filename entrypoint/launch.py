@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.criteria import Termination
+from bench.criteria import Termination, Watchdog
 from bench.metrics import MetricsRecord, find_stream, parse_line
 from entrypoint.diagnose import DISK_FULL, diagnose, last_lines, logs_report
 from entrypoint.plans import LaunchPlan
@@ -150,14 +150,6 @@ def disk_full_at(folder: Path) -> str | None:
     except OSError:
         return None
     return f"disk full at {folder}" if stats.f_bavail * stats.f_frsize < DISK_FULL_BYTES else None
-
-
-@dataclass(frozen=True)
-class Watchdog:
-    """A run that shows no progress is stopped rather than left to hold the cluster."""
-
-    startup_seconds: float = 3600.0  # launch to the first metrics record
-    stall_seconds: float = 1800.0  # between metrics records once training runs
 
 
 def supervise(

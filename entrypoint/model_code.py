@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from entrypoint.child import JsonChild, answer_main
-from entrypoint.preflight import Problem
+from entrypoint.problem import Problem
 
 PROBE_TIMEOUT_SECONDS = 180
 LLM_REPO = "internlm/internlm2-chat-20b"

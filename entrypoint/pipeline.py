@@ -29,7 +29,8 @@ from entrypoint.cluster import collective, local_fingerprint, log_tails
 from entrypoint.environment import gpu_inventory, software
 from entrypoint.launch import process_age_seconds, utc_now
 from entrypoint.memory_retry import re_sized_retry, set_aside_first_attempt
-from entrypoint.preflight import Problem, check_writable
+from entrypoint.preflight import check_writable
+from entrypoint.problem import Problem
 from entrypoint.request import RunRequest, RunResult, new_run_id
 from entrypoint.run_folder import RunFolder
 from entrypoint.run_preflight import preflight, recipe_record

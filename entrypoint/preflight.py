@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.config_facts import PATH_KEYS, ConfigUnreadable, read_facts
 from bench.inputs import BomError, DatasetJson, load_dataset
 from bench.layout import SOURCE_RECORD_NAME, Layout
+from entrypoint.problem import Problem
 
 EXAMPLES = 3  # offending records named per kind of problem
 WEIGHT_FILES = (
@@ -23,16 +23,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    problem: str
-    fix: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _has_weights(folder: Path) -> bool:

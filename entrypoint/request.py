@@ -9,11 +9,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from bench.criteria import Criteria
+from bench.criteria import Criteria, Watchdog
 from bench.levers import LeverRequest
 from bench.recipe import RecipeOptions
-from entrypoint.launch import Watchdog
-from entrypoint.preflight import Problem
+from entrypoint.problem import Problem
 from entrypoint.topology import Topology, TopologyError, detect
 
 

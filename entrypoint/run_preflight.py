@@ -30,7 +30,8 @@ from entrypoint import __version__
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
 from entrypoint.environment import gpu_inventory_details, xtuner_provenance
 from entrypoint.model_code import ModelCodeProbe
-from entrypoint.preflight import Problem, check_writable, inspect_layout
+from entrypoint.preflight import check_writable, inspect_layout
+from entrypoint.problem import Problem
 from entrypoint.request import RunRequest, resolve_device, run_topology
 from entrypoint.tokenized_cache import CacheBuild, cache_folder
 from entrypoint.topology import Topology

@@ -22,7 +22,7 @@ from bench.micro_batches import MicroBatchPlan, RecordLengths, bounded, plan
 from bench.recipe import RecipeOptions
 from bench.tokenization import RECIPE_MAX_LENGTH
 from entrypoint.agreement import exchange
-from entrypoint.preflight import Problem
+from entrypoint.problem import Problem
 
 
 @dataclass(frozen=True)
