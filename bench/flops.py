@@ -25,7 +25,7 @@ Hardware FLOPs, what the run's recipe executes (HFU divides these):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,16 @@ CLIP_VIT_L_336 = ViTShape(hidden=1024, layers=24, ffn=4096, image_size=336, patc
 def are_real_shapes(model_shapes: dict | None) -> bool:
     """Whether recorded model shapes (inputs.model_shapes) are InternLM2-20B and ViT-L/14-336."""
     return model_shapes == {"llm": asdict(INTERNLM2_20B), "vit": asdict(CLIP_VIT_L_336)}
+
+
+def against_real_shapes(model_shapes: dict) -> str:
+    """ "real" where the model has the real shapes, "smaller" where none of its
+    dimensions is larger (figures measured on the real shapes bound it), else "larger"."""
+    if are_real_shapes(model_shapes):
+        return "real"
+    pairs = [(model_shapes[part], real) for part, real in (("llm", INTERNLM2_20B), ("vit", CLIP_VIT_L_336))]
+    ratios = [part.get(f.name, 0) / getattr(real, f.name) for part, real in pairs for f in fields(real)]
+    return "smaller" if all(ratio <= 1 for ratio in ratios) else "larger"
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,7 @@ and how a smaller card is simulated on a larger one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
-from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
+from dataclasses import dataclass
 
 # What a GPU needs at batch 32 with the real shapes, by precision: the stock recipe's
 # measured peak (NF4 49,451 MiB, bf16 75,949 MiB on an H200, docs/PERFORMANCE.md) plus
@@ -45,18 +43,6 @@ EAGER_SCORES_BYTES_PER_ELEMENT = 4.8
 # H200 came at 122.21 GiB allocated by PyTorch of the card's 140.4: 13 % of it was
 # neither. The share is the margin the model errs safe by.
 MEMORY_SHARE = 0.85
-
-
-def shapes_against_measured(shapes: dict) -> str:
-    """ "measured" where the model has the shapes every figure above was measured on
-    (InternLM2-20B, CLIP ViT-L/336), "smaller" where none of its dimensions is larger
-    (the figures are then an upper bound of its memory), else "larger" (they say
-    nothing of it)."""
-    pairs = [(shapes[part], measured) for part, measured in (("llm", INTERNLM2_20B), ("vit", CLIP_VIT_L_336))]
-    ratios = [part.get(f.name, 0) / getattr(measured, f.name) for part, measured in pairs for f in fields(measured)]
-    if all(ratio == 1 for ratio in ratios):
-        return "measured"
-    return "smaller" if all(ratio <= 1 for ratio in ratios) else "larger"
 
 
 @dataclass(frozen=True)

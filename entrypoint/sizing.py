@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench.flops import against_real_shapes
 from bench.levers import (
     MEMORY_LEVERS,
     LeverRequest,
@@ -17,7 +18,7 @@ from bench.levers import (
     size_memory_levers,
     worst_peak_mib,
 )
-from bench.memory_model import MEMORY_SHARE, budget_mib, shapes_against_measured
+from bench.memory_model import MEMORY_SHARE, budget_mib
 from bench.micro_batches import MicroBatchPlan, RecordLengths, bounded, plan
 from bench.recipe import RecipeOptions
 from bench.tokenization import RECIPE_MAX_LENGTH
@@ -87,8 +88,8 @@ def size_run(
         return Sizing(options, run_plan, {"sized": False, "why": "not on GPUs"}, None)
     if options.levers.stock:
         return Sizing(options, run_plan, {"sized": False, "why": "every lever off (--stock, or a user's config)"}, None)
-    against_measured = shapes_against_measured(shapes)
-    if against_measured == "larger":
+    shapes_are = against_real_shapes(shapes)
+    if shapes_are == "larger":
         why = (
             "the model is larger than the 20B shapes the memory model was measured on: the memory levers keep "
             "their safe defaults"
@@ -96,7 +97,7 @@ def size_run(
         return Sizing(options, run_plan, {"sized": False, "why": why}, None)
     precision, layers, heads = options.precision, shapes["llm"]["layers"], shapes["llm"]["heads"]
     levers, memory = size_memory_levers(options.levers, request, precision, run_plan, gpu_memory_mib, layers, heads)
-    upper_bound = against_measured == "smaller"
+    upper_bound = shapes_are == "smaller"
     memory = {"sized": True, "why": None, "memory_share": MEMORY_SHARE, "upper_bound": upper_bound, **memory}
     problem = None
     lean = leanest(levers, request, supports_sdpa)

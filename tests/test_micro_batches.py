@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B
+from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B, against_real_shapes
 from bench.layout import Layout
 from bench.levers import Levers
-from bench.memory_model import shapes_against_measured
 from bench.micro_batches import RecordLengths, plan
 from bench.recipe import RecipeOptions, render
 from bench.tokenization import cache_name
@@ -177,7 +176,7 @@ def test_the_memory_figures_bound_a_smaller_model_and_say_nothing_of_a_larger_on
     gets them as an upper bound that refuses nothing; a larger one is not sized."""
     tiny = {"llm": {**REAL_SHAPES["llm"], "hidden": 64, "layers": 2}, "vit": REAL_SHAPES["vit"]}
     larger = {"llm": {**REAL_SHAPES["llm"], "layers": 60}, "vit": REAL_SHAPES["vit"]}
-    assert [shapes_against_measured(s) for s in (REAL_SHAPES, tiny, larger)] == ["measured", "smaller", "larger"]
+    assert [against_real_shapes(s) for s in (REAL_SHAPES, tiny, larger)] == ["real", "smaller", "larger"]
     real, bounded = sized(tokenized, 30_000), sized(tokenized, 30_000, shapes=tiny)
     assert real.problem is not None and real.memory["upper_bound"] is False
     assert bounded.problem is None and bounded.memory["upper_bound"] is True
