@@ -31,9 +31,10 @@ from entrypoint.launch import process_age_seconds, utc_now
 from entrypoint.memory_retry import re_sized_retry, set_aside_first_attempt
 from entrypoint.preflight import check_writable
 from entrypoint.problem import Problem
+from entrypoint.recipe_record import recipe_record
 from entrypoint.request import RunRequest, RunResult, new_run_id
 from entrypoint.run_folder import RunFolder
-from entrypoint.run_preflight import preflight, recipe_record
+from entrypoint.run_preflight import preflight
 from entrypoint.signals import AbortOnSignals, Interrupted, SignalFlag
 from entrypoint.sizing import Sizing, size_on_every_node
 from entrypoint.topology import Topology

@@ -17,7 +17,6 @@ from bench.levers import STOCK, resolve_levers, tokenized_cache_on
 from bench.memory_model import gpu_memory
 from bench.recipe import (
     PRECISIONS,
-    REFERENCE_GLOBAL_BATCH,
     RecipeOptions,
     RenderedRecipe,
     epoch_problem,
@@ -28,7 +27,7 @@ from bench.recipe import (
 )
 from entrypoint import __version__
 from entrypoint.deep import deep_problems, disk_problems, gpu_problems
-from entrypoint.environment import gpu_inventory_details, xtuner_provenance
+from entrypoint.environment import gpu_inventory_details
 from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import check_writable, inspect_layout
 from entrypoint.problem import Problem
@@ -238,44 +237,3 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
         list(memory.for_defaults),
         supports_sdpa,
     )
-
-
-def recipe_record(recipe: RenderedRecipe, options: RecipeOptions, world_size: int, sizing=None) -> dict:
-    """What ran, read back from the config XTuner was given and its --cfg-options; with
-    the run's micro-batches and what the memory model predicted for them (``sizing``)."""
-    xtuner_version, xtuner_commit = xtuner_provenance()
-    facts = read_facts(recipe.text, recipe.cfg_options)
-    global_batch = facts.per_device_batch * facts.accumulative_counts * world_size
-    records = sizing.plan.records if sizing is not None else None
-    return {
-        "source": recipe.source,
-        "config_sha256": recipe.sha256,
-        "appliance_version": __version__,
-        "xtuner_version": xtuner_version,
-        "xtuner_commit": xtuner_commit,
-        "precision": facts.precision,
-        "device": options.device,
-        "per_device_batch": facts.per_device_batch,
-        "accumulative_counts": facts.accumulative_counts,
-        "global_batch": global_batch,
-        "reference_global_batch": REFERENCE_GLOBAL_BATCH,
-        "on_reference_schedule": global_batch == REFERENCE_GLOBAL_BATCH,
-        "max_iters": facts.max_iters,
-        "lr": facts.lr,
-        "schedule": facts.schedule,
-        "max_length": facts.max_length,
-        "paths": facts.paths,
-        "records_after_filters": records,
-        # read back from neither the config nor the tokenized dataset: not restated from defaults
-        "unverified": facts.unreadable()
-        + ([] if records is not None else ["records_after_filters (XTuner filters them inside the trainer)"]),
-        "seed": options.seed,
-        "levers": options.levers.as_dict(),
-        "deviations": recipe.deviations,
-        "cfg_options": recipe.cfg_options,
-        **(
-            {"micro_batches": sizing.plan.summary(), "memory": sizing.memory}
-            if sizing is not None
-            else {"micro_batches": None, "memory": None}
-        ),
-    }
