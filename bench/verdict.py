@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import jsonschema
+from referencing import Registry, Resource
 
 from bench.criteria import EXIT_CODES, Criteria, Termination, judge, log_interval
 from bench.metrics import MetricsStream, read_stream
@@ -114,13 +115,27 @@ def _unobserved_notes(context: RunContext, stream: MetricsStream) -> list[str]:
     ]
 
 
-def schema() -> dict:
-    return json.loads(resources.files("schemas").joinpath("verdict.schema.json").read_text())
+def schema(name: str = "verdict.schema.json") -> dict:
+    """One of the appliance's schemas (schemas/): the verdict's by default."""
+    return json.loads(resources.files("schemas").joinpath(name).read_text())
 
 
 def validate(verdict: dict) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``verdict`` matches the schema."""
     jsonschema.Draft202012Validator(schema()).validate(verdict)
+
+
+def validate_node_document(document: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` unless a node other than 0's node-<rank>.json
+    matches its schema (whose termination and problems are the verdict schema's)."""
+    verdict_schema = schema()
+    registry = Registry().with_resource(verdict_schema["$id"], Resource.from_contents(verdict_schema))
+    jsonschema.Draft202012Validator(schema("node.schema.json"), registry=registry).validate(document)
+
+
+def write_node_document(path: Path, document: dict) -> None:
+    validate_node_document(document)
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def dumps(verdict: dict) -> str:

@@ -7,7 +7,6 @@ one direction docs/ARCHITECTURE.md shows; where each file goes is the run's fold
 
 from __future__ import annotations
 
-import json
 import shutil
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -308,5 +307,5 @@ def _finish(
         "log_tails": log_tails(folder.logs),
     }
     path = folder.node_document
-    verdict_mod.write_atomic(path, json.dumps(document, indent=2) + "\n")
+    verdict_mod.write_node_document(path, document)
     return RunResult(document, path, document["exit_code"])

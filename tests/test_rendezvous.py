@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from bench import verdict as verdict_mod
 from bench.layout import Layout
 from tests.conftest import cli_argv, run_argv
 
@@ -158,5 +159,6 @@ def test_run_on_two_nodes_writes_verdict_on_node_0_and_node_json_elsewhere(synth
     assert verdict["topology"]["nnodes"] == 2
     (node_path,) = (tmp_path / "node1").glob("*/node-1.json")
     node = json.loads(node_path.read_text())
+    verdict_mod.validate_node_document(node)
     assert (node["node_rank"], node["status"], node["exit_code"]) == (1, "invalid", 2)
     assert node["reason"] == "node 0 reported the job's status: invalid"

@@ -205,6 +205,36 @@ def test_every_schema_property_has_a_description():
                 walk(node["items"], f"{where}[]")
 
     walk(verdict_mod.schema(), "verdict")
+    walk(verdict_mod.schema("node.schema.json"), "node")
+
+
+def test_a_node_document_is_held_to_its_schema_and_the_verdicts_vocabulary():
+    fingerprint = {
+        "appliance_version": "0.1.0",
+        "gpu_model": "cpu",
+        "gpu_count": 0,
+        "driver": None,
+        "recipe_sha256": "",
+        "dataset_sha256": None,
+        "preflight": "ok",
+    }
+    document = {
+        "node_rank": 1,
+        "run_id": "20261203-000000-abcdef",
+        "status": "pass",
+        "reason": "node 0 reported the job's status: pass",
+        "exit_code": 0,
+        "node_status": "pass",
+        "node_reason": "loss 1.0 < 2.3 at step 10",
+        "problems": [],
+        "termination": {"kind": "completed", "detail": "", "trainer_exit_code": 0},
+        "fingerprint": fingerprint,
+        "log_tails": {"rank0.stderr.log": ["done"]},
+    }
+    verdict_mod.validate_node_document(document)
+    for wrong in ({"status": "passed"}, {"termination": {"kind": "finished", "detail": "", "trainer_exit_code": 0}}):
+        with pytest.raises(jsonschema.ValidationError):
+            verdict_mod.validate_node_document({**document, **wrong})
 
 
 def test_throughput_skips_the_first_interval_and_states_the_window():
