@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -267,4 +267,49 @@ def _sagemaker(env) -> Reading | None:
     return Reading("Amazon SageMaker", len(hosts), hosts.index(current), nproc, hosts[0], port, origins=origins)
 
 
-SCHEDULERS = (_pytorchjob, _slurm, _openmpi, _volcengine, _modelarts, _sagemaker)
+@dataclass(frozen=True)
+class Scheduler:
+    """One scheduler's convention: every variable its reader reads (a container
+    launcher passes them all in: RANK_VARIABLES) and the reader."""
+
+    name: str
+    variables: tuple[str, ...]
+    read: Callable[[Mapping[str, str]], Reading | None]
+
+
+MASTER = ("MASTER_ADDR", "MASTER_PORT")
+SCHEDULERS = (
+    Scheduler(
+        "Kubeflow PyTorchJob",
+        (
+            "PET_NNODES",
+            "PET_NODE_RANK",
+            "PET_NPROC_PER_NODE",
+            "PET_MASTER_ADDR",
+            "PET_MASTER_PORT",
+            "RANK",
+            "WORLD_SIZE",
+        )
+        + MASTER,
+        _pytorchjob,
+    ),
+    Scheduler(
+        "SLURM",
+        ("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_NODELIST") + MASTER,
+        _slurm,
+    ),
+    Scheduler(
+        "OpenMPI", ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE") + MASTER, _openmpi
+    ),
+    Scheduler(
+        "Volcengine MLP",
+        ("MLP_WORKER_NUM", "MLP_ROLE_INDEX", "MLP_WORKER_0_HOST", "MLP_WORKER_0_PORT", "MLP_WORKER_GPU"),
+        _volcengine,
+    ),
+    Scheduler(
+        "Huawei ModelArts",
+        ("VC_WORKER_NUM", "MA_NUM_HOSTS", "VC_TASK_INDEX", "VC_WORKER_HOSTS", "MA_NUM_GPUS") + MASTER,
+        _modelarts,
+    ),
+    Scheduler("Amazon SageMaker", ("SM_HOSTS", "SM_CURRENT_HOST", "SM_NUM_GPUS", "MASTER_PORT"), _sagemaker),
+)

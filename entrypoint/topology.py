@@ -14,49 +14,23 @@ from itertools import combinations
 
 from entrypoint.schedulers import SCHEDULERS, Reading, TopologyError, first_set, origins_of, read_int, read_port
 
-# Every variable `detect` reads (and the network variables NCCL and gloo read), so
+# The variables of the explicit and the WORLD_SIZE conventions (read here), besides the
+# schedulers' own.
+EXPLICIT_VARIABLES = ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "ADDR", "PORT", "MASTER_ADDR", "MASTER_PORT")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Every variable `detect` reads, and the network variables NCCL and gloo read, so that
 # launchers such as `make run` can pass them into the container.
-RANK_VARIABLES = (
-    "NNODES",
-    "NODE_RANK",
-    "NPROC_PER_NODE",
-    "ADDR",
-    "PORT",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "WORLD_SIZE",
-    "RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "PET_NNODES",
-    "PET_NODE_RANK",
-    "PET_NPROC_PER_NODE",
-    "PET_MASTER_ADDR",
-    "PET_MASTER_PORT",
-    "SLURM_NNODES",
-    "SLURM_JOB_NUM_NODES",
-    "SLURM_NODEID",
-    "SLURM_JOB_NODELIST",
-    "SLURM_NODELIST",
-    "OMPI_COMM_WORLD_SIZE",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MLP_WORKER_NUM",
-    "MLP_ROLE_INDEX",
-    "MLP_WORKER_0_HOST",
-    "MLP_WORKER_0_PORT",
-    "MLP_WORKER_GPU",
-    "VC_WORKER_NUM",
-    "MA_NUM_HOSTS",
-    "VC_TASK_INDEX",
-    "VC_WORKER_HOSTS",
-    "MA_NUM_GPUS",
-    "SM_HOSTS",
-    "SM_CURRENT_HOST",
-    "SM_NUM_GPUS",
-    "NCCL_SOCKET_IFNAME",
-    "NCCL_IB_HCA",
-    "GLOO_SOCKET_IFNAME",
+RANK_VARIABLES = tuple(
+    dict.fromkeys(
+        (
+            *EXPLICIT_VARIABLES,
+            *WORLD_SIZE_VARIABLES,
+            *(variable for scheduler in SCHEDULERS for variable in scheduler.variables),
+            "NCCL_SOCKET_IFNAME",
+            "NCCL_IB_HCA",
+            "GLOO_SOCKET_IFNAME",
+        )
+    )
 )
 DEFAULT_PORT = 29500  # passed explicitly: XTuner picks a random port per node otherwise
 LOOPBACK = "127.0.0.1"
@@ -202,7 +176,7 @@ def detect(
     if world_size_means not in (None, "nodes", "processes"):
         raise TopologyError(f"--world-size-means must be 'nodes' or 'processes', not {world_size_means!r}")
     explicit = _explicit(env)
-    schedulers = [reading for reading in (rule(env) for rule in SCHEDULERS) if reading is not None]
+    schedulers = [reading for reading in (scheduler.read(env) for scheduler in SCHEDULERS) if reading is not None]
     for first, second in combinations(schedulers, 2):
         for name in ("nnodes", "node_rank"):
             a, b = getattr(first, name), getattr(second, name)

@@ -341,3 +341,57 @@ def test_topology_command_refuses_with_exit_2_and_the_reason_on_stderr():
     assert done.returncode == 2
     assert "master address" in done.stderr
     assert done.stdout == ""
+
+
+class RecordingEnv(dict):
+    """An environment that notes every variable a reader looks up."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __contains__(self, name):
+        self.read.add(name)
+        return super().__contains__(name)
+
+
+EVERY_SCHEDULER = {
+    **{name: "2" for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")},
+    **{name: "2" for name in ("OMPI_COMM_WORLD_SIZE", "MLP_WORKER_NUM", "MLP_WORKER_GPU", "VC_WORKER_NUM")},
+    **{name: "2" for name in ("MA_NUM_HOSTS", "MA_NUM_GPUS", "SM_NUM_GPUS")},
+    "WORLD_SIZE": "4",
+    **{name: "1" for name in ("SLURM_NODEID", "OMPI_COMM_WORLD_RANK", "MLP_ROLE_INDEX", "VC_TASK_INDEX", "RANK")},
+    "PET_NODE_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
+    "SLURM_JOB_NODELIST": "gpu[01-02]",
+    "SLURM_NODELIST": "gpu[01-02]",
+    "VC_WORKER_HOSTS": "a,b",
+    "SM_HOSTS": '["a", "b"]',
+    "SM_CURRENT_HOST": "b",
+    "MLP_WORKER_0_HOST": "a",
+    "MLP_WORKER_0_PORT": "23456",
+    "PET_MASTER_ADDR": "a",
+    "PET_MASTER_PORT": "23456",
+}
+
+
+@pytest.mark.parametrize("master", [{"MASTER_ADDR": "a", "MASTER_PORT": "23456"}, {}])
+def test_each_scheduler_declares_every_variable_its_reader_reads(master):
+    """RANK_VARIABLES (what `make run` passes into the container) is built from these
+    declarations, so a variable read but not declared would never reach the appliance."""
+    from entrypoint.schedulers import SCHEDULERS
+    from entrypoint.topology import RANK_VARIABLES
+
+    for scheduler in SCHEDULERS:
+        env = RecordingEnv({**EVERY_SCHEDULER, **master})
+        assert scheduler.read(env) is not None, scheduler.name
+        assert env.read <= set(scheduler.variables), (scheduler.name, env.read - set(scheduler.variables))
+        assert set(scheduler.variables) <= set(RANK_VARIABLES)
