@@ -8,30 +8,101 @@ same data order, same weights' values, same global batch and schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, make_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 
 from bench.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
 
 # Dataloader workers per rank when the lever is on: the stock config decodes and
 # preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
 APPLIANCE_DATALOADER_WORKERS = 4
-# The levers whose default the GPUs' memory decides: an out-of-memory failure before
-# the first logged step under defaults of these is retried once with them off.
-MEMORY_LEVERS = ("dequantize_nf4", "unchecked_llm_layers")
+
+
+def lever(stock, help: str, deviation=None, applied_by_model: bool = False, sized_by_memory: bool = False):
+    """One lever, declared once: its stock value (the pinned config's), what `run --help`
+    says of it (its option is the field's name in kebab case; --no-... turns a switch
+    off), how it changes the config in words for the verdict's deviations (``deviation``:
+    value -> text, None where it says nothing), whether ``LeveredLLaVAModel`` applies it,
+    and whether the GPUs' memory decides its default (an out-of-memory failure before the
+    first logged step under those defaults is retried with them re-sized)."""
+    return field(
+        default=stock,
+        metadata={
+            "help": help,
+            "deviation": deviation,
+            "applied_by_model": applied_by_model,
+            "sized_by_memory": sized_by_memory,
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Levers:
-    """Concrete lever settings of one run; ``Levers()`` is the pinned config."""
+    """Concrete lever settings of one run; ``Levers()`` is the pinned config. The
+    fields' order is `run --help`'s and the deviations'."""
 
-    dataloader_workers: int = 0
-    pin_memory: bool = False
-    dequantize_nf4: bool = False
-    tokenized_cache: bool = False
-    skip_vit_backward: bool = False
-    unchecked_llm_layers: int = 0
-    labelled_logits_only: bool = False
-    sdpa_attention: bool = False
+    dataloader_workers: int = lever(
+        0,
+        "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
+        lambda n: f"{n} dataloader workers per rank instead of 0 (same sampler, same order)",
+    )
+    pin_memory: bool = lever(
+        False, "Pinned dataloader memory (default: on with GPUs).", lambda _: "pinned dataloader memory"
+    )
+    dequantize_nf4: bool = lever(
+        False,
+        "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on where the "
+        "memory model says they fit beside the run's heaviest micro-batch).",
+        lambda _: (
+            "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
+            "(the same values bitsandbytes computes each step)"
+        ),
+        sized_by_memory=True,
+    )
+    # described with its folder (bench/recipe.py)
+    tokenized_cache: bool = lever(
+        False,
+        "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and keep it under "
+        "<results>/cache/ for later runs (default: on GPUs).",
+    )
+    skip_vit_backward: bool = lever(
+        False,
+        "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs).",
+        lambda _: (
+            "the frozen ViT runs without autograd, with no recomputation or backward pass through it "
+            "(nothing read those gradients), and the projector without checkpointing; the projector's gradients "
+            "are the same"
+        ),
+        applied_by_model=True,
+    )
+    unchecked_llm_layers: int = lever(
+        0,
+        "Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the "
+        "smallest GPU holds with the run's heaviest micro-batch; 0 on CPU).",
+        lambda n: (
+            f"the last {n} LLM decoder layers (all, where the model has fewer) keep their activations "
+            "instead of recomputing them in the backward pass"
+        ),
+        applied_by_model=True,
+        sized_by_memory=True,
+    )
+    labelled_logits_only: bool = lever(
+        False,
+        "Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs).",
+        lambda _: (
+            "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
+        ),
+        applied_by_model=True,
+    )
+    sdpa_attention: bool = lever(
+        False,
+        "Run the LLM's attention through its model code's SDPA class instead of eager attention: the same "
+        "function, less memory (default: on GPUs where the code has it).",
+        lambda _: (
+            "the LLM's attention through the model code's own SDPA class (torch scaled_dot_product_attention) "
+            "instead of its eager attention: the same softmax(QK^T/sqrt(d) + mask) V without the materialized fp32 "
+            "attention matrix"
+        ),
+    )
 
     @property
     def stock(self) -> bool:
@@ -40,8 +111,11 @@ class Levers:
     @property
     def model_kwargs(self) -> dict:
         """The levers ``bench.trainer.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
-        names = ("skip_vit_backward", "unchecked_llm_layers", "labelled_logits_only")
-        return {name: getattr(self, name) for name in names if getattr(self, name)}
+        return {
+            lever.name: getattr(self, lever.name)
+            for lever in fields(self)
+            if lever.metadata["applied_by_model"] and getattr(self, lever.name)
+        }
 
     @property
     def llm_kwargs(self) -> dict:
@@ -57,65 +131,17 @@ class Levers:
         return {**asdict(self), "stock": self.stock}
 
     def deviations(self) -> list[str]:
-        """How the levers change the config, in words (the math stays the same)."""
-        changes = []
-        if self.dataloader_workers:
-            changes.append(
-                f"{self.dataloader_workers} dataloader workers per rank instead of 0 (same sampler, same order)"
-            )
-        if self.pin_memory:
-            changes.append("pinned dataloader memory")
-        if self.dequantize_nf4:
-            changes.append(
-                "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
-                "(the same values bitsandbytes computes each step)"
-            )
-        if self.skip_vit_backward:
-            changes.append(
-                "the frozen ViT runs without autograd, with no recomputation or backward pass through it "
-                "(nothing read those gradients), and the projector without checkpointing; the projector's gradients "
-                "are the same"
-            )
-        if self.unchecked_llm_layers:
-            changes.append(
-                f"the last {self.unchecked_llm_layers} LLM decoder layers (all, where the model has fewer) "
-                "keep their activations instead of recomputing them in the backward pass"
-            )
-        if self.labelled_logits_only:
-            changes.append(
-                "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
-            )
-        if self.sdpa_attention:
-            changes.append(
-                "the LLM's attention through the model code's own SDPA class (torch scaled_dot_product_attention) "
-                "instead of its eager attention: the same softmax(QK^T/sqrt(d) + mask) V without the materialized "
-                "fp32 attention matrix"
-            )
-        return changes  # the tokenized cache is described with its folder (bench/recipe.py)
+        """How the levers that are on change the config, in words (the math stays the same)."""
+        return [
+            lever.metadata["deviation"](getattr(self, lever.name))
+            for lever in fields(self)
+            if lever.metadata["deviation"] is not None and getattr(self, lever.name)
+        ]
 
 
 STOCK = Levers()
-
-# What `run --help` says of each lever, in the order it lists them. A lever's option
-# is its field's name in kebab case (--no-... turns a switch off) and its stock value
-# the field's default; the CLI's lever options, LeverRequest and perf's variants are
-# derived from Levers and this table.
-LEVER_HELP = {
-    "dataloader_workers": "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
-    "pin_memory": "Pinned dataloader memory (default: on with GPUs).",
-    "dequantize_nf4": "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on "
-    "where the memory model says they fit beside the run's heaviest micro-batch).",
-    "tokenized_cache": "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and "
-    "keep it under <results>/cache/ for later runs (default: on GPUs).",
-    "skip_vit_backward": "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: "
-    "on with GPUs).",
-    "unchecked_llm_layers": "Keep the activations of the last N LLM layers instead of recomputing them (default: as "
-    "many as the smallest GPU holds with the run's heaviest micro-batch; 0 on CPU).",
-    "labelled_logits_only": "Compute the loss's logits only at the labelled positions: the same loss, less memory "
-    "(default: on GPUs).",
-    "sdpa_attention": "Run the LLM's attention through its model code's SDPA class instead of eager attention: the "
-    "same function, less memory (default: on GPUs where the code has it).",
-}
+LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
+MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
 
 LeverRequest = make_dataclass(
     "LeverRequest",

@@ -938,7 +938,7 @@ def test_sdpa_in_half_precision_is_as_near_the_exact_gradient_as_eager_attention
 
 
 def test_a_lever_is_one_declaration_from_which_run_and_perf_take_their_options():
-    """Levers' fields and LEVER_HELP declare each lever; `run` gets one option per lever
+    """Each of Levers' fields declares one lever (bench.levers.lever); `run` gets one option per lever
     (a switch for a flag, a count for a number), LeverRequest one field, and perf's
     single-lever variants set every other lever to its stock value."""
     from dataclasses import fields
