@@ -17,7 +17,6 @@ from pathlib import Path
 
 from bench.inputs import DatasetJson
 from bench.layout import SYNTHETIC_MARKER_NAME, Layout
-from bench.memory_model import REQUIRED_MIB
 from entrypoint.preflight import examples
 from entrypoint.problem import Problem
 
@@ -326,55 +325,3 @@ def deep_problems(layout: Layout, dataset: DatasetJson, sample: int | None = Non
         *llm_problems(layout.llm_dir),
         *clip_problems(layout.clip_dir, synthetic),
     ]
-
-
-MIN_DRIVER = (450, 80)  # CUDA 11.8 runs on drivers >= 450.80.02 (forward compatibility)
-MIN_RESULTS_FREE_BYTES = 2 * 10**9
-
-
-def gpu_problems(gpus: list[dict], precision: str, per_device_batch: int, real_shapes: bool) -> list[Problem]:
-    """Enough memory for the chosen precision at the recipe's batch, and a driver for CUDA 11.8."""
-    problems = []
-    required = REQUIRED_MIB.get(precision)
-    if real_shapes and required and per_device_batch >= 32:
-        small = [g for g in gpus if g["memory_mib"] < required]
-        if small:
-            problems.append(
-                Problem(
-                    f"GPU {small[0]['index']} ({small[0]['name']})",
-                    f"{small[0]['memory_mib']} MiB, but {precision} at batch {per_device_batch} needs about "
-                    f"{required} MiB",
-                    "use --precision nf4, or a smaller --per-device-batch with --global-batch to keep the global batch",
-                )
-            )
-    for gpu in gpus[:1]:
-        driver = gpu.get("driver")
-        if driver:
-            major_minor = tuple(int(part) for part in driver.split(".")[:2] if part.isdigit())
-            if major_minor and major_minor < MIN_DRIVER:
-                problems.append(
-                    Problem(
-                        f"driver {driver}",
-                        "too old for the image's CUDA 11.8 (needs >= 450.80.02)",
-                        "update the NVIDIA driver",
-                    )
-                )
-    return problems
-
-
-def disk_problems(results_parent: Path) -> list[Problem]:
-    import shutil
-
-    probe = results_parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < MIN_RESULTS_FREE_BYTES:
-        return [
-            Problem(
-                str(results_parent),
-                f"{free / 1e9:.2f} GB free; a run's logs and results need up to {MIN_RESULTS_FREE_BYTES / 1e9:.0f} GB",
-                "free space there or pass --out to a roomier folder",
-            )
-        ]
-    return []

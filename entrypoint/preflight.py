@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from bench.config_facts import PATH_KEYS, ConfigUnreadable, read_facts
 from bench.inputs import BomError, DatasetJson, load_dataset
 from bench.layout import SOURCE_RECORD_NAME, Layout
 from entrypoint.problem import Problem
+from entrypoint.user_config import layout_paths_problems
 
 EXAMPLES = 3  # offending records named per kind of problem
 WEIGHT_FILES = (
@@ -225,64 +225,6 @@ def _check_images(layout: Layout) -> list[Problem]:
     ]
 
 
-def _check_override(layout: Layout) -> list[Problem]:
-    """A user config at the layout root must load, and every model and data path it
-    gives the trainer must be the layout's own: those are what the checks read and the
-    verdict describes (the trainer resolves relative paths from the layout root)."""
-    config = layout.config_override
-    if not config.is_file():
-        return []
-    try:
-        paths = read_facts(config.read_text()).paths
-    except ConfigUnreadable as error:
-        return [
-            Problem(
-                str(config),
-                f"the config override does not load as XTuner's trainer loads it ({error})",
-                "fix the file or remove it to use the built-in recipe",
-            )
-        ]
-    own = {
-        "llm": layout.llm_dir,
-        "tokenizer": layout.llm_dir,
-        "visual_encoder": layout.clip_dir,
-        "image_processor": layout.clip_dir,
-        "data_path": layout.dataset_json,
-        "image_folder": layout.image_folder,
-    }
-    problems = []
-    for name, value in paths.items():
-        if value is None:
-            problems.append(
-                Problem(
-                    str(config),
-                    f"{name} ({PATH_KEYS[name]}) is not a path string in it as XTuner's trainer reads it, so what "
-                    "the trainer would load cannot be checked",
-                    f"set it to {own[name]}, or remove the override",
-                )
-            )
-            continue
-        resolved = Path(value) if Path(value).is_absolute() else layout.root / value
-        if not resolved.exists():
-            problems.append(
-                Problem(
-                    str(config),
-                    f"{name} {value!r} does not exist (resolved to {resolved})",
-                    f"point it at {own[name]} or remove the override",
-                )
-            )
-        elif resolved.resolve() != own[name].resolve():
-            problems.append(
-                Problem(
-                    str(config),
-                    f"{name} {value!r} is not the layout's {own[name]}: the appliance checks and reports the "
-                    "layout's models and data, so a run on other files would be neither checked nor described",
-                    f"point it at {own[name]} (put the files there), or remove the override",
-                )
-            )
-    return problems
-
-
 def check_layout(layout: Layout) -> list[Problem]:
     """All problems of the mounted layout; empty when it is valid."""
     return inspect_layout(layout)[0]
@@ -310,7 +252,7 @@ def inspect_layout(layout: Layout) -> tuple[list[Problem], DatasetJson | None]:
         *_check_model(
             layout.clip_dir, "CLIP model", "openai/clip-vit-large-patch14-336", (("preprocessor_config.json",),)
         ),
-        *_check_override(layout),
+        *layout_paths_problems(layout),
         *_unparsed_json(layout.pretrain_dir, "download LLaVA-Pretrain again", (SOURCE_RECORD_NAME,)),
     ]
     return problems, dataset

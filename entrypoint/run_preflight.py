@@ -9,7 +9,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.config_facts import FACT_KEYS, ConfigFacts, ConfigUnreadable, read_facts
 from bench.flops import are_real_shapes
 from bench.inputs import describe
 from bench.layout import Layout
@@ -19,78 +18,22 @@ from bench.recipe import (
     PRECISIONS,
     RecipeOptions,
     RenderedRecipe,
-    epoch_problem,
     from_user_config,
     global_batch_plan,
     render,
-    warmup_problem,
 )
+from bench.schedule import epoch_problem, warmup_problem
 from entrypoint import __version__
-from entrypoint.deep import deep_problems, disk_problems, gpu_problems
+from entrypoint.deep import deep_problems
 from entrypoint.environment import gpu_inventory_details
+from entrypoint.machine_checks import disk_problems, gpu_problems
 from entrypoint.model_code import ModelCodeProbe
 from entrypoint.preflight import check_writable, inspect_layout
 from entrypoint.problem import Problem
 from entrypoint.request import RunRequest, resolve_device, run_topology
 from entrypoint.tokenized_cache import CacheBuild, cache_folder
 from entrypoint.topology import Topology
-
-
-def _user_config(request: RunRequest, device: str, config: Path) -> tuple[ConfigFacts | None, list[Problem]]:
-    """What a user's config does as written, and the options that cannot apply to it:
-    the appliance never rewrites a user's model, so precision and levers are the file's."""
-    fix = "leave the option out (the config's own value runs), edit the config, or remove it to use the built-in recipe"
-    try:
-        facts = read_facts(config.read_text())
-    except ConfigUnreadable:
-        return None, []  # the layout checks name it
-    problems = []
-    cpu_obstacles = [
-        what
-        for what, present in (
-            ("4-bit weights (bitsandbytes)", facts.precision == "nf4"),
-            ("AmpOptimWrapper", facts.optimizer_wrapper == "AmpOptimWrapper"),
-        )
-        if present
-    ]
-    if device == "cpu" and cpu_obstacles:
-        problems.append(
-            Problem(
-                str(config),
-                f"a user config runs as written, and on CPU this one cannot: {' and '.join(cpu_obstacles)} "
-                "need CUDA (the built-in recipe has a CPU variant)",
-                "run on GPUs, or remove the config",
-            )
-        )
-    if "precision" in request.asked and facts.precision != request.recipe.precision:
-        problems.append(
-            Problem(
-                "--precision",
-                f"{request.recipe.precision}, but the config loads the LLM as "
-                f"{facts.precision or 'something the appliance cannot read'}",
-                fix,
-            )
-        )
-    asked_levers = [name for name, value in vars(request.levers).items() if value not in (None, False)]
-    if asked_levers:
-        problems.append(
-            Problem(
-                "recipe levers", f"{', '.join(asked_levers)} apply to the built-in recipe, not to a user's config", fix
-            )
-        )
-    # what the batch plan and the checks decide by; the rest, unread, is named unverified in the verdict
-    decisive = [FACT_KEYS[name] for name in ("per_device_batch", "accumulative_counts", "precision")]
-    unreadable = [key for key in facts.unreadable() if key in decisive]
-    if unreadable:
-        problems.append(
-            Problem(
-                str(config),
-                f"cannot read {', '.join(unreadable)} from it as XTuner's trainer reads it (mmengine's Config): "
-                "the appliance plans the batch and checks the GPUs by them",
-                "give them plain values",
-            )
-        )
-    return facts, problems
+from entrypoint.user_config import user_config_problems
 
 
 @dataclass
@@ -118,7 +61,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
     topology, problems = run_topology(request, device, gpus)
     user_config, per_device_batch = None, request.recipe.per_device_batch
     if layout.config_override.is_file():
-        user_config, user_problems = _user_config(request, device, layout.config_override)
+        user_config, user_problems = user_config_problems(request, device, layout.config_override)
         problems += user_problems
         if user_config is not None and "per_device_batch" not in request.asked and user_config.per_device_batch:
             per_device_batch = user_config.per_device_batch
