@@ -59,3 +59,14 @@ def test_only_the_trainer_processes_import_bench_trainer():
 def test_no_two_modules_import_each_other():
     cycles = [(a, b) for a, b in combinations(GRAPH, 2) if b in imports_of(a) and a in imports_of(b)]
     assert cycles == []
+
+
+def test_no_module_is_over_350_lines():
+    """A module a reader can hold in mind; a longer one is split by what it does."""
+    lengths = {
+        module: len(path.read_text().splitlines())
+        for package in ("bench", "entrypoint")
+        for path in (REPO / package).rglob("*.py")
+        if (module := module_name(path))
+    }
+    assert {module: n for module, n in lengths.items() if n > 350} == {}
