@@ -14,7 +14,7 @@ IMAGE ?= llava-bench:$(VERSION)
 IMAGE_BUILD_ARGS ?=
 LLAVA ?= ./llava
 BASE_IMAGE ?= nvcr.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04
-# The scheduler's rank variables (entrypoint/topology.py RANK_VARIABLES) pass into the container.
+# The scheduler's rank variables (entrypoint/job/topology.py RANK_VARIABLES) pass into the container.
 RANK_ENV := -e NNODES \
 	-e NODE_RANK \
 	-e NPROC_PER_NODE \

@@ -1,3 +1,3 @@
-from entrypoint.cli import app
+from entrypoint.cli.app import app
 
 app(prog_name="llava-bench")

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from bench.criteria import Criteria, Watchdog
-from bench.levers import LeverRequest
-from bench.recipe import RecipeOptions
-from entrypoint.problem import Problem
-from entrypoint.topology import Topology, TopologyError, detect
+from bench.core.problem import Problem
+from bench.core.statuses import Criteria, Watchdog
+from bench.recipe.levers import LeverRequest
+from bench.recipe.render import RecipeOptions
+from entrypoint.job.topology import Topology, TopologyError, detect
 
 
 @dataclass(frozen=True)

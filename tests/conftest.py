@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.synth import write_synthetic_layout
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
+from bench.synth.spec import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
+from bench.synth.writer import write_synthetic_layout
 
 DATA = Path(__file__).parent / "data"
 

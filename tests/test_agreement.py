@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from entrypoint.agreement import Fingerprint, differences
-from entrypoint.collective import bus_bandwidth_gbps
+from entrypoint.job.agreement import Fingerprint, differences
+from entrypoint.job.collective import bus_bandwidth_gbps
 
 NODE = Fingerprint("0.1.0", "NVIDIA H200", 8, "580.159.04", "r" * 64, "d" * 64, "ok")
 
@@ -36,8 +36,8 @@ def test_bus_bandwidth_is_algbw_times_2_n_minus_1_over_n(size, seconds, ranks, e
 
 
 def _exchange_as_node(node_rank: int, port: int, queue) -> None:
-    from entrypoint.agreement import exchange
-    from entrypoint.topology import Topology
+    from entrypoint.job.agreement import exchange
+    from entrypoint.job.topology import Topology
 
     topology = Topology(
         nnodes=2, node_rank=node_rank, nproc_per_node=1, master_addr="127.0.0.1", master_port=port, source="test"
@@ -70,8 +70,8 @@ def test_a_node_waiting_for_an_absent_node_0_says_so_and_gives_up(capsys):
     default), with the time left, and refuses at the deadline instead of hanging."""
     import time
 
-    from entrypoint.agreement import AgreementError, agree
-    from entrypoint.topology import Topology
+    from entrypoint.job.agreement import AgreementError, agree
+    from entrypoint.job.topology import Topology
     from tests.test_rendezvous import two_free_ports
 
     port = two_free_ports()

@@ -36,12 +36,12 @@ GRAPH = {
 
 
 def imports_of(module: str) -> set[str]:
-    """What ``module`` imports, as modules of the graph (``from bench import verdict`` names bench.verdict)."""
+    """What ``module`` imports, as modules of the graph (``from bench import verdict`` names bench.verdict.document)."""
     return {name for name in GRAPH[module] if name in GRAPH and name != module}
 
 
 def test_the_graph_is_read():
-    assert "entrypoint.pipeline" in GRAPH and "bench.verdict" in imports_of("entrypoint.pipeline")
+    assert "entrypoint.run" in GRAPH and "bench.verdict.document" in imports_of("entrypoint.run")
 
 
 def test_bench_never_imports_entrypoint():
@@ -50,7 +50,7 @@ def test_bench_never_imports_entrypoint():
 
 
 def test_only_the_trainer_processes_import_bench_trainer():
-    """bench/recipe.py names the trainer's modules in the config it renders, as text."""
+    """bench/recipe/render.py names the trainer's modules in the config it renders, as text."""
     appliance = [module for module in GRAPH if not module.startswith("bench.trainer")]
     importing = {module: sorted(n for n in GRAPH[module] if n.startswith("bench.trainer")) for module in appliance}
     assert {module: names for module, names in importing.items() if names} == {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.layout import SYNTHETIC_MARKER_NAME, Layout
+from bench.core.layout import SYNTHETIC_MARKER_NAME, Layout
 from tests.conftest import llava_bench, tree_digest
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from bench import verdict as verdict_mod
+from bench.verdict import document as verdict_mod
 from entrypoint import __version__
 from tests.conftest import CPU, ENDLESS_STEPS, tree_digest
 

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from bench.criteria import Criteria, Termination, judge, loss_curve
-from bench.metrics import parse_stream, read_stream
+from bench.core.statuses import Criteria, Termination
+from bench.verdict.judgement import judge, loss_curve
+from bench.verdict.metrics import parse_stream, read_stream
 from tests.conftest import DATA
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import verdict as verdict_mod
-from bench.layout import Layout
-from bench.synth_spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
+from bench.core.layout import Layout
+from bench.synth.spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
+from bench.verdict import document as verdict_mod
 from tests.conftest import CPU, ENDLESS_STEPS, llava_bench, run_argv, tree_digest
 
 DEMO_ARGS = [
@@ -250,7 +250,7 @@ def test_a_user_configs_verdict_says_what_ran(layout_copy, tmp_path):
     """A user config of batch 4, asked for per-device batch 8 and global batch 16: the
     run trains batch 8 with 2-fold accumulation (XTuner's own dump of the config it ran
     says so), and the verdict says the same, off the reference schedule."""
-    from bench.config_facts import read_facts
+    from bench.recipe.config_facts import read_facts
 
     config = (
         (Path(__file__).parent / "data" / "user_config.py")
@@ -433,7 +433,7 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not {"entrypoint.model_code", "entrypoint.tokenized_cache"} <= {
+    while not {"entrypoint.preflight.model_code", "entrypoint.preflight.tokenized_cache"} <= {
         module for child in _children(process.pid) for module in child.split()
     }:  # preflight is importing the code and tokenizing
         assert time.monotonic() < deadline and process.poll() is None, "preflight never started both children"
@@ -450,7 +450,10 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     assert not list(tmp_path.rglob("xtuner"))
     assert not list(tmp_path.glob("cache/.tokenized-*"))
     llm_dir = Layout.at(synthetic_layout).llm_dir
-    for child in (f"entrypoint.model_code {llm_dir}", f"entrypoint.tokenized_cache .* {llm_dir}"):  # this run's
+    for child in (
+        f"entrypoint.preflight.model_code {llm_dir}",
+        f"entrypoint.preflight.tokenized_cache .* {llm_dir}",
+    ):  # this run's
         assert subprocess.run(["pgrep", "-f", child], capture_output=True, text=True).stdout == ""
 
 
@@ -478,7 +481,7 @@ def test_the_synthetic_llm_is_internlm2_with_its_own_code(synthetic_layout):
     """The layout's LLM folder is laid out as the real internlm2-chat-20b: InternLM2's
     architecture and model code (copied from the installed xtuner), its config.json
     keys, and the marker says no stand-in was needed."""
-    from bench.layout import SYNTHETIC_MARKER_NAME
+    from bench.core.layout import SYNTHETIC_MARKER_NAME
 
     llm_dir = Layout.at(synthetic_layout).llm_dir
     config = json.loads((llm_dir / "config.json").read_text())
@@ -493,8 +496,9 @@ def test_the_synthetic_llm_is_internlm2_with_its_own_code(synthetic_layout):
 def test_without_internlm2_code_a_llama_stands_in_and_says_why(tmp_path, monkeypatch):
     """Where the installed xtuner lacks InternLM2's code (the image's pinned commit), the
     LLM is a Llama of the same shape, and the layout's marker says why."""
-    from bench import synth, synth_models
-    from bench.layout import SYNTHETIC_MARKER_NAME
+    from bench.core.layout import SYNTHETIC_MARKER_NAME
+    from bench.synth import models as synth_models
+    from bench.synth import writer as synth
 
     monkeypatch.setattr(synth_models, "internlm2_code_folder", lambda: None)
     layout = synth.write_synthetic_layout(tmp_path / "llava", synth.SynthSpec(samples=512, llm_train_steps=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entrypoint.environment import visible_nvml_indices
+from entrypoint.preflight.environment import visible_nvml_indices
 
 NVML = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
 

@@ -180,8 +180,8 @@ def test_a_trainer_that_dies_of_a_full_disk_names_the_results_folder_only_if_it_
     """The trainer may hit the full disk before the appliance's own log writes do: its
     ENOSPC crash reads "disk full at" the results folder when that filesystem is full,
     and names the failure with a hint when the full one is elsewhere."""
-    from entrypoint.launch import supervise
-    from entrypoint.plans import LaunchPlan
+    from entrypoint.launch.plans import LaunchPlan
+    from entrypoint.launch.supervise import supervise
 
     with tmpfs(tmp_path / "results", "100m") as results:  # above DISK_FULL_BYTES free unless filled
         if filled:

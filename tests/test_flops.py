@@ -7,11 +7,12 @@ import statistics
 
 import pytest
 
-from bench import flops
-from bench import verdict as verdict_mod
-from bench.criteria import Criteria
-from bench.metrics import MetricsStream, parse_stream, read_stream
-from bench.verdict_sections import SEED_A100_SECONDS_PER_STEP
+from bench.core.shapes import INTERNLM2_20B
+from bench.core.statuses import Criteria
+from bench.verdict import document as verdict_mod
+from bench.verdict import flops
+from bench.verdict.metrics import MetricsStream, parse_stream, read_stream
+from bench.verdict.sections import SEED_A100_SECONDS_PER_STEP
 from tests.conftest import DATA
 from tests.test_verdict import context
 
@@ -19,7 +20,7 @@ from tests.test_verdict import context
 def test_internlm2_20b_linear_parameters_by_hand():
     # qkv: 6144 x (6144 + 2 x 8 heads x 128) = 50,331,648; o: 6144^2 = 37,748,736;
     # gate/up/down: 3 x 6144 x 16384 = 301,989,888 -> 390,070,272 per layer.
-    assert flops.INTERNLM2_20B.linear_params_per_layer == 390_070_272
+    assert INTERNLM2_20B.linear_params_per_layer == 390_070_272
     # 48 layers + embedding + LM head (2 x 6144 x 92544) ~ 19.86 B parameters, as published.
     total = 48 * 390_070_272 + 2 * 6144 * 92544
     assert total / 1e9 == pytest.approx(19.86, abs=0.01)

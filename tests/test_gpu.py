@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from bench import verdict as verdict_mod
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH
+from bench.synth.spec import DEMO_PER_DEVICE_BATCH
+from bench.verdict import document as verdict_mod
 from tests.conftest import llava_bench
 
 pytestmark = pytest.mark.gpu

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import verdict as verdict_mod
-from bench.layout import Layout
-from bench.levers import (
+from bench.core.layout import Layout
+from bench.core.tokenized_folder import COMPLETENESS_RECORD
+from bench.recipe.levers import (
     STOCK,
     LeverRequest,
     Levers,
@@ -27,11 +27,12 @@ from bench.levers import (
     resolve_levers,
     size_memory_levers,
 )
-from bench.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
-from bench.micro_batches import RecordLengths, plan
-from bench.recipe import RecipeOptions, render
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH
-from bench.tokenization import COMPLETENESS_RECORD, cache_name
+from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
+from bench.recipe.micro_batches import RecordLengths, plan
+from bench.recipe.render import RecipeOptions, render
+from bench.recipe.tokenization import cache_name
+from bench.synth.spec import DEMO_PER_DEVICE_BATCH
+from bench.verdict import document as verdict_mod
 from tests.conftest import CPU, llava_bench, torchrun_gloo
 
 H100 = [81559] * 8
@@ -484,7 +485,7 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     projector's gradients zeroed (a broken lever, tests/zero_projector_gradient.py)
     has a first gradient 100 % away from stock's and ends with the projector where it
     started, far outside stock's noise."""
-    from bench.perf_compare import compare, compare_projectors
+    from bench.verdict.perf_compare import compare, compare_projectors
 
     verdicts = {}
     for name in ("stock", "stock-again"):
@@ -549,7 +550,7 @@ def _saved_projector(folder: Path, initial, gradient, compared) -> dict:
     """A run folder holding the three projector snapshots; its verdict as perf reads it."""
     from safetensors.torch import save_file
 
-    from bench.projector_snapshots import PROJECTOR_SNAPSHOTS
+    from bench.core.trainer_files import PROJECTOR_SNAPSHOTS
 
     (folder / "xtuner").mkdir(parents=True)
     for key, tensor in (("before_train", initial), ("first_gradient", gradient), ("after_compared_steps", compared)):
@@ -573,7 +574,7 @@ def test_with_an_exact_run_each_variant_is_held_against_it_with_stocks_rounding_
     zeroed the gradient does not, however large stock's own rounding."""
     import torch
 
-    from bench.perf_compare import compare, compare_projectors
+    from bench.verdict.perf_compare import compare, compare_projectors
 
     initial, gradient, move = torch.ones(64), torch.linspace(-1, 1, 64), torch.full((64,), 0.01)
     noise = torch.sin(torch.arange(64.0))  # a direction off both, scaled to each difference
@@ -610,7 +611,7 @@ def test_a_check_whose_allowance_reaches_a_broken_levers_distance_says_it_cannot
     """Measured on the 20B shapes (docs/PERFORMANCE.md): stock's weights after the
     compared steps were 0.66 of their move from the float32 run's; twice that exceeds
     the 1.0 of a projector that never trained, so that check cannot fail and says so."""
-    from bench.perf_compare import agrees
+    from bench.verdict.perf_compare import agrees
 
     assert agrees(0.66, 0.66) is None and agrees(5.0, 0.5) is None
     assert agrees(0.33, 0.34) is True and agrees(1.0, 0.34) is False
@@ -622,7 +623,7 @@ def test_against_exact_without_stock_nothing_is_judged(tmp_path):
     a float32 run is neither passed nor failed."""
     import torch
 
-    from bench.perf_compare import compare_projectors
+    from bench.verdict.perf_compare import compare_projectors
 
     initial, gradient = torch.ones(8), torch.arange(8.0)
     verdicts = {
@@ -848,10 +849,10 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
 def test_a_layout_for_start_up_timing_holds_more_records_than_images(tmp_path):
     """`perf --records 558128` times the start-up with LLaVA-Pretrain's record count
     without writing as many images: the extra records reuse the images in turn."""
-    from bench.synth import write_synthetic_layout
-    from bench.synth_spec import SynthSpec
-    from entrypoint.deep import record_problems
-    from entrypoint.preflight import check_layout
+    from bench.synth.spec import SynthSpec
+    from bench.synth.writer import write_synthetic_layout
+    from entrypoint.preflight.deep import record_problems
+    from entrypoint.preflight.layout_checks import check_layout
 
     layout = write_synthetic_layout(tmp_path / "llava", SynthSpec(samples=512, records=1300, llm_train_steps=1))
     records = json.loads(layout.dataset_json.read_text())
@@ -938,16 +939,16 @@ def test_sdpa_in_half_precision_is_as_near_the_exact_gradient_as_eager_attention
 
 
 def test_a_lever_is_one_declaration_from_which_run_and_perf_take_their_options():
-    """Each of Levers' fields declares one lever (bench.levers.lever); `run` gets one option per lever
+    """Each of Levers' fields declares one lever (bench.recipe.levers.lever); `run` gets one option per lever
     (a switch for a flag, a count for a number), LeverRequest one field, and perf's
     single-lever variants set every other lever to its stock value."""
     from dataclasses import fields
 
     import typer.main
 
-    from bench.levers import LEVER_HELP, STOCK, LeverRequest, Levers, lever_option
-    from entrypoint.cli import app
-    from entrypoint.perf import VARIANTS
+    from bench.recipe.levers import LEVER_HELP, STOCK, LeverRequest, Levers, lever_option
+    from entrypoint.cli.app import app
+    from entrypoint.tools.perf import VARIANTS
 
     names = [lever.name for lever in fields(Levers)]
     assert list(LEVER_HELP) == names

@@ -14,12 +14,13 @@ import json
 import pytest
 from rich.console import Console
 
-from bench.criteria import Criteria
-from bench.layout import Layout
-from bench.levers import Levers
-from bench.recipe import RecipeOptions
-from bench.synth_spec import DEMO_PER_DEVICE_BATCH
-from entrypoint import pipeline, run_preflight
+from bench.core.layout import Layout
+from bench.core.statuses import Criteria
+from bench.recipe.levers import Levers
+from bench.recipe.render import RecipeOptions
+from bench.synth.spec import DEMO_PER_DEVICE_BATCH
+from entrypoint import run as pipeline
+from entrypoint.preflight import stage as run_preflight
 from entrypoint.request import RunRequest
 
 # Raised by InternLM2Model.forward when it trains without checkpointing.

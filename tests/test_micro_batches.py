@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.flops import CLIP_VIT_L_336, INTERNLM2_20B, against_real_shapes
-from bench.layout import Layout
-from bench.levers import Levers
-from bench.micro_batches import RecordLengths, plan
-from bench.recipe import RecipeOptions, render
-from bench.tokenization import cache_name
+from bench.core.layout import Layout
+from bench.core.shapes import CLIP_VIT_L_336, INTERNLM2_20B, against_real_shapes
+from bench.recipe.levers import Levers
+from bench.recipe.micro_batches import RecordLengths, plan
+from bench.recipe.render import RecipeOptions, render
+from bench.recipe.tokenization import cache_name
 from entrypoint import __version__
-from entrypoint.tokenized_cache import build
+from entrypoint.preflight.tokenized_cache import build
 
 BATCH = 8
 WORLD = 2
@@ -128,9 +128,9 @@ REAL_SHAPES = {"llm": asdict(INTERNLM2_20B), "vit": asdict(CLIP_VIT_L_336)}
 
 def sized(folder: Path, gpu_mib: int, per_device_batch: int = 32, shapes: dict = REAL_SHAPES):
     """What `run` on GPUs of ``gpu_mib`` chooses for the tokenized dataset in ``folder`` (real shapes by default)."""
-    from bench.levers import LeverRequest, resolve_levers
-    from entrypoint.sizing import size_run
-    from entrypoint.tokenized_cache import Tokenization
+    from bench.recipe.levers import LeverRequest, resolve_levers
+    from entrypoint.launch.sizing import size_run
+    from entrypoint.preflight.tokenized_cache import Tokenization
 
     levers, _ = resolve_levers(LeverRequest(), "cuda", "nf4", supports_sdpa=True)
     options = RecipeOptions(device="cuda", per_device_batch=per_device_batch, max_steps=60, levers=levers)
@@ -145,8 +145,8 @@ def test_the_synthetic_text_is_llava_pretrains_length(tokenized):
 
 
 def test_longer_captions_on_the_same_gpu_leave_fewer_layers_unchecked(synthetic_layout, tokenized, tmp_path):
-    from bench.synth import write_real_shape_layout
-    from bench.synth_spec import SynthSpec
+    from bench.synth.spec import SynthSpec
+    from bench.synth.writer import write_real_shape_layout
 
     long = write_real_shape_layout(
         tmp_path / "long", replace(SynthSpec(), caption_scale=3), models_from=Path(synthetic_layout)

@@ -13,7 +13,7 @@ import pytest
 import tomllib
 import yaml
 
-from entrypoint.topology import RANK_VARIABLES, detect
+from entrypoint.job.topology import RANK_VARIABLES, detect
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
-from bench.layout import Layout
-from bench.synth_spec import DEMO_SAMPLES
+from bench.core.layout import Layout
+from bench.synth.spec import DEMO_SAMPLES
 from tests.conftest import llava_bench, tree_digest
 from tests.hub_server import Hub, _commit
 
@@ -70,14 +70,14 @@ def test_prepare_makes_a_valid_layout_with_only_the_needed_files(hub_root, synth
     source = json.loads((layout.llm_dir / ".llava-bench-source.json").read_text())
     assert source["commit"] == _commit(hub_root / LLM_REPO)  # the hash the hub resolved, nothing else
     assert source["revision_requested"] == "main"
-    from bench.inputs import describe, load_dataset
+    from bench.core.inputs import describe, load_dataset
 
     recorded = {
         s["repo_id"]: s["commit"] for s in describe(layout, load_dataset(layout.dataset_json))["sources"]
     }  # what the verdict records
     assert recorded["liuhaotian/LLaVA-Pretrain"] == _commit(hub_root / DATA_REPO)
     # The tokenized dataset lies next to the data, where every run finds it.
-    from entrypoint.tokenized_cache import cache_folder
+    from entrypoint.preflight.tokenized_cache import cache_folder
 
     (prepared,) = layout.pretrain_dir.glob("tokenized-*")
     assert (prepared / "dataset_info.json").is_file() and f"tokenized dataset: {DEMO_SAMPLES} records" in done.stdout

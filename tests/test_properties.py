@@ -9,9 +9,10 @@ import math
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bench import verdict as verdict_mod
-from bench.criteria import TERMINATIONS, Criteria, Termination, judge
-from bench.metrics import is_finite, parse_stream
+from bench.core.statuses import TERMINATIONS, Criteria, Termination
+from bench.verdict import document as verdict_mod
+from bench.verdict.judgement import judge
+from bench.verdict.metrics import is_finite, parse_stream
 
 losses = st.one_of(
     st.floats(min_value=-1.0, max_value=20.0),

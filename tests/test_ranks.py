@@ -1,10 +1,10 @@
-"""Per-rank speed and the straggler report (bench/ranks.py)."""
+"""Per-rank speed and the straggler report (bench/verdict/ranks.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.ranks import rank_summaries, ranks_section
+from bench.verdict.ranks import rank_summaries, ranks_section
 from tests.conftest import torchrun_gloo
 
 

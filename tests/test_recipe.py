@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.config_facts import ConfigFacts, ConfigUnreadable, read_facts
-from bench.layout import Layout
-from bench.recipe import (
+from bench.core.layout import Layout
+from bench.recipe.config_facts import ConfigFacts, ConfigUnreadable, read_facts
+from bench.recipe.render import (
     REFERENCE_GLOBAL_BATCH,
     RecipeOptions,
     from_user_config,
@@ -95,8 +95,13 @@ def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_p
     and bf16 sections (XTuner turns their "auto" into bf16 on an H200), TF32 off."""
     import json
 
-    from entrypoint.plans import DEEPSPEED_CONFIG, training_plan, write_float32_deepspeed_config, xtuner_train_script
-    from entrypoint.topology import detect
+    from entrypoint.job.topology import detect
+    from entrypoint.launch.plans import (
+        DEEPSPEED_CONFIG,
+        training_plan,
+        write_float32_deepspeed_config,
+        xtuner_train_script,
+    )
 
     recipe = render(LAYOUT, RecipeOptions(float32_reference=True), "test")
     stock = render(LAYOUT, RecipeOptions(), "test")
@@ -127,7 +132,7 @@ def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_p
 
 
 def test_the_float32_reference_takes_no_levers():
-    from bench.levers import Levers
+    from bench.recipe.levers import Levers
 
     with pytest.raises(ValueError, match="every lever off"):
         RecipeOptions(float32_reference=True, levers=Levers(skip_vit_backward=True))

@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-from bench import verdict as verdict_mod
-from bench.layout import Layout
+from bench.core.layout import Layout
+from bench.verdict import document as verdict_mod
 from tests.conftest import cli_argv, run_argv
 
 SCHEDULER_VARIABLES = (

@@ -7,8 +7,8 @@ import json
 import subprocess
 from contextlib import contextmanager
 
-from bench import verdict as verdict_mod
-from bench.synth_spec import DEMO_CRITERIA
+from bench.synth.spec import DEMO_CRITERIA
+from bench.verdict import document as verdict_mod
 from tests.conftest import CPU, cli_argv, tree_digest
 
 

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import verdict as verdict_mod
-from bench.layout import Layout
-from entrypoint.diagnose import diagnose
-from entrypoint.launch import LOG_TAIL_BYTES, CappedLog
+from bench.core.layout import Layout
+from bench.verdict import document as verdict_mod
+from entrypoint.launch.diagnose import diagnose
+from entrypoint.launch.supervise import LOG_TAIL_BYTES, CappedLog
 from tests.conftest import CPU, DATA, ENDLESS_STEPS, llava_bench, run_argv
 
 
@@ -148,7 +148,9 @@ def test_sigint_is_handled_like_sigterm(endless_layout, tmp_path):
 def test_process_age_counts_from_the_process_start_not_from_the_call():
     """preflight_seconds starts at the process's start (/proc), so the imports count."""
     script = (
-        "import time; time.sleep(0.5); from entrypoint.launch import process_age_seconds; print(process_age_seconds())"
+        "import time; time.sleep(0.5)\n"
+        "from entrypoint.launch.supervise import process_age_seconds\n"
+        "print(process_age_seconds())"
     )
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -182,7 +184,7 @@ def test_a_signal_swallowed_on_the_way_is_raised_at_the_next_stage_without_a_tra
     the fork handler cannot be unregistered."""
     script = (
         "import os, signal\n"
-        "from entrypoint.signals import AbortOnSignals, Interrupted\n"
+        "from entrypoint.launch.signals import AbortOnSignals, Interrupted\n"
         "with AbortOnSignals() as before_training:\n"
         "    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM) or sum(range(10**6)))\n"
         "    child = os.fork()\n"
@@ -208,8 +210,8 @@ def test_progress_under_accumulation_says_where_in_the_step_each_logged_loss_is(
 
     from rich.console import Console
 
-    from bench.metrics import MetricsRecord
-    from entrypoint.progress import ProgressPrinter
+    from bench.verdict.metrics import MetricsRecord
+    from entrypoint.launch.progress import ProgressPrinter
 
     out = io.StringIO()
     printer = ProgressPrinter(Console(file=out, width=200), max_steps=10, accumulative_counts=32)

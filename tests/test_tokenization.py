@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.layout import Layout
-from bench.tokenization import INTERNLM2_CHAT, RECIPE_MAX_LENGTH, as_table, batch_encoder, special_ids
-from entrypoint.tokenized_cache import tokenize_in_processes
+from bench.core.layout import Layout
+from bench.recipe.tokenization import INTERNLM2_CHAT, RECIPE_MAX_LENGTH, as_table, batch_encoder, special_ids
+from entrypoint.preflight.tokenized_cache import tokenize_in_processes
 
 LLAVA_PRETRAIN_RECORDS = 558_128
 PROMPTS = (
@@ -230,7 +230,7 @@ def test_tokenizers_xtuner_special_cases_are_refused(name):
 
 
 def test_a_turn_from_anyone_else_is_refused_as_xtuner_refuses_it():
-    from bench.tokenization import record_turns
+    from bench.recipe.tokenization import record_turns
 
     with pytest.raises(ValueError, match="'system'"):
         record_turns({"id": "x", "conversations": [{"from": "system", "value": "hi"}]})

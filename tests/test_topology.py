@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from entrypoint.schedulers import expand_nodelist
-from entrypoint.topology import TopologyError, detect
+from entrypoint.job.schedulers import expand_nodelist
+from entrypoint.job.topology import TopologyError, detect
 from tests.conftest import llava_bench
 
 # (case, environment, visible GPUs, extra arguments,
@@ -387,8 +387,8 @@ EVERY_SCHEDULER = {
 def test_each_scheduler_declares_every_variable_its_reader_reads(master):
     """RANK_VARIABLES (what `make run` passes into the container) is built from these
     declarations, so a variable read but not declared would never reach the appliance."""
-    from entrypoint.schedulers import SCHEDULERS
-    from entrypoint.topology import RANK_VARIABLES
+    from entrypoint.job.schedulers import SCHEDULERS
+    from entrypoint.job.topology import RANK_VARIABLES
 
     for scheduler in SCHEDULERS:
         env = RecordingEnv({**EVERY_SCHEDULER, **master})

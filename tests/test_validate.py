@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from bench.layout import Layout
+from bench.core.layout import Layout
 from tests.conftest import DATA, llava_bench, tree_digest
 
 

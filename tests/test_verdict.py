@@ -8,11 +8,11 @@ import json
 import jsonschema
 import pytest
 
-from bench import verdict as verdict_mod
-from bench.criteria import Criteria, Termination
-from bench.levers import STOCK
-from bench.metrics import MetricsStream, read_stream
-from bench.run_context import RunContext
+from bench.core.statuses import Criteria, Termination
+from bench.recipe.levers import STOCK
+from bench.verdict import document as verdict_mod
+from bench.verdict.metrics import MetricsStream, read_stream
+from bench.verdict.run_context import RunContext
 from tests.conftest import DATA, llava_bench
 
 RECIPE = {
@@ -280,7 +280,7 @@ def test_verdict_command_on_a_missing_path_is_invalid(tmp_path):
 @pytest.mark.parametrize("max_iters, said", [(15, "iterations 11-15 ran but were not logged"), (10, None)])
 def test_steps_a_completed_run_never_logged_are_named(max_iters, said):
     """--max-steps 15 logs at step 10 only (mmengine's interval): the verdict says steps 11-15 went unjudged."""
-    from bench.metrics import parse_stream
+    from bench.verdict.metrics import parse_stream
 
     stream = parse_stream('{"iter": 10, "loss": 1.5, "time": 0.1, "data_time": 0.01, "lr": 1e-3}\n')
     context = RunContext(

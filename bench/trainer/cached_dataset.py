@@ -3,7 +3,7 @@ lever, same data).
 
 XTuner tokenizes the whole dataset JSON on rank 0 at every start (LLaVA-Pretrain has
 558k records). The appliance tokenizes it the same way before training, once, into a
-folder named by the hash of everything the tokens depend on (bench/tokenization.py),
+folder named by the hash of everything the tokens depend on (bench/recipe/tokenization.py),
 which every rank memory-maps here. Should a rank find no complete folder (the
 appliance's build failed), every rank takes XTuner's own path, and rank 0 keeps its
 result in the folder for later runs. Imported only by rendered configs, inside the
@@ -23,7 +23,7 @@ from mmengine.config import Config, ConfigDict
 from xtuner.dataset import LLaVADataset
 from xtuner.registry import BUILDER
 
-from bench.tokenization import is_complete, save_atomically
+from bench.core.tokenized_folder import is_complete, save_atomically
 from bench.trainer.startup import note
 
 

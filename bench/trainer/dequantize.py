@@ -1,5 +1,5 @@
 """The NF4-dequantized LLM, loaded inside XTuner's trainer (the dequantize-NF4 lever,
-bench/levers.py)."""
+bench/recipe/levers.py)."""
 
 from __future__ import annotations
 

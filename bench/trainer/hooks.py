@@ -12,8 +12,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from bench.projector_snapshots import PROJECTOR_SNAPSHOTS
-from bench.ranks import RANK_TIMES_FOLDER
+from bench.core.trainer_files import PROJECTOR_SNAPSHOTS, RANK_TIMES_FOLDER
 
 
 class ProjectorSnapshotHook(Hook):
@@ -73,7 +72,7 @@ class ProjectorSnapshotHook(Hook):
 
 class TokenCountHook(Hook):
     """Logs the padded text tokens and the labelled tokens a sample, as running means
-    over the run, for the verdict's FLOP model (bench/flops.py): XTuner's own counts
+    over the run, for the verdict's FLOP model (bench/verdict/flops.py): XTuner's own counts
     are one iteration's and leave out which positions the loss reads.
 
     Text tokens leave out the image placeholder, which becomes the image's tokens;
@@ -105,7 +104,7 @@ class TokenCountHook(Hook):
 
 class RankTimingHook(Hook):
     """Every rank's forward time per micro-iteration, in the work dir's
-    ``rank-times/rank-<RANK>.json`` (bench/ranks.py says why the forward pass).
+    ``rank-times/rank-<RANK>.json`` (bench/verdict/ranks.py says why the forward pass).
 
     On GPUs the forward pass is timed with CUDA events, read once the iteration is
     done, so the step gains no synchronisation; on CPU with the clock. Each rank writes

@@ -1,6 +1,6 @@
 """XTuner's LLaVAModel with the levers that change where work is done, not what is computed.
 
-Named in the rendered config (bench/recipe.py) only when one of these levers is on, so
+Named in the rendered config (bench/recipe/render.py) only when one of these levers is on, so
 the stock recipe builds XTuner's own class. Imports XTuner: only the trainer
 processes load this module.
 """

@@ -1,4 +1,4 @@
-"""When each part of the trainer's start-up ended (bench/startup.py names them).
+"""When each part of the trainer's start-up ended (bench/verdict/startup.py names them).
 
 The dataset and the model note their own end; StartupHook notes the runner's (it is
 built with the runner), DeepSpeed's (before_run) and the first step's, and rank 0
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmengine.hooks import Hook
 
-from bench.startup import STARTUP_EVENTS_NAME
+from bench.core.trainer_files import STARTUP_EVENTS_NAME
 
 _ENDED: dict[str, float] = {}
 

@@ -1,0 +1,317 @@
+"""Speed levers that keep the pinned recipe's math (docs/PERFORMANCE.md).
+
+Each lever is a recipe option recorded in the verdict; the stock values reproduce the
+pinned config exactly (`--stock`). A lever stays only if it computes the same thing:
+same data order, same weights' values, same global batch and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+
+from bench.recipe.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
+
+# Dataloader workers per rank when the lever is on: the stock config decodes and
+# preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
+APPLIANCE_DATALOADER_WORKERS = 4
+
+
+def lever(stock, help: str, deviation=None, applied_by_model: bool = False, sized_by_memory: bool = False):
+    """One lever, declared once: its stock value (the pinned config's), what `run --help`
+    says of it (its option is the field's name in kebab case; --no-... turns a switch
+    off), how it changes the config in words for the verdict's deviations (``deviation``:
+    value -> text, None where it says nothing), whether ``LeveredLLaVAModel`` applies it,
+    and whether the GPUs' memory decides its default (an out-of-memory failure before the
+    first logged step under those defaults is retried with them re-sized)."""
+    return field(
+        default=stock,
+        metadata={
+            "help": help,
+            "deviation": deviation,
+            "applied_by_model": applied_by_model,
+            "sized_by_memory": sized_by_memory,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Concrete lever settings of one run; ``Levers()`` is the pinned config. The
+    fields' order is `run --help`'s and the deviations'."""
+
+    dataloader_workers: int = lever(
+        0,
+        "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
+        lambda n: f"{n} dataloader workers per rank instead of 0 (same sampler, same order)",
+    )
+    pin_memory: bool = lever(
+        False, "Pinned dataloader memory (default: on with GPUs).", lambda _: "pinned dataloader memory"
+    )
+    dequantize_nf4: bool = lever(
+        False,
+        "Dequantize the NF4 weights once instead of every step; same values, more memory (default: on where the "
+        "memory model says they fit beside the run's heaviest micro-batch).",
+        lambda _: (
+            "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
+            "(the same values bitsandbytes computes each step)"
+        ),
+        sized_by_memory=True,
+    )
+    # described with its folder (bench/recipe/render.py)
+    tokenized_cache: bool = lever(
+        False,
+        "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and keep it under "
+        "<results>/cache/ for later runs (default: on GPUs).",
+    )
+    skip_vit_backward: bool = lever(
+        False,
+        "Run the frozen ViT without autograd: no recomputation or backward pass through it (default: on with GPUs).",
+        lambda _: (
+            "the frozen ViT runs without autograd, with no recomputation or backward pass through it "
+            "(nothing read those gradients), and the projector without checkpointing; the projector's gradients "
+            "are the same"
+        ),
+        applied_by_model=True,
+    )
+    unchecked_llm_layers: int = lever(
+        0,
+        "Keep the activations of the last N LLM layers instead of recomputing them (default: as many as the "
+        "smallest GPU holds with the run's heaviest micro-batch; 0 on CPU).",
+        lambda n: (
+            f"the last {n} LLM decoder layers (all, where the model has fewer) keep their activations "
+            "instead of recomputing them in the backward pass"
+        ),
+        applied_by_model=True,
+        sized_by_memory=True,
+    )
+    labelled_logits_only: bool = lever(
+        False,
+        "Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs).",
+        lambda _: (
+            "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
+        ),
+        applied_by_model=True,
+    )
+    sdpa_attention: bool = lever(
+        False,
+        "Run the LLM's attention through its model code's SDPA class instead of eager attention: the same "
+        "function, less memory (default: on GPUs where the code has it).",
+        lambda _: (
+            "the LLM's attention through the model code's own SDPA class (torch scaled_dot_product_attention) "
+            "instead of its eager attention: the same softmax(QK^T/sqrt(d) + mask) V without the materialized fp32 "
+            "attention matrix"
+        ),
+    )
+
+    @property
+    def stock(self) -> bool:
+        return self == STOCK
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The levers ``bench.trainer.levered_llava.LeveredLLaVAModel`` applies, those that are on."""
+        return {
+            lever.name: getattr(self, lever.name)
+            for lever in fields(self)
+            if lever.metadata["applied_by_model"] and getattr(self, lever.name)
+        }
+
+    @property
+    def llm_kwargs(self) -> dict:
+        """Keyword arguments the levers add to the LLM's ``from_pretrained``."""
+        return {"attn_implementation": "sdpa"} if self.sdpa_attention else {}
+
+    @property
+    def attention(self) -> str:
+        """The attention the LLM runs, as the memory model counts it."""
+        return "sdpa" if self.sdpa_attention else "eager"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stock": self.stock}
+
+    def deviations(self) -> list[str]:
+        """How the levers that are on change the config, in words (the math stays the same)."""
+        return [
+            lever.metadata["deviation"](getattr(self, lever.name))
+            for lever in fields(self)
+            if lever.metadata["deviation"] is not None and getattr(self, lever.name)
+        ]
+
+
+STOCK = Levers()
+LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
+MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
+
+LeverRequest = make_dataclass(
+    "LeverRequest",
+    [("stock", bool, False), *((lever.name, f"{lever.type} | None", None) for lever in fields(Levers))],
+    frozen=True,
+)
+LeverRequest.__doc__ = "What the user asked for: ``None`` for a lever means the appliance's default."
+
+
+def lever_option(name: str) -> str:
+    """The `run` option of lever ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def lever_arguments(name: str, value) -> list[str]:
+    """The `run` arguments that set lever ``name`` to ``value``."""
+    if isinstance(getattr(STOCK, name), bool):
+        return [lever_option(name) if value else "--no-" + lever_option(name)[2:]]
+    return [lever_option(name), str(value)]
+
+
+def resolve_levers(
+    request: LeverRequest, device: str, precision: str, supports_sdpa: bool | None = None
+) -> tuple[Levers, list[str]]:
+    """The levers of this run but the memory levers' defaults, and, for choices that
+    cannot apply, why (preflight problems). The memory levers (MEMORY_LEVERS) keep the
+    user's value or the stock one here; ``size_memory_levers`` chooses their defaults once
+    the run's micro-batches are known.
+
+    Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
+    with pinned memory, the tokenized dataset kept for later runs, no backward pass
+    through the frozen ViT, logits only at the labelled positions, and SDPA attention
+    where the LLM folder's code has it (``supports_sdpa``, from preflight's import of that
+    code; None: not known).
+    """
+    if request.stock:
+        asked = [value for name, value in vars(request).items() if name != "stock"]
+        return STOCK, (
+            ["--stock (and --float32-reference) turn every lever off; leave out the lever options"]
+            if any(v is not None for v in asked)
+            else []
+        )
+    on_gpu = device == "cuda"
+    problems = []
+    if request.dequantize_nf4 and not dequantization_applies(device, precision):
+        problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
+    if request.sdpa_attention and supports_sdpa is False:
+        problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
+    levers = Levers(
+        dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
+        pin_memory=_asked_or(request.pin_memory, on_gpu),
+        dequantize_nf4=dequantization_applies(device, precision) and bool(request.dequantize_nf4),
+        tokenized_cache=tokenized_cache_on(request, device),
+        skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
+        unchecked_llm_layers=request.unchecked_llm_layers or 0,
+        labelled_logits_only=_asked_or(request.labelled_logits_only, on_gpu),
+        sdpa_attention=bool(supports_sdpa) and _asked_or(request.sdpa_attention, on_gpu),
+    )
+    return levers, problems
+
+
+def dequantization_applies(device: str, precision: str) -> bool:
+    return device == "cuda" and precision == "nf4"
+
+
+def memory_case(levers: Levers, precision: str, heads: int) -> MemoryCase:
+    return MemoryCase(precision, levers.dequantize_nf4, levers.attention, levers.labelled_logits_only, heads)
+
+
+def worst_peak_mib(levers: Levers, precision: str, plan, heads: int) -> float:
+    """The predicted peak of the plan's heaviest micro-batch under ``levers``."""
+    peaks = peak_mib(
+        memory_case(levers, precision, heads), plan.samples, plan.positions, plan.labelled, levers.unchecked_llm_layers
+    )
+    return float(peaks.max())
+
+
+def size_memory_levers(
+    levers: Levers, request: LeverRequest, precision: str, plan, gpu_memory_mib: list[int], layers: int, heads: int
+) -> tuple[Levers, dict]:
+    """The memory levers' defaults for this run's micro-batches (bench/recipe/micro_batches.py)
+    on the smallest GPU: NF4 dequantized where its weights fit beside the heaviest
+    micro-batch with every layer checkpointed, then as many LLM layers unchecked as fit;
+    the user's own choices stay. Also what the memory model predicted, for the verdict."""
+    budget = budget_mib(gpu_memory_mib)
+    if request.dequantize_nf4 is None and dequantization_applies("cuda", precision):
+        dequantized = replace(levers, dequantize_nf4=True, unchecked_llm_layers=0)
+        levers = replace(levers, dequantize_nf4=worst_peak_mib(dequantized, precision, plan, heads) <= budget)
+    if request.unchecked_llm_layers is None:
+        # Each micro-batch's peak is linear in the unchecked layers (a + n b): the count
+        # that fits is the smallest (budget - a) / b over the plan, within 0 and ``layers``.
+        case = memory_case(levers, precision, heads)
+        base = peak_mib(case, plan.samples, plan.positions, plan.labelled, 0)
+        per_layer = peak_mib(case, plan.samples, plan.positions, plan.labelled, 1) - base
+        fitting = int(((budget - base) // per_layer).min())
+        levers = replace(levers, unchecked_llm_layers=min(layers, max(0, fitting)))
+    return levers, {
+        "gpu_memory_mib": min(gpu_memory_mib),
+        "budget_mib": round(budget),
+        "predicted_peak_mib": round(worst_peak_mib(levers, precision, plan, heads)),
+        "dequantize_nf4": levers.dequantize_nf4,
+        "unchecked_llm_layers": levers.unchecked_llm_layers,
+    }
+
+
+def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -> Levers:
+    """The least memory this run's levers can take: every memory-saving lever the user
+    left to the appliance on, every memory-spending one off."""
+    choices = {
+        "dequantize_nf4": False,
+        "unchecked_llm_layers": 0,
+        "labelled_logits_only": True,
+        "sdpa_attention": bool(supports_sdpa),
+    }
+    return replace(levers, **{name: value for name, value in choices.items() if getattr(request, name) is None})
+
+
+def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
+    """Whether the run keeps the tokenized dataset (decided before the other levers:
+    preflight starts its build as soon as it has read the JSON)."""
+    return not request.stock and _asked_or(request.tokenized_cache, device == "cuda")
+
+
+def layer_mib(levers: Levers, precision: str, plan, heads: int) -> float:
+    """What one more unchecked layer adds to the heaviest micro-batch's peak."""
+    more = replace(levers, unchecked_llm_layers=levers.unchecked_llm_layers + 1)
+    return worst_peak_mib(more, precision, plan, heads) - worst_peak_mib(levers, precision, plan, heads)
+
+
+def out_of_memory_hint(precision: str, levers: Levers, plan=None, heads: int = 48) -> str:
+    """What would free memory in a run of ``levers`` at ``precision``, most first (with
+    the plan's heaviest micro-batch, what each frees there)."""
+    helps = []
+    if levers.unchecked_llm_layers:
+        fewer = sorted({levers.unchecked_llm_layers // 2, 0}, reverse=True)
+        each = f", about {layer_mib(levers, precision, plan, heads):,.0f} MiB a layer" if plan is not None else ""
+        helps.append(f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}){each}")
+    if levers.dequantize_nf4:
+        saving = STATIC_MIB[("nf4", True)] - STATIC_MIB[("nf4", False)]
+        helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving:,} MiB less)")
+    if not levers.labelled_logits_only:
+        helps.append("--labelled-logits-only (the logits of the labelled positions only)")
+    if not levers.sdpa_attention:
+        helps.append("--sdpa-attention where the model code has it")
+    if precision == "bf16":
+        helps.append("--precision nf4 (the pinned recipe's 4-bit weights)")
+    helps.append("a smaller --per-device-batch with --global-batch to keep the global batch")
+    return "; ".join(helps)
+
+
+def memory_retry(
+    levers: Levers, request: LeverRequest, precision: str, plan, heads: int, shortfall_mib: float
+) -> Levers | None:
+    """The levers of the one retry after an out-of-memory failure before the first logged
+    step, re-sized from what the failure showed: the unchecked layers the appliance chose
+    less those that free ``shortfall_mib`` (what the failed allocation asked for and what
+    the allocator held unused), and at most half of them; only where it chose none, its
+    dequantized weights. The user's own choices stay; None when no default is left to
+    take back."""
+    if request.unchecked_llm_layers is None and levers.unchecked_llm_layers:
+        give_back = math.ceil(
+            shortfall_mib / max(layer_mib(replace(levers, unchecked_llm_layers=0), precision, plan, heads), 1.0)
+        )
+        fewer = min(levers.unchecked_llm_layers // 2, levers.unchecked_llm_layers - give_back)
+        return replace(levers, unchecked_llm_layers=max(0, fewer))
+    if request.dequantize_nf4 is None and levers.dequantize_nf4:
+        return replace(levers, dequantize_nf4=False)
+    return None
+
+
+def _asked_or(asked, default):
+    """The user's choice where there is one (``None``: none was made)."""
+    return default if asked is None else asked

@@ -1,0 +1,1 @@
+"""The job: the scheduler's environment read, the nodes' agreement and the collective check."""

@@ -1,0 +1,1 @@
+"""Launch: the commands the appliance starts, their supervision, signals, diagnosis and the memory retry."""
