@@ -46,6 +46,12 @@ def process_age_seconds() -> float | None:
     return round(max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK")), 3)
 
 
+def seconds_since_age(age: float | None) -> float | None:
+    """Seconds since the process was ``age`` seconds old (None without /proc)."""
+    now = process_age_seconds()
+    return None if now is None or age is None else round(now - age, 3)
+
+
 @dataclass
 class Outcome:
     exit_code: int | None

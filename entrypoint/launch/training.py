@@ -89,3 +89,29 @@ def _stop_check(criteria: Criteria, printer: ProgressPrinter):
         return None
 
     return on_record
+
+
+def timing_section(
+    preflight_seconds: float | None,
+    attempts: list[dict] = (),
+    outcome: Outcome | None = None,
+    startup: dict | None = None,
+) -> dict:
+    """The verdict's timing: every attempt's time (``attempts``, as train_attempt gives
+    them; the last one's ``outcome``) and the start-up's parts; with no attempt, a run
+    that ended before anything was launched."""
+    now, last = utc_now(), (attempts[-1] if attempts else None)
+    section = {"preflight_seconds": preflight_seconds}
+    if last is not None:
+        section["earlier_attempts_seconds"] = round(last["launched"] - attempts[0]["launched"], 3)
+        section["attempts"] = [{k: v for k, v in a.items() if k != "launched"} for a in attempts]
+    section |= {
+        "started_at": last["started_at"] if last else now,
+        "first_record_at": outcome.first_record_at if outcome else None,
+        "first_record_seconds": outcome.first_record_seconds if outcome else None,
+        "ended_at": outcome.ended_at if outcome else now,
+        "wall_seconds": last["wall_seconds"] if last else 0.0,
+    }
+    if last is not None:
+        section["startup"] = startup
+    return section

@@ -26,8 +26,9 @@ from bench.recipe.render import (
 from bench.recipe.schedule import epoch_problem, warmup_problem
 from entrypoint import __version__
 from entrypoint.job.topology import Topology
+from entrypoint.launch.supervise import process_age_seconds
 from entrypoint.preflight.deep import deep_problems
-from entrypoint.preflight.environment import gpu_inventory_details
+from entrypoint.preflight.environment import gpu_inventory, gpu_inventory_details
 from entrypoint.preflight.layout_checks import check_writable, inspect_layout
 from entrypoint.preflight.machine_checks import disk_problems, gpu_problems
 from entrypoint.preflight.model_code import ModelCodeProbe
@@ -51,12 +52,18 @@ class Preflight:
     tokenization: CacheBuild | None  # the tokenized dataset's build, started as soon as the JSON was read
     gpu_memory_mib: list[int]  # what the memory levers' defaults fill (entrypoint/launch/sizing.py)
     supports_sdpa: bool | None  # the LLM folder's code has an SDPA attention (None: not known)
+    gpus: int  # visible GPUs
+    gpu_model: str  # "cpu" without GPUs
+    driver: str | None
+    imports_seconds: float | None  # the process's age when preflight began: its imports (None without /proc)
 
 
-def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: int, children: ExitStack) -> Preflight:
+def preflight(request: RunRequest, layout: Layout, results_parent: Path, children: ExitStack) -> Preflight:
     """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
     disk and GPU checks, the levers; the recipe if all pass. The tokenized dataset's
     build starts beside the checks, in ``children`` (stopped when the run leaves it)."""
+    imports_seconds = process_age_seconds()
+    gpus, gpu_model, driver = gpu_inventory()
     device = resolve_device(request.device, gpus)
     topology, problems = run_topology(request, device, gpus)
     user_config, per_device_batch = None, request.recipe.per_device_batch
@@ -179,4 +186,8 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, gpus: i
         build,
         list(memory.for_defaults),
         supports_sdpa,
+        gpus,
+        gpu_model,
+        driver,
+        imports_seconds,
     )
