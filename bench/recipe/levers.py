@@ -17,18 +17,28 @@ from bench.recipe.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_m
 APPLIANCE_DATALOADER_WORKERS = 4
 
 
-def lever(stock, help: str, deviation=None, applied_by_model: bool = False, sized_by_memory: bool = False):
-    """One lever, declared once: its stock value (the pinned config's), what `run --help`
-    says of it (its option is the field's name in kebab case; --no-... turns a switch
-    off), how it changes the config in words for the verdict's deviations (``deviation``:
-    value -> text, None where it says nothing), whether ``LeveredLLaVAModel`` applies it,
-    and whether the GPUs' memory decides its default (an out-of-memory failure before the
-    first logged step under those defaults is retried with them re-sized)."""
+def lever(
+    stock,
+    help: str,
+    deviation=None,
+    on_gpus=None,
+    applied_by_model: bool = False,
+    sized_by_memory: bool = False,
+):
+    """One lever, declared once: its stock value (the pinned config's, and the default
+    on CPU), what `run --help` says of it (its option is the field's name in kebab case;
+    --no-... turns a switch off), how it changes the config in words for the verdict's
+    deviations (``deviation``: value -> text, None where it says nothing), its default on
+    GPUs (``on_gpus``; None: stock's, or the memory model's where ``sized_by_memory``),
+    whether ``LeveredLLaVAModel`` applies it, and whether the GPUs' memory decides its
+    default (an out-of-memory failure before the first logged step under those defaults
+    is retried with them re-sized)."""
     return field(
         default=stock,
         metadata={
             "help": help,
             "deviation": deviation,
+            "on_gpus": on_gpus,
             "applied_by_model": applied_by_model,
             "sized_by_memory": sized_by_memory,
         },
@@ -44,9 +54,10 @@ class Levers:
         0,
         "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
         lambda n: f"{n} dataloader workers per rank instead of 0 (same sampler, same order)",
+        on_gpus=APPLIANCE_DATALOADER_WORKERS,
     )
     pin_memory: bool = lever(
-        False, "Pinned dataloader memory (default: on with GPUs).", lambda _: "pinned dataloader memory"
+        False, "Pinned dataloader memory (default: on with GPUs).", lambda _: "pinned dataloader memory", on_gpus=True
     )
     dequantize_nf4: bool = lever(
         False,
@@ -63,6 +74,7 @@ class Levers:
         False,
         "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and keep it under "
         "<results>/cache/ for later runs (default: on GPUs).",
+        on_gpus=True,
     )
     skip_vit_backward: bool = lever(
         False,
@@ -72,6 +84,7 @@ class Levers:
             "(nothing read those gradients), and the projector without checkpointing; the projector's gradients "
             "are the same"
         ),
+        on_gpus=True,
         applied_by_model=True,
     )
     unchecked_llm_layers: int = lever(
@@ -91,6 +104,7 @@ class Levers:
         lambda _: (
             "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
         ),
+        on_gpus=True,
         applied_by_model=True,
     )
     sdpa_attention: bool = lever(
@@ -102,6 +116,7 @@ class Levers:
             "instead of its eager attention: the same softmax(QK^T/sqrt(d) + mask) V without the materialized fp32 "
             "attention matrix"
         ),
+        on_gpus=True,
     )
 
     @property
@@ -171,9 +186,8 @@ def resolve_levers(
     user's value or the stock one here; ``size_memory_levers`` chooses their defaults once
     the run's micro-batches are known.
 
-    Defaults: nothing on CPU (a functional check, not a benchmark); on GPUs, workers
-    with pinned memory, the tokenized dataset kept for later runs, no backward pass
-    through the frozen ViT, logits only at the labelled positions, and SDPA attention
+    Defaults: each lever's declared GPU default on GPUs, stock's on CPU (a functional
+    check, not a benchmark); dequantization only for NF4 on GPUs, and SDPA attention only
     where the LLM folder's code has it (``supports_sdpa``, from preflight's import of that
     code; None: not known).
     """
@@ -184,21 +198,19 @@ def resolve_levers(
             if any(v is not None for v in asked)
             else []
         )
-    on_gpu = device == "cuda"
     problems = []
     if request.dequantize_nf4 and not dequantization_applies(device, precision):
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
     if request.sdpa_attention and supports_sdpa is False:
         problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
     levers = Levers(
-        dataloader_workers=_asked_or(request.dataloader_workers, APPLIANCE_DATALOADER_WORKERS if on_gpu else 0),
-        pin_memory=_asked_or(request.pin_memory, on_gpu),
-        dequantize_nf4=dequantization_applies(device, precision) and bool(request.dequantize_nf4),
-        tokenized_cache=tokenized_cache_on(request, device),
-        skip_vit_backward=_asked_or(request.skip_vit_backward, on_gpu),
-        unchecked_llm_layers=request.unchecked_llm_layers or 0,
-        labelled_logits_only=_asked_or(request.labelled_logits_only, on_gpu),
-        sdpa_attention=bool(supports_sdpa) and _asked_or(request.sdpa_attention, on_gpu),
+        **{lever.name: _asked_or(getattr(request, lever.name), _default(lever, device)) for lever in fields(Levers)}
+    )
+    # what cannot apply here is off, asked or not (asked, it is a problem above)
+    levers = replace(
+        levers,
+        dequantize_nf4=levers.dequantize_nf4 and dequantization_applies(device, precision),
+        sdpa_attention=levers.sdpa_attention and bool(supports_sdpa),
     )
     return levers, problems
 
@@ -262,7 +274,8 @@ def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -
 def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
     """Whether the run keeps the tokenized dataset (decided before the other levers:
     preflight starts its build as soon as it has read the JSON)."""
-    return not request.stock and _asked_or(request.tokenized_cache, device == "cuda")
+    tokenized_cache = next(lever for lever in fields(Levers) if lever.name == "tokenized_cache")
+    return not request.stock and _asked_or(request.tokenized_cache, _default(tokenized_cache, device))
 
 
 def layer_mib(levers: Levers, precision: str, plan, heads: int) -> float:
@@ -310,6 +323,12 @@ def memory_retry(
     if request.dequantize_nf4 is None and levers.dequantize_nf4:
         return replace(levers, dequantize_nf4=False)
     return None
+
+
+def _default(lever, device: str):
+    """A lever's default before the memory model: its GPU default on GPUs, else stock's."""
+    on_gpus = lever.metadata["on_gpus"]
+    return on_gpus if device == "cuda" and on_gpus is not None else lever.default
 
 
 def _asked_or(asked, default):
