@@ -101,6 +101,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py  # the import contracts
 
 # Record the digest of the base image for users who can pull it (never invented: it is
 # what the registry answers).
