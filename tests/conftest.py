@@ -101,3 +101,21 @@ def run_argv(root, out, *args: str) -> list[str]:
 def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user would run it."""
     return subprocess.run(cli_argv(*args), capture_output=True, text=True, **kwargs)
+
+
+def short_cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """A real 20-step CPU run of the demo's batch, its verdict on stdout."""
+    return llava_bench(
+        "run",
+        "--root",
+        str(layout),
+        "--out",
+        str(out),
+        *CPU,
+        "--max-steps",
+        "20",
+        "--target-loss",
+        "1.6",
+        "--json",
+        *options,
+    )

@@ -97,7 +97,7 @@ def test_perf_compares_stock_nf4_with_the_default_and_the_training_agrees(synthe
     say nothing about the 20B run; the loss curves must agree with stock's, and the
     projector's first gradient and its weights after the compared steps must be no
     farther from the float32 run's than twice stock's own half-precision rounding
-    (a zeroed gradient is at 100 %, tests/test_levers.py)."""
+    (a zeroed gradient is at 100 %, tests/test_perf.py)."""
     done = llava_bench(
         "perf",
         "--root",

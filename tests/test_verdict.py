@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import MISSING, fields
 
 import jsonschema
 import pytest
@@ -118,55 +119,93 @@ def context(**changes) -> RunContext:
 H200_NF4 = read_stream(DATA / "h200_stock_nf4_b32_20bshape.jsonl")
 
 
-@pytest.mark.parametrize(
-    "ctx",
-    [
-        context(),
-        context(termination=Termination("crashed", "exit 1")),
-        context(termination=Termination("aborted", "SIGTERM")),
-        context(
-            termination=Termination("unknown"),
-            recipe=None,
-            topology=None,
-            timing=None,
-            per_device_batch=None,
-            world_size=None,
-        ),
-        context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
-        context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
-        context(
-            recipe={
-                **RECIPE,
-                "memory_fallback": {
-                    "reason": "trainer exit code 1; out of GPU memory",
-                    "folder": "attempt-1",
-                    "config_sha256": "1" * 64,
-                    "levers": {**STOCK.as_dict(), "unchecked_llm_layers": 17},
-                    "wall_seconds": 80.5,
-                    "taken_back": ["unchecked_llm_layers 17 -> 0"],
-                },
-            }
-        ),
-        context(
-            interconnect={
-                "backend": "nccl",
-                "world_size": 2,
-                "placement": [
-                    {"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)
-                ],
-                "allreduce": {
-                    "message_bytes": 268435456,
-                    "iterations": 20,
-                    "seconds_per_allreduce": 0.001,
-                    "bus_bandwidth_gbps": 268.4,
-                },
-            }
-        ),
-    ],
-)
+KINDS_OF_CONTEXT = [
+    context(),
+    context(termination=Termination("crashed", "exit 1")),
+    context(termination=Termination("aborted", "SIGTERM")),
+    context(
+        termination=Termination("unknown"),
+        recipe=None,
+        topology=None,
+        timing=None,
+        per_device_batch=None,
+        world_size=None,
+    ),
+    context(problems=[{"path": "/llava/data", "problem": "missing", "fix": "mount it"}]),
+    context(criteria=Criteria(target_loss=13.0, max_steps=15, stop_on_target=True), demo=True),
+    context(
+        recipe={
+            **RECIPE,
+            "memory_fallback": {
+                "reason": "trainer exit code 1; out of GPU memory",
+                "folder": "attempt-1",
+                "config_sha256": "1" * 64,
+                "levers": {**STOCK.as_dict(), "unchecked_llm_layers": 17},
+                "wall_seconds": 80.5,
+                "taken_back": ["unchecked_llm_layers 17 -> 0"],
+            },
+        }
+    ),
+    context(
+        interconnect={
+            "backend": "nccl",
+            "world_size": 2,
+            "placement": [
+                {"rank": r, "node_rank": 0, "local_rank": r, "host": "h", "gpu": "NVIDIA H200"} for r in (0, 1)
+            ],
+            "allreduce": {
+                "message_bytes": 268435456,
+                "iterations": 20,
+                "seconds_per_allreduce": 0.001,
+                "bus_bandwidth_gbps": 268.4,
+            },
+        }
+    ),
+]
+
+
+@pytest.mark.parametrize("ctx", KINDS_OF_CONTEXT)
 def test_every_kind_of_verdict_validates(ctx):
     for stream in (H200_NF4, MetricsStream([], 0)):
         verdict_mod.validate(verdict_mod.build(ctx, stream))
+
+
+RANK_TIMES = [
+    {
+        "rank": rank,
+        "local_rank": rank,
+        "node_rank": 0,
+        "host": "h",
+        "iterations": 30,
+        "forward_seconds_mean": 0.5 + rank,
+    }
+    for rank in (0, 1)
+]
+
+
+ROUND_TRIPS = [*KINDS_OF_CONTEXT, context(rank_times=RANK_TIMES, accumulative_counts=2)]
+
+
+def test_the_round_trips_set_every_field_of_the_context():
+    """So that the test below covers a new field: one of its contexts must set it."""
+    defaults = {
+        f.name: f.default if f.default_factory is MISSING else f.default_factory()
+        for f in fields(RunContext)
+        if (f.default, f.default_factory) != (MISSING, MISSING)  # required: always set
+    }
+    unset = {name for name, default in defaults.items() if all(getattr(ctx, name) == default for ctx in ROUND_TRIPS)}
+    assert unset == set()
+
+
+@pytest.mark.parametrize("ctx", ROUND_TRIPS)
+def test_a_verdict_records_every_field_of_its_context(ctx):
+    """`llava-bench verdict` recomputes a verdict from the context it recorded: every
+    field of RunContext comes back from the verdict as it went in, so a field added
+    without its place in the verdict (and the schema) fails here."""
+    for stream in (H200_NF4, MetricsStream([], 0)):
+        verdict = verdict_mod.build(ctx, stream)
+        verdict_mod.validate(verdict)
+        assert verdict_mod.context_from_verdict(verdict) == ctx
 
 
 def test_problems_make_the_verdict_invalid_with_exit_2():

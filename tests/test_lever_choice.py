@@ -1,0 +1,465 @@
+"""Speed levers: one declaration each, which apply where, their defaults, the memory
+model's sizing and the one retry, how they render into the config and the deviations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.core.layout import Layout
+from bench.recipe.levers import (
+    STOCK,
+    LeverRequest,
+    Levers,
+    memory_retry,
+    out_of_memory_hint,
+    resolve_levers,
+    size_memory_levers,
+)
+from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
+from bench.recipe.micro_batches import RecordLengths, plan
+from bench.recipe.render import RecipeOptions, render
+from bench.verdict import document as verdict_mod
+from tests.conftest import llava_bench
+
+H100 = [81559] * 8
+H200 = [143771] * 8
+A100_40 = [40960] * 8
+GPU_DEFAULTS = Levers(
+    dataloader_workers=4,
+    pin_memory=True,
+    tokenized_cache=True,
+    skip_vit_backward=True,
+    labelled_logits_only=True,
+    sdpa_attention=True,
+)
+# name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
+# micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
+# folder's code has SDPA attention (InternLM2's) unless the name says otherwise.
+CASES = {
+    "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
+    "80 GB GPUs, NF4: dequantized, 3 layers unchecked": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=3),
+        None,
+    ),
+    "141 GB GPUs, NF4: dequantized, 18 layers unchecked": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=18),
+        None,
+    ),
+    "141 GB GPUs, bf16: 18 layers unchecked": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=18),
+        None,
+    ),
+    "code without SDPA, 141 GB, NF4: eager layers cost more, 10 fit": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=10),
+        None,
+    ),
+    "code without SDPA, 80 GB, NF4: 1 eager layer fits": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=1),
+        None,
+    ),
+    "code without SDPA, SDPA asked for: refused": (
+        LeverRequest(sdpa_attention=True),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        "no SDPA attention",
+    ),
+    "eager attention asked for: fewer layers": (
+        LeverRequest(sdpa_attention=False),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        None,
+    ),
+    "all logits: room for 13 layers": (
+        LeverRequest(labelled_logits_only=False),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=13),
+        None,
+    ),
+    "half the batch: more than twice the layers": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        16,
+        H200,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=42),
+        None,
+    ),
+    "twice the batch: the activations grow with the positions, 6 layers fit": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        64,
+        H200,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=6),
+        None,
+    ),
+    "the smallest GPU decides": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        [*H200, 81559],
+        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
+        None,
+    ),
+    "40 GB GPUs, NF4: weights stay 4-bit, 1 layer unchecked": (
+        LeverRequest(),
+        "cuda",
+        "nf4",
+        32,
+        A100_40,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=1),
+        None,
+    ),
+    "bf16 on 80 GB: nothing to dequantize": (
+        LeverRequest(),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
+        None,
+    ),
+    "no tokenized cache when asked": (
+        LeverRequest(tokenized_cache=False),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=3),
+        None,
+    ),
+    "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
+    "--stock with a lever: refused": (
+        LeverRequest(stock=True, dataloader_workers=2),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        STOCK,
+        "--stock",
+    ),
+    "--stock with unchecked layers: refused": (
+        LeverRequest(stock=True, unchecked_llm_layers=0),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        STOCK,
+        "--stock",
+    ),
+    "one lever off, the others default: 4-bit weights leave room for 11 unchecked layers": (
+        LeverRequest(dequantize_nf4=False),
+        "cuda",
+        "nf4",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=11),
+        None,
+    ),
+    "layers asked for: the user's call": (
+        LeverRequest(unchecked_llm_layers=48),
+        "cuda",
+        "bf16",
+        32,
+        H100,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=48),
+        None,
+    ),
+    "forced on a 40 GB GPU (the user's call)": (
+        LeverRequest(dequantize_nf4=True),
+        "cuda",
+        "nf4",
+        32,
+        A100_40,
+        replace(GPU_DEFAULTS, dequantize_nf4=True),
+        None,
+    ),
+    "dequantize asked on CPU: refused": (
+        LeverRequest(dequantize_nf4=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        STOCK,
+        "--dequantize-nf4",
+    ),
+    "workers on CPU when asked": (
+        LeverRequest(dataloader_workers=2, pin_memory=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(dataloader_workers=2, pin_memory=True),
+        None,
+    ),
+    "tokenized cache on CPU when asked": (
+        LeverRequest(tokenized_cache=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(tokenized_cache=True),
+        None,
+    ),
+    "model levers on CPU when asked": (
+        LeverRequest(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
+        "cpu",
+        "nf4",
+        32,
+        [],
+        Levers(skip_vit_backward=True, unchecked_llm_layers=1, labelled_logits_only=True, sdpa_attention=True),
+        None,
+    ),
+}
+
+
+def uniform_plan(text_tokens: int, per_device_batch: int, labelled: int = 17, records: int = 4096):
+    """The micro-batches of a dataset whose records all have ``text_tokens`` (49: the
+    padded length of LLaVA-Pretrain's micro-batches of 32), on one GPU."""
+    lengths = RecordLengths(
+        [str(i) for i in range(records)],
+        np.full(records, text_tokens),
+        np.ones(records, dtype=np.int64),
+        np.full(records, labelled),
+    )
+    return plan(lengths, per_device_batch, 1, 1, 20, 42, image_tokens=576)
+
+
+def chosen_levers(request, device, precision, batch, memory, supports_sdpa, text_tokens=49):
+    """What a run chooses: resolve_levers in preflight, then the memory levers sized for its micro-batches."""
+    levers, problems = resolve_levers(request, device, precision, supports_sdpa=supports_sdpa)
+    if device == "cuda" and not levers.stock:
+        levers, _ = size_memory_levers(levers, request, precision, uniform_plan(text_tokens, batch), memory, 48, 48)
+    return levers, problems
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resolve_levers(name):
+    request, device, precision, batch, memory, expected, problem = CASES[name]
+    levers, problems = chosen_levers(request, device, precision, batch, memory, "without SDPA" not in name)
+    assert levers == expected
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0]
+
+
+@pytest.mark.parametrize("memory, short, long", [(H200, 18, 15), (H100, 3, 2)])
+def test_longer_captions_leave_room_for_fewer_unchecked_layers(memory, short, long):
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 49)[0].unchecked_llm_layers == short
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 149)[0].unchecked_llm_layers == long
+
+
+def test_dequantized_weights_stay_only_where_they_fit_beside_the_heaviest_micro_batch():
+    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 49)[0].dequantize_nf4 is True
+    # near the truncation length the dequantized weights no longer fit beside a checkpointed micro-batch
+    levers = chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 1400)[0]
+    assert levers.dequantize_nf4 is False and levers.unchecked_llm_layers == 0
+
+
+# name: (request, chosen levers, what the failure lacked in MiB, the retry's levers: None for no retry)
+RETRIES = {
+    "the unchecked layers re-sized: at least half given back": (
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        300.0,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=8),
+    ),
+    "a large shortfall gives back the layers that free it": (
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        45_000.0,
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+    ),
+    "no layer left to give back: the dequantized weights go": (
+        LeverRequest(),
+        replace(GPU_DEFAULTS, dequantize_nf4=True),
+        300.0,
+        GPU_DEFAULTS,
+    ),
+    "the user's layers stay: the dequantized default goes": (
+        LeverRequest(unchecked_llm_layers=4),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        300.0,
+        replace(GPU_DEFAULTS, unchecked_llm_layers=4),
+    ),
+    "every memory lever the user's: no retry": (
+        LeverRequest(unchecked_llm_layers=4, dequantize_nf4=True),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        300.0,
+        None,
+    ),
+    "nothing spent: no retry": (LeverRequest(), GPU_DEFAULTS, 300.0, None),
+    "stock: no retry": (LeverRequest(stock=True), STOCK, 300.0, None),
+}
+
+
+@pytest.mark.parametrize("name", list(RETRIES))
+def test_an_out_of_memory_retry_re_sizes_only_the_defaults(name):
+    request, chosen, shortfall, retry = RETRIES[name]
+    assert memory_retry(chosen, request, "nf4", uniform_plan(49, 32), 48, shortfall) == retry
+
+
+def test_the_out_of_memory_hint_names_what_frees_memory_in_this_recipe():
+    levers = replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17)
+    nf4 = out_of_memory_hint("nf4", levers, uniform_plan(49, 32))
+    assert "--unchecked-llm-layers 8 or 0" in nf4 and "--no-dequantize-nf4" in nf4 and "--precision nf4" not in nf4
+    assert "about 3,521 MiB a layer" in nf4  # one layer at 32 x 624 positions
+    bf16 = out_of_memory_hint("bf16", STOCK)
+    assert "--precision nf4" in bf16 and "--labelled-logits-only" in bf16 and "--unchecked-llm-layers" not in bf16
+
+
+# name: (environment, cards' memory, memory for the defaults, cap, problem words)
+SIMULATIONS = {
+    "nothing set: the cards": ({}, (143771,), (143771,), None, None),
+    "an 80 GB card simulated": ({GPU_MEMORY_CAP_VARIABLE: "81559"}, (81559,), (81559,), 81559, None),
+    "a cap above the card changes nothing": ({GPU_MEMORY_CAP_VARIABLE: "200000"}, (143771,), (143771,), 200000, None),
+    "the defaults' mistake forced": (
+        {GPU_MEMORY_CAP_VARIABLE: "81559", MEMORY_MODEL_VARIABLE: "143771"},
+        (81559,),
+        (143771,),
+        81559,
+        None,
+    ),
+    "not a number": ({GPU_MEMORY_CAP_VARIABLE: "80GB"}, (143771,), (143771,), None, "'80GB' is not a positive number"),
+    "zero": ({MEMORY_MODEL_VARIABLE: "0"}, (143771,), (143771,), None, "is not a positive number"),
+}
+
+
+@pytest.mark.parametrize("name", list(SIMULATIONS))
+def test_a_smaller_gpu_is_simulated_from_the_environment(name):
+    env, cards, for_defaults, cap, problem = SIMULATIONS[name]
+    memory, problems = gpu_memory([143771], env)
+    assert (memory.cards, memory.for_defaults, memory.cap_mib) == (cards, for_defaults, cap)
+    assert (problem is None) == (not problems) and (problem is None or problem in problems[0])
+
+
+def test_levers_render_into_the_config_and_are_listed_as_deviations():
+    layout = Layout.at(Path("/llava"))
+    options = RecipeOptions(
+        levers=Levers(
+            dataloader_workers=4,
+            pin_memory=True,
+            dequantize_nf4=True,
+            skip_vit_backward=True,
+            unchecked_llm_layers=12,
+            labelled_logits_only=True,
+            sdpa_attention=True,
+        )
+    )
+    recipe = render(layout, options, "test")
+    assert "from bench.trainer.levered_llava import LeveredLLaVAModel" in recipe.text
+    assert (
+        "type=LeveredLLaVAModel,\n    skip_vit_backward=True,\n    unchecked_llm_layers=12,\n    "
+        "labelled_logits_only=True," in recipe.text
+    )
+    assert any("the last 12 LLM decoder layers" in change for change in recipe.deviations)
+    assert "torch_dtype=torch.float16,\n        attn_implementation='sdpa',\n        quantization_config" in recipe.text
+    assert any("SDPA class" in change for change in recipe.deviations)
+    assert "type=LLaVAModel," in render(layout, RecipeOptions(levers=STOCK), "test").text
+    assert "dataloader_num_workers = 4" in recipe.text
+    assert "pin_memory=True," in recipe.text
+    assert "from bench.trainer.dequantize import from_pretrained_dequantized" in recipe.text
+    assert "type=from_pretrained_dequantized," in recipe.text
+    assert any("dequantized once" in change for change in recipe.deviations)
+    assert render(layout, RecipeOptions(levers=STOCK), "test").sha256 != recipe.sha256
+
+
+def test_dequantizing_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="NF4 on GPUs"):
+        RecipeOptions(device="cpu", levers=Levers(dequantize_nf4=True))
+
+
+def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
+    done = llava_bench(
+        "run",
+        "--root",
+        str(synthetic_layout),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--stock",
+        "--dataloader-workers",
+        "2",
+    )
+    assert done.returncode == 2
+    assert "--stock (and --float32-reference) turn every lever off" in done.stderr
+
+
+def test_a_lever_is_one_declaration_from_which_run_and_perf_take_their_options():
+    """Each of Levers' fields declares one lever (bench.recipe.levers.lever); `run` gets one option per lever
+    (a switch for a flag, a count for a number), LeverRequest one field, and perf's
+    single-lever variants set every other lever to its stock value."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from bench.recipe.levers import LEVER_HELP, STOCK, LeverRequest, Levers, lever_option
+    from entrypoint.cli.app import app
+    from entrypoint.tools.perf import VARIANTS
+
+    names = [lever.name for lever in fields(Levers)]
+    assert list(LEVER_HELP) == names
+    assert [field.name for field in fields(LeverRequest)] == ["stock", *names]
+    run = typer.main.get_command(app).commands["run"]
+    options = {option: parameter for parameter in run.params for option in parameter.opts}
+    for name in names:
+        parameter = options[lever_option(name)]
+        assert parameter.help == LEVER_HELP[name] and parameter.default is None
+        assert bool(parameter.secondary_opts) == isinstance(getattr(STOCK, name), bool), name  # --no-... for a switch
+    assert VARIANTS["vit"].count("--skip-vit-backward") == 1 and "--unchecked-llm-layers" in VARIANTS["vit"]
+    assert "--unchecked-llm-layers" not in VARIANTS["unchecked"]  # run's own default for the GPUs' memory
+
+
+def test_the_verdict_schema_lists_every_lever_with_its_type():
+    """recipe.levers in schemas/verdict.schema.json is the third place a lever is named
+    (after its declaration and its trainer-side logic): it must name each one, typed."""
+    from dataclasses import fields
+
+    from bench.recipe.levers import Levers
+
+    levers = verdict_mod.schema()["properties"]["recipe"]["properties"]["levers"]
+    json_types = {"int": "integer", "bool": "boolean"}
+    declared = {lever.name: json_types[lever.type] for lever in fields(Levers)}
+    assert levers["required"] == [*declared, "stock"]
+    assert {name: levers["properties"][name]["type"] for name in declared} == declared

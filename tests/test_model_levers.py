@@ -1,0 +1,189 @@
+"""The levers the model applies (bench/trainer/levered_llava.py), on InternLM2's own code:
+what each skips or keeps, and that the loss and the gradients stay the same.
+
+The dequantized-NF4 lever needs CUDA and bitsandbytes' GPU kernels; its loss-curve
+agreement with stock NF4 is checked on the GPU machine (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.core.layout import Layout
+from tests.conftest import short_cpu_run
+
+
+def _one_training_step(layout: Path, model_class, attention: str = "eager", **levers) -> tuple[Counter, float, list]:
+    """Build the model from the tiny layout as XTuner's config does (InternLM2's own code,
+    ``attention`` as the attention lever asks), run one forward and backward, and return
+    the MLP calls of each LLM layer and of the ViT's first layer (a recomputed layer
+    calls its MLP again), the rows the output projection computed (key "logits"), the
+    loss and the projector's gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    paths = Layout.at(layout)
+    torch.manual_seed(0)  # the projector's initial weights
+    model = model_class(
+        llm=AutoModelForCausalLM.from_pretrained(paths.llm_dir, trust_remote_code=True, attn_implementation=attention),
+        visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        **levers,
+    ).train()
+    assert type(model.llm).__name__ == "InternLM2ForCausalLM"
+    assert (
+        type(model.llm.model.layers[0].attention).__name__
+        == {"eager": "InternLM2Attention", "sdpa": "InternLM2SdpaAttention"}[attention]
+    )
+    calls = Counter()
+    mlps = {f"llm.{i}": layer.feed_forward for i, layer in enumerate(model.llm.model.layers)}
+    mlps["vit.0"] = model.visual_encoder.vision_model.encoder.layers[0].mlp
+    for name, mlp in mlps.items():
+        # at the call, not its end: a non-reentrant recompute stops once it has what backward needs
+        mlp.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+    model.llm.output.register_forward_pre_hook(lambda _, args: calls.update({"logits": args[0].shape[:-1].numel()}))
+    size = model.visual_encoder.config.image_size
+    data = {
+        "input_ids": torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7], [1, IMAGE_TOKEN_INDEX, 8, 9, 2]]),
+        "labels": torch.tensor([[-100, -100, 5, 6, 7], [-100, -100, 8, -100, -100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),  # the second padded
+        "pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),
+    }
+    loss = model(data, mode="loss")["loss"]
+    loss.backward()
+    return calls, loss.item(), [p.grad for p in model.projector.parameters()]
+
+
+def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layers(synthetic_layout):
+    """The mechanism, counted on InternLM2's own code: stock recomputes every LLM layer
+    and the ViT in the backward pass; with the levers the ViT runs once, the unchecked
+    last layer runs once, the checkpointed first layer still twice, and the loss and the
+    projector's gradients are the same numbers."""
+    from xtuner.model import LLaVAModel
+
+    from bench.trainer.levered_llava import LeveredLLaVAModel
+
+    stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    calls, loss, grads = _one_training_step(
+        synthetic_layout, LeveredLLaVAModel, skip_vit_backward=True, unchecked_llm_layers=1
+    )
+    assert stock_calls["llm.0"] == stock_calls["llm.1"] == stock_calls["vit.0"] == 2
+    assert (calls["llm.0"], calls["llm.1"], calls["vit.0"]) == (2, 1, 1)
+    assert calls["logits"] == stock_calls["logits"]  # every position
+    assert loss == stock_loss
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all((g == s).all() for g, s in zip(grads, stock_grads))
+
+
+def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthetic_layout):
+    """Stock projects every position (image tokens included) to the vocabulary; the
+    lever projects the 4 positions that predict the 4 labelled tokens, and the loss
+    and the projector's gradients agree with stock's to float32 rounding (a matmul
+    of 4 rows sums in another order than one of all rows)."""
+    import torch
+    from xtuner.model import LLaVAModel
+
+    from bench.trainer.levered_llava import LeveredLLaVAModel
+
+    stock_calls, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    calls, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, labelled_logits_only=True)
+    assert calls["logits"] == 4 < stock_calls["logits"]  # 2 x (4 text positions plus the image's)
+    assert loss == pytest.approx(stock_loss, rel=1e-6)
+    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(grads, stock_grads))
+
+
+def test_sdpa_attention_is_the_same_function_as_internlm2s_eager_attention(synthetic_layout):
+    """The attention lever builds the model code's own SDPA class; its loss and the
+    projector's gradients agree with the eager attention's to float32 rounding (the
+    fused kernel sums the softmax in another order), on a batch with padding."""
+    import torch
+    from xtuner.model import LLaVAModel
+
+    _, eager_loss, eager_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    _, loss, grads = _one_training_step(synthetic_layout, LLaVAModel, attention="sdpa")
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(grads, eager_grads))
+
+
+def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
+    """Two real CPU runs, stock and every model lever: the same losses (to float32
+    rounding, which the labelled-only logits and SDPA change)."""
+    curves = []
+    model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only", "--sdpa-attention"]
+    for levers in (["--stock"], model_levers):
+        done = short_cpu_run(synthetic_layout, tmp_path, *levers)
+        assert done.returncode == 0, done.stderr[-3000:]
+        verdict = json.loads(done.stdout)
+        curves.append([point["loss"] for point in verdict["result"]["curve"]])
+    levers = verdict["recipe"]["levers"]
+    assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == 1 and levers["labelled_logits_only"]
+    assert levers["sdpa_attention"]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int = 16, hidden: int = 256):
+    """The projector's gradient of one forward and backward in ``dtype``: InternLM2's own
+    code, ``layers`` deep at width ``hidden`` with random weights (std 0.02), on a padded
+    batch of 4 with 48 tokens each; the same weights and batch for every call."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    paths = Layout.at(layout)
+    config = AutoConfig.from_pretrained(paths.llm_dir, trust_remote_code=True)
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = layers, hidden, hidden * 8 // 3
+    config.num_attention_heads, config.num_key_value_heads, config.attn_implementation = (
+        hidden // 32,
+        hidden // 128,
+        attention,
+    )
+    llm = AutoModelForCausalLM.from_config(config, trust_remote_code=True, attn_implementation=attention)
+    torch.manual_seed(7)
+    for _, parameter in sorted(llm.named_parameters()):
+        torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() == 2 else torch.nn.init.ones_(parameter)
+    torch.manual_seed(0)  # the projector's initial weights
+    model = (
+        LLaVAModel(
+            llm=llm,
+            visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
+            freeze_llm=True,
+            freeze_visual_encoder=True,
+        )
+        .train()
+        .to(dtype)
+    )
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config.vocab_size - 1, (4, 48), generator=generator)
+    ids[:, 0], ids[:, 1] = 1, IMAGE_TOKEN_INDEX
+    labels, mask = ids.clone(), torch.ones(4, 48, dtype=torch.bool)
+    labels[:, :2], labels[1, 30:], mask[1, 30:] = -100, -100, False  # the second sample padded
+    size = model.visual_encoder.config.image_size
+    pixels = torch.randn(4, 3, size, size, generator=generator).to(dtype)
+    model({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}, mode="loss")[
+        "loss"
+    ].backward()
+    return torch.cat([p.grad.double().flatten() for p in model.projector.parameters()])
+
+
+def test_sdpa_in_half_precision_is_as_near_the_exact_gradient_as_eager_attention(synthetic_layout):
+    """In fp16 and bf16 eager and SDPA attention round differently, and their first
+    projector gradients differ by about as much as each differs from the exact (float64)
+    one; so a half-precision difference from stock alone cannot tell rounding from a
+    changed function. Held against the exact gradient, SDPA is no farther from it than
+    stock's eager attention: the same function (in float64 they agree to eager's float32
+    softmax), rounded in another order. A lever that changed the function would be far
+    outside."""
+    import torch
+
+    exact = _first_projector_gradient(synthetic_layout, "sdpa", torch.float64)
+    distance = lambda gradient: float((gradient - exact).norm() / exact.norm())  # noqa: E731
+    assert distance(_first_projector_gradient(synthetic_layout, "eager", torch.float64)) < 1e-6
+    for dtype in (torch.float16, torch.bfloat16):
+        eager, sdpa = (distance(_first_projector_gradient(synthetic_layout, a, dtype)) for a in ("eager", "sdpa"))
+        assert 0 < sdpa < 1.5 * eager, (dtype, sdpa, eager)
