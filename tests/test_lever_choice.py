@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from bench.core.layout import Layout
-from bench.recipe.levers import (
-    STOCK,
-    LeverRequest,
-    Levers,
-    memory_retry,
-    out_of_memory_hint,
-    resolve_levers,
-    size_memory_levers,
-)
+from bench.recipe.lever_sizing import memory_retry, out_of_memory_hint, size_memory_levers
+from bench.recipe.levers import STOCK, LeverRequest, Levers, resolve_levers
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render

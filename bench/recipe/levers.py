@@ -7,10 +7,7 @@ same data order, same weights' values, same global batch and schedule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
-
-from bench.recipe.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
 
 # Dataloader workers per rank when the lever is on: the stock config decodes and
 # preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
@@ -22,6 +19,7 @@ def lever(
     help: str,
     deviation=None,
     on_gpus=None,
+    perf_variant: str | None = None,
     applied_by_model: bool = False,
     sized_by_memory: bool = False,
 ):
@@ -30,15 +28,17 @@ def lever(
     --no-... turns a switch off), how it changes the config in words for the verdict's
     deviations (``deviation``: value -> text, None where it says nothing), its default on
     GPUs (``on_gpus``; None: stock's, or the memory model's where ``sized_by_memory``),
-    whether ``LeveredLLaVAModel`` applies it, and whether the GPUs' memory decides its
-    default (an out-of-memory failure before the first logged step under those defaults
-    is retried with them re-sized)."""
+    the `perf` variant that measures it alone (levers of one name are measured
+    together), whether ``LeveredLLaVAModel`` applies it, and whether the GPUs' memory
+    decides its default (an out-of-memory failure before the first logged step under
+    those defaults is retried with them re-sized)."""
     return field(
         default=stock,
         metadata={
             "help": help,
             "deviation": deviation,
             "on_gpus": on_gpus,
+            "perf_variant": perf_variant,
             "applied_by_model": applied_by_model,
             "sized_by_memory": sized_by_memory,
         },
@@ -55,9 +55,14 @@ class Levers:
         "Dataloader workers per rank (default: 4 on GPUs, 0 on CPU; the pinned config has 0).",
         lambda n: f"{n} dataloader workers per rank instead of 0 (same sampler, same order)",
         on_gpus=APPLIANCE_DATALOADER_WORKERS,
+        perf_variant="workers",
     )
     pin_memory: bool = lever(
-        False, "Pinned dataloader memory (default: on with GPUs).", lambda _: "pinned dataloader memory", on_gpus=True
+        False,
+        "Pinned dataloader memory (default: on with GPUs).",
+        lambda _: "pinned dataloader memory",
+        on_gpus=True,
+        perf_variant="workers",
     )
     dequantize_nf4: bool = lever(
         False,
@@ -67,6 +72,7 @@ class Levers:
             "NF4 weights dequantized once to fp16 after loading, instead of at every forward and backward "
             "(the same values bitsandbytes computes each step)"
         ),
+        perf_variant="dequantize",
         sized_by_memory=True,
     )
     # described with its folder (bench/recipe/render.py)
@@ -75,6 +81,7 @@ class Levers:
         "Tokenize the dataset before training, beside the checks (XTuner's tokens, in seconds), and keep it under "
         "<results>/cache/ for later runs (default: on GPUs).",
         on_gpus=True,
+        perf_variant="tokenized-cache",
     )
     skip_vit_backward: bool = lever(
         False,
@@ -85,6 +92,7 @@ class Levers:
             "are the same"
         ),
         on_gpus=True,
+        perf_variant="vit",
         applied_by_model=True,
     )
     unchecked_llm_layers: int = lever(
@@ -95,6 +103,7 @@ class Levers:
             f"the last {n} LLM decoder layers (all, where the model has fewer) keep their activations "
             "instead of recomputing them in the backward pass"
         ),
+        perf_variant="unchecked",
         applied_by_model=True,
         sized_by_memory=True,
     )
@@ -105,6 +114,7 @@ class Levers:
             "the loss's logits computed only at the labelled (caption) positions: the same mean over the same terms"
         ),
         on_gpus=True,
+        perf_variant="logits",
         applied_by_model=True,
     )
     sdpa_attention: bool = lever(
@@ -117,6 +127,7 @@ class Levers:
             "attention matrix"
         ),
         on_gpus=True,
+        perf_variant="sdpa",
     )
 
     @property
@@ -157,6 +168,26 @@ class Levers:
 STOCK = Levers()
 LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
 MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
+
+
+def _measured_alone(lever):
+    """The value a lever's perf variant sets: its GPU default, else on (a switch) or, for
+    a count the memory model sizes, None (`run`'s own choice on that machine)."""
+    if lever.metadata["on_gpus"] is not None:
+        return lever.metadata["on_gpus"]
+    return True if lever.type == "bool" else None
+
+
+def _perf_variants() -> dict[str, dict]:
+    """`perf`'s single-lever variants: each name -> the levers it sets (every other at stock)."""
+    variants: dict[str, dict] = {}
+    for lever in fields(Levers):
+        if lever.metadata["perf_variant"]:
+            variants.setdefault(lever.metadata["perf_variant"], {})[lever.name] = _measured_alone(lever)
+    return variants
+
+
+PERF_VARIANTS = _perf_variants()
 
 LeverRequest = make_dataclass(
     "LeverRequest",
@@ -219,110 +250,11 @@ def dequantization_applies(device: str, precision: str) -> bool:
     return device == "cuda" and precision == "nf4"
 
 
-def memory_case(levers: Levers, precision: str, heads: int) -> MemoryCase:
-    return MemoryCase(precision, levers.dequantize_nf4, levers.attention, levers.labelled_logits_only, heads)
-
-
-def worst_peak_mib(levers: Levers, precision: str, plan, heads: int) -> float:
-    """The predicted peak of the plan's heaviest micro-batch under ``levers``."""
-    peaks = peak_mib(
-        memory_case(levers, precision, heads), plan.samples, plan.positions, plan.labelled, levers.unchecked_llm_layers
-    )
-    return float(peaks.max())
-
-
-def size_memory_levers(
-    levers: Levers, request: LeverRequest, precision: str, plan, gpu_memory_mib: list[int], layers: int, heads: int
-) -> tuple[Levers, dict]:
-    """The memory levers' defaults for this run's micro-batches (bench/recipe/micro_batches.py)
-    on the smallest GPU: NF4 dequantized where its weights fit beside the heaviest
-    micro-batch with every layer checkpointed, then as many LLM layers unchecked as fit;
-    the user's own choices stay. Also what the memory model predicted, for the verdict."""
-    budget = budget_mib(gpu_memory_mib)
-    if request.dequantize_nf4 is None and dequantization_applies("cuda", precision):
-        dequantized = replace(levers, dequantize_nf4=True, unchecked_llm_layers=0)
-        levers = replace(levers, dequantize_nf4=worst_peak_mib(dequantized, precision, plan, heads) <= budget)
-    if request.unchecked_llm_layers is None:
-        # Each micro-batch's peak is linear in the unchecked layers (a + n b): the count
-        # that fits is the smallest (budget - a) / b over the plan, within 0 and ``layers``.
-        case = memory_case(levers, precision, heads)
-        base = peak_mib(case, plan.samples, plan.positions, plan.labelled, 0)
-        per_layer = peak_mib(case, plan.samples, plan.positions, plan.labelled, 1) - base
-        fitting = int(((budget - base) // per_layer).min())
-        levers = replace(levers, unchecked_llm_layers=min(layers, max(0, fitting)))
-    return levers, {
-        "gpu_memory_mib": min(gpu_memory_mib),
-        "budget_mib": round(budget),
-        "predicted_peak_mib": round(worst_peak_mib(levers, precision, plan, heads)),
-        "dequantize_nf4": levers.dequantize_nf4,
-        "unchecked_llm_layers": levers.unchecked_llm_layers,
-    }
-
-
-def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -> Levers:
-    """The least memory this run's levers can take: every memory-saving lever the user
-    left to the appliance on, every memory-spending one off."""
-    choices = {
-        "dequantize_nf4": False,
-        "unchecked_llm_layers": 0,
-        "labelled_logits_only": True,
-        "sdpa_attention": bool(supports_sdpa),
-    }
-    return replace(levers, **{name: value for name, value in choices.items() if getattr(request, name) is None})
-
-
 def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
     """Whether the run keeps the tokenized dataset (decided before the other levers:
     preflight starts its build as soon as it has read the JSON)."""
     tokenized_cache = next(lever for lever in fields(Levers) if lever.name == "tokenized_cache")
     return not request.stock and _asked_or(request.tokenized_cache, _default(tokenized_cache, device))
-
-
-def layer_mib(levers: Levers, precision: str, plan, heads: int) -> float:
-    """What one more unchecked layer adds to the heaviest micro-batch's peak."""
-    more = replace(levers, unchecked_llm_layers=levers.unchecked_llm_layers + 1)
-    return worst_peak_mib(more, precision, plan, heads) - worst_peak_mib(levers, precision, plan, heads)
-
-
-def out_of_memory_hint(precision: str, levers: Levers, plan=None, heads: int = 48) -> str:
-    """What would free memory in a run of ``levers`` at ``precision``, most first (with
-    the plan's heaviest micro-batch, what each frees there)."""
-    helps = []
-    if levers.unchecked_llm_layers:
-        fewer = sorted({levers.unchecked_llm_layers // 2, 0}, reverse=True)
-        each = f", about {layer_mib(levers, precision, plan, heads):,.0f} MiB a layer" if plan is not None else ""
-        helps.append(f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}){each}")
-    if levers.dequantize_nf4:
-        saving = STATIC_MIB[("nf4", True)] - STATIC_MIB[("nf4", False)]
-        helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving:,} MiB less)")
-    if not levers.labelled_logits_only:
-        helps.append("--labelled-logits-only (the logits of the labelled positions only)")
-    if not levers.sdpa_attention:
-        helps.append("--sdpa-attention where the model code has it")
-    if precision == "bf16":
-        helps.append("--precision nf4 (the pinned recipe's 4-bit weights)")
-    helps.append("a smaller --per-device-batch with --global-batch to keep the global batch")
-    return "; ".join(helps)
-
-
-def memory_retry(
-    levers: Levers, request: LeverRequest, precision: str, plan, heads: int, shortfall_mib: float
-) -> Levers | None:
-    """The levers of the one retry after an out-of-memory failure before the first logged
-    step, re-sized from what the failure showed: the unchecked layers the appliance chose
-    less those that free ``shortfall_mib`` (what the failed allocation asked for and what
-    the allocator held unused), and at most half of them; only where it chose none, its
-    dequantized weights. The user's own choices stay; None when no default is left to
-    take back."""
-    if request.unchecked_llm_layers is None and levers.unchecked_llm_layers:
-        give_back = math.ceil(
-            shortfall_mib / max(layer_mib(replace(levers, unchecked_llm_layers=0), precision, plan, heads), 1.0)
-        )
-        fewer = min(levers.unchecked_llm_layers // 2, levers.unchecked_llm_layers - give_back)
-        return replace(levers, unchecked_llm_layers=max(0, fewer))
-    if request.dequantize_nf4 is None and levers.dequantize_nf4:
-        return replace(levers, dequantize_nf4=False)
-    return None
 
 
 def _default(lever, device: str):

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.core.run_folder import RunFolder
-from bench.recipe.levers import MEMORY_LEVERS, LeverRequest, memory_retry
+from bench.recipe.lever_sizing import memory_retry
+from bench.recipe.levers import MEMORY_LEVERS, LeverRequest
 from entrypoint.job.agreement import exchange
 from entrypoint.job.topology import Topology
 from entrypoint.launch.diagnose import OUT_OF_MEMORY, logs_report, out_of_memory_shortfall_mib

@@ -11,14 +11,8 @@ from pathlib import Path
 
 from bench.core.problem import Problem
 from bench.core.shapes import against_real_shapes
-from bench.recipe.levers import (
-    MEMORY_LEVERS,
-    LeverRequest,
-    leanest,
-    out_of_memory_hint,
-    size_memory_levers,
-    worst_peak_mib,
-)
+from bench.recipe.lever_sizing import leanest, out_of_memory_hint, size_memory_levers, worst_peak_mib
+from bench.recipe.levers import MEMORY_LEVERS, LeverRequest
 from bench.recipe.memory_model import MEMORY_SHARE, budget_mib
 from bench.recipe.micro_batches import MicroBatchPlan, RecordLengths, bounded, plan
 from bench.recipe.render import RecipeOptions

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.core.layout import Layout
 from bench.core.trainer_files import COMPARED_STEPS
-from bench.recipe.levers import APPLIANCE_DATALOADER_WORKERS, STOCK, Levers, lever_arguments
+from bench.recipe.levers import PERF_VARIANTS, STOCK, Levers, lever_arguments
 from bench.verdict.perf_compare import PerfRow, ProjectorComparison, compare, compare_projectors, write_perf_report
 
 
@@ -42,13 +42,7 @@ VARIANTS = {
     "exact": ["--float32-reference", "--max-steps", str(COMPARED_STEPS)],
     "stock": ["--stock"],
     "stock-again": ["--stock"],  # stock's run-to-run noise: the allowance where exact did not run
-    "workers": _stock_but(dataloader_workers=APPLIANCE_DATALOADER_WORKERS, pin_memory=True),
-    "dequantize": _stock_but(dequantize_nf4=True),
-    "tokenized-cache": _stock_but(tokenized_cache=True),
-    "vit": _stock_but(skip_vit_backward=True),
-    "unchecked": _stock_but(unchecked_llm_layers=None),
-    "logits": _stock_but(labelled_logits_only=True),
-    "sdpa": _stock_but(sdpa_attention=True),
+    **{name: _stock_but(**levers) for name, levers in PERF_VARIANTS.items()},
     "default": [],
 }
 DEFAULT_VARIANTS = ("exact", "stock", "default")
