@@ -194,11 +194,15 @@ def new_llm(directory: Path, shape: LLMShape, tokenizer, dtype):
 
 def save_llm(model, directory: Path, tokenizer, **save_options) -> None:
     """Weights in safetensors; for InternLM2 the config.json written anew as the real
-    folder's (save_pretrained would add this folder's absolute path to it)."""
+    folder's (save_pretrained would add this folder's absolute path to it), and the code
+    copied again from the installed xtuner: save_pretrained copies it from transformers'
+    module cache, which any process that loads another folder of this name rewrites."""
     model.save_pretrained(directory, safe_serialization=True, **save_options)
     if model.config.model_type == "internlm2":
         config = internlm2_config(llm_shape(model.config.to_dict()), tokenizer, str(model.dtype).removeprefix("torch."))
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in INTERNLM2_CODE_FILES:
+            shutil.copyfile(internlm2_code_folder() / name, directory / name)
 
 
 def write_llm(directory: Path, tokenizer, samples: list[Sample], spec: SynthSpec) -> str | None:
