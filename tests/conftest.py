@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ from bench.synth.spec import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
 from bench.synth.writer import write_synthetic_layout
 
 DATA = Path(__file__).parent / "data"
+
+# transformers copies a model folder's own code (trust_remote_code) into one cache per
+# user, named after the folder: every layout's internlm2-chat-20b lands in the same
+# place, and a test that edits that code (tests/test_memory_fallback.py) would reach a
+# test session running beside this one, or the user's own runs. This session's copies,
+# and those of every process it starts, go to a folder of its own.
+HF_MODULES = tempfile.TemporaryDirectory(prefix="llava-bench-tests-hf-modules-")
+os.environ["HF_MODULES_CACHE"] = HF_MODULES.name
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +36,7 @@ def synthetic_layout(tmp_path_factory) -> Path:
 
 # For runs a test stops while they train: the epoch (and so --max-steps, which may not
 # pass the LR schedule's end) is this many steps at the demo's per-device batch.
-ENDLESS_STEPS = 8_000
+ENDLESS_STEPS = 3_000
 
 
 @pytest.fixture(scope="session")
