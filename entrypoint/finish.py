@@ -45,11 +45,9 @@ def finish(job: Job, context: RunContext, stream: MetricsStream = NO_RECORDS) ->
     folder, topology = job.folder, job.topology
     folder.path.mkdir(parents=True, exist_ok=True)
     if topology.node_rank == 0:
-        verdict = verdict_mod.build(context, stream)
-        path = verdict_mod.write(folder.path, verdict)
-        write_report(folder.path, verdict)
-        share_status(topology, verdict["status"])
-        return RunResult(verdict, path, verdict["exit_code"])
+        result = _written(folder.path, verdict_mod.build(context, stream))
+        share_status(topology, result.document["status"])
+        return result
     local = verdict_mod.build(context, stream)
     job_status = share_status(topology, None)
     document = {
@@ -82,6 +80,11 @@ def aborted_before_training(request: RunRequest, layout: Layout, results_parent:
         return RunResult(verdict, None, verdict["exit_code"])
     run_dir = results_parent / context.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    return _written(run_dir, verdict)
+
+
+def _written(run_dir: Path, verdict: dict) -> RunResult:
+    """verdict.json and report.md in the run's folder."""
     path = verdict_mod.write(run_dir, verdict)
     write_report(run_dir, verdict)
     return RunResult(verdict, path, verdict["exit_code"])

@@ -36,14 +36,14 @@ def project_imports(path: Path) -> set[str]:
 
 SOURCES = {module_name(path): path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))}
 GRAPH = {module: project_imports(path) for module, path in SOURCES.items()}
+PACKAGE_INITS = {module: path for module, path in SOURCES.items() if path.name == "__init__.py"}
 
 
 def imports_of(module: str) -> set[str]:
     """The modules ``module`` imports (``from bench.verdict import document`` names
     bench.verdict.document), not counting the packages on the way, whose __init__
     holds only a docstring."""
-    packages = {module for module, path in SOURCES.items() if path.name == "__init__.py"}
-    return {name for name in GRAPH[module] if name in GRAPH and name != module and name not in packages}
+    return {name for name in GRAPH[module] if name in GRAPH and name != module and name not in PACKAGE_INITS}
 
 
 def layer(module: str) -> int:
@@ -64,8 +64,7 @@ def test_the_graph_is_read():
 
 def test_package_inits_hold_only_a_docstring():
     """So that importing a package imports nothing more (the graph above relies on it)."""
-    packages = [path for path in SOURCES.values() if path.name == "__init__.py"]
-    bodies = {str(path.relative_to(REPO)): ast.parse(path.read_text()).body for path in packages}
+    bodies = {str(path.relative_to(REPO)): ast.parse(path.read_text()).body for path in PACKAGE_INITS.values()}
     assert {
         path: len(body)
         for path, body in bodies.items()

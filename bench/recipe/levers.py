@@ -166,6 +166,7 @@ class Levers:
 
 
 STOCK = Levers()
+_DECLARATIONS = {lever.name: lever for lever in fields(Levers)}
 LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
 MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
 
@@ -234,9 +235,7 @@ def resolve_levers(
         problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
     if request.sdpa_attention and supports_sdpa is False:
         problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
-    levers = Levers(
-        **{lever.name: _asked_or(getattr(request, lever.name), _default(lever, device)) for lever in fields(Levers)}
-    )
+    levers = Levers(**{name: _asked_or(getattr(request, name), _default(name, device)) for name in _DECLARATIONS})
     # what cannot apply here is off, asked or not (asked, it is a problem above)
     levers = replace(
         levers,
@@ -253,14 +252,14 @@ def dequantization_applies(device: str, precision: str) -> bool:
 def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
     """Whether the run keeps the tokenized dataset (decided before the other levers:
     preflight starts its build as soon as it has read the JSON)."""
-    tokenized_cache = next(lever for lever in fields(Levers) if lever.name == "tokenized_cache")
-    return not request.stock and _asked_or(request.tokenized_cache, _default(tokenized_cache, device))
+    return not request.stock and _asked_or(request.tokenized_cache, _default("tokenized_cache", device))
 
 
-def _default(lever, device: str):
+def _default(name: str, device: str):
     """A lever's default before the memory model: its GPU default on GPUs, else stock's."""
-    on_gpus = lever.metadata["on_gpus"]
-    return on_gpus if device == "cuda" and on_gpus is not None else lever.default
+    declaration = _DECLARATIONS[name]
+    on_gpus = declaration.metadata["on_gpus"]
+    return on_gpus if device == "cuda" and on_gpus is not None else declaration.default
 
 
 def _asked_or(asked, default):

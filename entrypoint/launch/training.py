@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -93,7 +94,7 @@ def _stop_check(criteria: Criteria, printer: ProgressPrinter):
 
 def timing_section(
     preflight_seconds: float | None,
-    attempts: list[dict] = (),
+    attempts: Sequence[dict] = (),
     outcome: Outcome | None = None,
     startup: dict | None = None,
 ) -> dict:
