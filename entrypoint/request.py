@@ -73,7 +73,7 @@ def run_topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology,
                 "run on GPUs, or on one node with --nproc-per-node 1",
             )
         ]
-    if topology.nnodes == 1 and topology.origins["master_port"].startswith("default"):
+    if topology.nnodes == 1 and topology.port_defaulted:
         # Nobody else needs to find this node: a free port lets two runs share a machine.
         port = free_port()
         topology = replace(topology, master_port=port, origins={**topology.origins, "master_port": f"free port {port}"})

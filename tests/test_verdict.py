@@ -13,7 +13,7 @@ from bench.core.statuses import Criteria, Termination
 from bench.recipe.levers import STOCK
 from bench.verdict import document as verdict_mod
 from bench.verdict.metrics import MetricsStream, read_stream
-from bench.verdict.run_context import RunContext
+from bench.verdict.run_context import RunContext, verdict_path
 from tests.conftest import DATA, llava_bench
 
 RECIPE = {
@@ -195,6 +195,17 @@ def test_the_round_trips_set_every_field_of_the_context():
     }
     unset = {name for name, default in defaults.items() if all(getattr(ctx, name) == default for ctx in ROUND_TRIPS)}
     assert unset == set()
+
+
+def test_each_field_of_the_context_has_one_place_the_schema_declares():
+    """A context field is declared once, beside its place (run_context.placed); the
+    schema must name that place, and no two fields may share one."""
+    places = [verdict_path(f) for f in fields(RunContext)]
+    assert len(set(places)) == len(places)
+    for place in places:
+        at = verdict_mod.schema()
+        for key in place:
+            at = at["properties"][key]
 
 
 @pytest.mark.parametrize("ctx", ROUND_TRIPS)

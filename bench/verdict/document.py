@@ -7,6 +7,7 @@ exactly those two, so a third party can check every figure.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ from referencing import Registry, Resource
 
 from bench.core.run_folder import METRICS_NAME
 from bench.core.statuses import EXIT_CODES, Criteria, Termination
+from bench.verdict import run_context
 from bench.verdict.judgement import judge, log_interval
 from bench.verdict.metrics import MetricsStream, read_stream
 from bench.verdict.ranks import ranks_section
@@ -43,45 +45,39 @@ def build(context: RunContext, stream: MetricsStream) -> dict:
     if context.problems:
         status = "invalid"
         reason = f"preflight refused the run: {len(context.problems)} problem(s); see problems"
-    return {
+    derived = {
         "schema_version": SCHEMA_VERSION,
-        "run_id": context.run_id,
         "status": status,
         "reason": reason,
         "exit_code": EXIT_CODES[status],
-        "criteria": {
-            "target_loss": context.criteria.target_loss,
-            "max_steps": context.criteria.max_steps,
-            "stop_on_target": context.criteria.stop_on_target,
-            "demo": context.demo,
-        },
-        "termination": {
-            "kind": context.termination.kind,
-            "detail": context.termination.detail,
-            "trainer_exit_code": context.trainer_exit_code,
-        },
         "result": judgement_section(judgement, stream.skipped_lines),
         "metrics_sha256": stream.sha256,
         "throughput": throughput,
         "baseline": baseline_section(context, throughput),
-        "accumulative_counts": context.accumulative_counts,
-        "per_device_batch": context.per_device_batch,
-        "world_size": context.world_size,
-        "recipe": context.recipe,
-        "topology": context.topology,
         "timing": timing_section(
             context,
             stream,
             judgement.first_iter_below_target,
             ((throughput or {}).get("seconds_per_step") or {}).get("mean"),
         ),
-        "interconnect": context.interconnect,
         "ranks": ranks_section(context.rank_times),
-        "environment": context.environment,
-        "inputs": context.inputs,
-        "problems": context.problems,
         "notes": [*_recipe_notes(context.recipe), *judgement.notes, *_unobserved_notes(context, stream)],
     }
+    return in_schema_order(run_context.to_json(context) | derived)
+
+
+def in_schema_order(verdict: dict) -> dict:
+    """The verdict's sections in the order the schema lists them: one order, written once."""
+    order = _section_order()
+    unknown = set(verdict) - set(order)
+    if unknown:
+        raise ValueError(f"verdict sections the schema does not declare: {sorted(unknown)}")
+    return {key: verdict[key] for key in order if key in verdict}
+
+
+@functools.cache
+def _section_order() -> tuple[str, ...]:
+    return tuple(schema()["properties"])
 
 
 def _recipe_notes(recipe: dict | None) -> list[str]:
@@ -168,30 +164,7 @@ def write(results_dir: Path, verdict: dict) -> Path:
 
 def context_from_verdict(verdict: dict) -> RunContext:
     """The recorded inputs of a stored verdict."""
-    criteria = verdict["criteria"]
-    termination = verdict["termination"]
-    return RunContext(
-        run_id=verdict["run_id"],
-        criteria=Criteria(
-            target_loss=criteria["target_loss"],
-            max_steps=criteria["max_steps"],
-            stop_on_target=criteria["stop_on_target"],
-        ),
-        termination=Termination(kind=termination["kind"], detail=termination["detail"]),
-        accumulative_counts=verdict["accumulative_counts"],
-        per_device_batch=verdict["per_device_batch"],
-        world_size=verdict["world_size"],
-        trainer_exit_code=termination["trainer_exit_code"],
-        demo=criteria["demo"],
-        recipe=verdict["recipe"],
-        topology=verdict["topology"],
-        timing=_recorded_timing(verdict["timing"]),
-        interconnect=verdict["interconnect"],
-        environment=verdict["environment"],
-        inputs=verdict["inputs"],
-        rank_times=(verdict.get("ranks") or {}).get("per_rank"),
-        problems=verdict["problems"],
-    )
+    return run_context.from_json({**verdict, "timing": _recorded_timing(verdict.get("timing"))})
 
 
 def _recorded_timing(timing: dict | None) -> dict | None:

@@ -46,6 +46,7 @@ class Topology:
     source: str  # which convention decided it
     world_size_reading: str | None = None  # "nodes" or "processes" when WORLD_SIZE was read
     origins: dict[str, str] = field(default_factory=dict)  # value name -> "VAR=value" or a rule
+    port_defaulted: bool = False  # no variable named the port: the appliance may pick one
 
     @property
     def world_size(self) -> int:
@@ -230,7 +231,8 @@ def detect(
         master_addr = LOOPBACK
         origins["master_addr"] = "single node: loopback"
     master_port = pick("master_port")
-    if master_port is None:
+    port_defaulted = master_port is None
+    if port_defaulted:
         master_port = DEFAULT_PORT
         origins["master_port"] = f"default {DEFAULT_PORT}"
     nproc = nproc_per_node or read_int(env, "NPROC_PER_NODE", 1) or pick("nproc_per_node")
@@ -243,7 +245,15 @@ def detect(
         origins["nproc_per_node"] = f"visible GPUs: {visible_gpus}" if visible_gpus else "no GPU: one CPU process"
     _check_world_size(env, chosen, world_size_means, nnodes, nproc)
     return Topology(
-        nnodes, node_rank, nproc, master_addr, master_port, chosen.source, chosen.world_size_reading, origins
+        nnodes,
+        node_rank,
+        nproc,
+        master_addr,
+        master_port,
+        chosen.source,
+        chosen.world_size_reading,
+        origins,
+        port_defaulted=port_defaulted,
     )
 
 
