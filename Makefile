@@ -82,7 +82,7 @@ clean-demo:
 
 # On a GPU machine whose Python already has the training stack (docs/GPU-VALIDATION.md).
 test-gpu:
-	$(PYTHON) -m pytest -q -s -m gpu tests/test_gpu.py
+	$(PYTHON) -m pytest -q -s -m gpu tests/gpu/test_gpu.py
 
 image:
 	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg APPLIANCE_VERSION=$(VERSION) $(IMAGE_BUILD_ARGS) -t $(IMAGE) .

@@ -15,11 +15,12 @@ import pytest
 from bench.synth.spec import DEMO_PER_DEVICE_BATCH, DEMO_SAMPLES, SynthSpec
 from bench.synth.writer import write_synthetic_layout
 
-DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
 
 # transformers copies a model folder's own code (trust_remote_code) into one cache per
 # user, named after the folder: every layout's internlm2-chat-20b lands in the same
-# place, and a test that edits that code (tests/test_memory_fallback.py) would reach a
+# place, and a test that edits that code (tests/entrypoint/launch/test_memory_fallback.py) would reach a
 # test session running beside this one, or the user's own runs. This session's copies,
 # and those of every process it starts, go to a folder of its own.
 HF_MODULES = tempfile.TemporaryDirectory(prefix="llava-bench-tests-hf-modules-")
@@ -73,8 +74,8 @@ def tree_digest(root: Path, *parts: str) -> str:
     return digest.hexdigest()
 
 
-def torchrun_gloo(script: str, processes: int, *args: str) -> subprocess.CompletedProcess:
-    """tests/<script> as ``processes`` real gloo ranks of one torchrun on this machine."""
+def torchrun_gloo(script: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
+    """``script`` as ``processes`` real gloo ranks of one torchrun on this machine."""
     return subprocess.run(
         [
             sys.executable,
@@ -83,7 +84,7 @@ def torchrun_gloo(script: str, processes: int, *args: str) -> subprocess.Complet
             "--standalone",
             "--nproc-per-node",
             str(processes),
-            str(Path(__file__).parent / script),
+            str(script),
             *args,
         ],
         capture_output=True,
@@ -112,14 +113,16 @@ def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cli_argv(*args), capture_output=True, text=True, **kwargs)
 
 
+def spawn_run(layout: Path, out: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`llava-bench run` on the layout ``layout`` with its results in ``out``, to its end."""
+    return subprocess.run(run_argv(layout, out, *args), capture_output=True, text=True, **kwargs)
+
+
 def short_cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
     """A real 20-step CPU run of the demo's batch, its verdict on stdout."""
-    return llava_bench(
-        "run",
-        "--root",
-        str(layout),
-        "--out",
-        str(out),
+    return spawn_run(
+        layout,
+        out,
         *CPU,
         "--max-steps",
         "20",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "entrypoint")
 ORCHESTRATOR = "entrypoint.run"
 

@@ -1,5 +1,5 @@
 """The image recipe, its pins, the Makefile's docker flags and the examples, checked
-without a Docker engine (tests/test_container.py builds and runs the image on one)."""
+without a Docker engine (tests/container/test_container.py builds and runs the image on one)."""
 
 from __future__ import annotations
 

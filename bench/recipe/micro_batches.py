@@ -10,7 +10,7 @@ permutes the dataset with ``torch.randperm``, repeats the permutation up to a mu
 the world size and deals it out to the ranks in turn; each rank's dataloader then cuts its
 share into batches of ``per_device_batch`` (the last one of an epoch smaller). This module
 repeats that from the tokenized dataset's lengths, for every rank and every micro-iteration
-up to ``max_steps``; tests/test_micro_batches.py holds it against XTuner's real dataloader.
+up to ``max_steps``; tests/bench/recipe/test_micro_batches.py holds it against XTuner's real dataloader.
 """
 
 from __future__ import annotations

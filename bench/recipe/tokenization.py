@@ -7,7 +7,7 @@ chat template's ``template_map_fn``, ``encode_fn`` and two filters, run as five
 only on the strings ``encode_fn`` encodes, so this module builds those strings the
 same way, encodes each distinct prompt once and every answer in one batch call of the
 fast tokenizer's backend (all cores, no Python per token), and lays the ids and labels
-out as ``encode_fn`` does. tests/test_tokenization.py holds the result equal to XTuner's
+out as ``encode_fn`` does. tests/bench/recipe/test_tokenization.py holds the result equal to XTuner's
 own on every record of a 558,128-record JSON and on the format's corner cases.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.core.layout import SYNTHETIC_MARKER_NAME, Layout
-from tests.conftest import llava_bench, tree_digest
+from tests.conftest import DATA, llava_bench, spawn_run, tree_digest
 
 
 def edit_json(path: Path, change) -> None:
@@ -54,7 +54,7 @@ def user_config(layout: Layout, old: str, new: str, copy: tuple[Path, Path] | No
     copying ``copy`` (source, destination) into the layout where one is given."""
     if copy is not None:
         (shutil.copytree if copy[0].is_dir() else shutil.copyfile)(*copy)
-    text = (Path(__file__).parent / "data" / "user_config.py").read_text()
+    text = (DATA / "user_config.py").read_text()
     assert old in text
     layout.config_override.write_text(text.replace(old, new))
 
@@ -344,7 +344,7 @@ def test_the_suite_holds_at_least_25_cases():
 
 @pytest.mark.parametrize(
     "command",
-    [["run", "--root", "/llava"], ["verdict", str(Path(__file__).parent / "data" / "seed_a100_metrics.jsonl")]],
+    [["run", "--root", "/llava"], ["verdict", str(DATA / "seed_a100_metrics.jsonl")]],
 )
 def test_a_junit_file_that_cannot_be_written_is_refused_before_any_work(command, tmp_path):
     done = llava_bench(*command, "--junit", str(tmp_path / "absent" / "x.xml"))
@@ -355,7 +355,7 @@ def test_a_junit_file_that_cannot_be_written_is_refused_before_any_work(command,
 
 def test_an_invalid_runs_report_names_the_problems_and_draws_no_plot(layout_copy, tmp_path):
     zip_images(Layout.at(layout_copy))
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *RUN)
+    done = spawn_run(layout_copy, tmp_path / "out", *RUN)
     assert done.returncode == 2
     (run_dir,) = list((tmp_path / "out").iterdir())
     report = (run_dir / "report.md").read_text()
@@ -399,7 +399,7 @@ def test_results_inside_data_or_model_are_refused_and_nothing_is_written_there(l
 
 def test_results_under_a_dangling_link_are_refused_naming_its_target(layout_copy, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "link" / "results"), *RUN)
+    done = spawn_run(layout_copy, tmp_path / "link" / "results", *RUN)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"is a link to {tmp_path / 'nowhere'}, which does not exist" in done.stderr
     assert not (tmp_path / "nowhere").exists()

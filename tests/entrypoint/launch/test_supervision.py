@@ -18,7 +18,7 @@ from bench.core.layout import Layout
 from bench.verdict import document as verdict_mod
 from entrypoint.launch.diagnose import diagnose
 from entrypoint.launch.supervise import LOG_TAIL_BYTES, CappedLog
-from tests.conftest import CPU, DATA, ENDLESS_STEPS, llava_bench, run_argv
+from tests.conftest import CPU, DATA, ENDLESS_STEPS, run_argv, spawn_run
 
 
 def verdict_of(out: Path) -> dict:
@@ -29,12 +29,9 @@ def verdict_of(out: Path) -> dict:
 
 
 def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tmp_path):
-    done = llava_bench(
-        "run",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
+    done = spawn_run(
+        synthetic_layout,
+        tmp_path,
         *CPU,
         "--max-steps",
         "20",
@@ -82,9 +79,7 @@ def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(endless_layout, tmp_p
 def test_a_non_finite_loss_stops_the_run_early_as_fail(layout_copy, tmp_path):
     config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 1e30")  # the weights blow up
     Layout.at(layout_copy).config_override.write_text(config)
-    done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *CPU, "--max-steps", "250", "--json"
-    )
+    done = spawn_run(layout_copy, tmp_path / "out", *CPU, "--max-steps", "250", "--json")
     assert done.returncode == 1, done.stderr
     verdict = json.loads(done.stdout)
     assert verdict["status"] == "fail"

@@ -1,5 +1,5 @@
 """`llava-bench prepare` against a real local HTTP server speaking the hub's API
-(tests/hub_server.py), serving tiny repos made from the synthetic layout."""
+(tests/entrypoint/tools/hub_server.py), serving tiny repos made from the synthetic layout."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from bench.core.layout import Layout
 from bench.synth.spec import DEMO_SAMPLES
 from tests.conftest import llava_bench, tree_digest
-from tests.hub_server import Hub, _commit
+from tests.entrypoint.tools.hub_server import Hub, _commit
 
 LLM_REPO = "models/internlm/internlm2-chat-20b"
 CLIP_REPO = "models/openai/clip-vit-large-patch14-336"

@@ -1,4 +1,4 @@
-"""Run under torchrun with gloo by tests/test_tokenized_cache.py: each rank writes whether it
+"""Run under torchrun with gloo by tests/entrypoint/preflight/test_tokenized_cache.py: each rank writes whether it
 takes the cached path, given a cache folder of its own that holds the cache or not."""
 
 import json

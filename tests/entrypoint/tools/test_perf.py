@@ -12,7 +12,7 @@ import pytest
 from bench.core.layout import Layout
 from bench.synth.spec import DEMO_PER_DEVICE_BATCH
 from bench.verdict import document as verdict_mod
-from tests.conftest import CPU, llava_bench
+from tests.conftest import CPU, REPO, llava_bench, spawn_run
 
 
 def perf_on_cpu(root: Path, out: Path, *args: str):
@@ -78,19 +78,16 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
 
 def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic_layout, layout_copy, tmp_path):
     """The check can fail for the reason it exists: stock's config run with the
-    projector's gradients zeroed (a broken lever, tests/zero_projector_gradient.py)
+    projector's gradients zeroed (a broken lever, tests/entrypoint/tools/zero_projector_gradient.py)
     has a first gradient 100 % away from stock's and ends with the projector where it
     started, far outside stock's noise."""
     from bench.verdict.perf_compare import compare, compare_projectors
 
     verdicts = {}
     for name in ("stock", "stock-again"):
-        done = llava_bench(
-            "run",
-            "--root",
-            str(synthetic_layout),
-            "--out",
-            str(tmp_path / name),
+        done = spawn_run(
+            synthetic_layout,
+            tmp_path / name,
             "--device",
             "cpu",
             "--stock",
@@ -110,18 +107,15 @@ def test_the_projector_check_fails_a_run_whose_projector_did_not_train(synthetic
     assert "type=LLaVAModel," in config and "ProjectorSnapshotHook" in config
     broken = config.replace("type=LLaVAModel,", "type=ZeroProjectorGradientLLaVAModel,").replace(
         "from xtuner.model import LLaVAModel\n",
-        "from xtuner.model import LLaVAModel\nfrom tests.zero_projector_gradient import "
+        "from xtuner.model import LLaVAModel\nfrom tests.entrypoint.tools.zero_projector_gradient import "
         "ZeroProjectorGradientLLaVAModel\n",
     )
     # the rendered config names the pristine layout's files; an override must name its own layout's
     Layout.at(layout_copy).config_override.write_text(broken.replace(str(synthetic_layout), str(layout_copy)))
-    repo = str(Path(__file__).resolve().parent.parent)
-    done = llava_bench(
-        "run",
-        "--root",
-        str(layout_copy),
-        "--out",
-        str(tmp_path / "broken"),
+    repo = str(REPO)
+    done = spawn_run(
+        layout_copy,
+        tmp_path / "broken",
         *CPU,
         "--max-steps",
         "20",

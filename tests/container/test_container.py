@@ -27,11 +27,10 @@ import pytest
 
 from bench.verdict import document as verdict_mod
 from entrypoint import __version__
-from tests.conftest import CPU, ENDLESS_STEPS, tree_digest
+from tests.conftest import CPU, ENDLESS_STEPS, REPO, tree_digest
 
 pytestmark = pytest.mark.container
 
-REPO = Path(__file__).resolve().parent.parent
 DEBIAN_MIRROR = os.environ.get("LLAVA_BENCH_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 HOST_CA_FOLDER = Path("/usr/local/share/ca-certificates")
 ROOTFS_TAG = "llava-bench-test/rootfs:bookworm"

@@ -5,24 +5,24 @@ variable, never a traceback, and data/ and model/ unchanged. The cases live in t
 by the kind of input they break:
 
 - layouts, read by plain `validate` (missing images, image paths that leave the images
-  folder): `tests/test_validate.py` BREAKAGES; by `validate --deep`:
-  `tests/test_bad_inputs.py` DEEP_CASES;
+  folder): `tests/cli/test_validate.py` BREAKAGES; by `validate --deep`:
+  `tests/cli/test_bad_inputs.py` DEEP_CASES;
 - arguments and environments that `run` refuses before training (a one-record dataset,
   an unwritable results folder, a `--junit` nobody can write, bad scheduler
   variables, a dataset JSON with a byte-order mark, a seed numpy refuses, a missing
-  evaluation image, a master port whose store port is out of range): `tests/test_bad_inputs.py`
+  evaluation image, a master port whose store port is out of range): `tests/cli/test_bad_inputs.py`
   RUN_CASES and the `--junit` cases; results inside data/ or model/, also through a
   huggingface_hub cache's links, and under a dangling link: the cases after them;
-- a hub endpoint without a scheme: `tests/test_prepare.py`; synth over files it did not
-  write: `tests/test_end_to_end.py`;
+- a hub endpoint without a scheme: `tests/entrypoint/tools/test_prepare.py`; synth over files it did not
+  write: `tests/cli/test_end_to_end.py`;
 - a metrics stream edited after the run, and steps a run trained but never logged:
-  `tests/test_end_to_end.py`, `tests/test_verdict.py`;
+  `tests/cli/test_end_to_end.py`, `tests/bench/verdict/test_verdict.py`;
 - scheduler readings (`--world-size-means processes` with NPROC_PER_NODE, SLURM with a
-  contradicting WORLD_SIZE, ModelArts' MA_NUM_GPUS, nothing set): `tests/test_topology.py`;
-- the GPU inventory under CUDA_VISIBLE_DEVICES: `tests/test_environment.py`;
+  contradicting WORLD_SIZE, ModelArts' MA_NUM_GPUS, nothing set): `tests/entrypoint/job/test_topology.py`;
+- the GPU inventory under CUDA_VISIBLE_DEVICES: `tests/entrypoint/preflight/test_environment.py`;
 - signals before and during training (SIGINT, SIGTERM, SIGHUP, and kill -9 of the appliance, which the
-  trainer must not outlive): `tests/test_end_to_end.py`, `tests/test_supervision.py`;
-- a node that waits for an absent node 0: `tests/test_agreement.py`;
+  trainer must not outlive): `tests/cli/test_end_to_end.py`, `tests/entrypoint/launch/test_supervision.py`;
+- a node that waits for an absent node 0: `tests/entrypoint/job/test_agreement.py`;
 - here: the machine itself (a results filesystem full at the start or filling during
   training, on a real tmpfs), a machine without a Docker engine running the container
   tests, and the options every command shares.
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENDLESS_STEPS, cli_argv, run_argv
-from tests.test_end_to_end import DEMO_ARGS
+from tests.cli.test_end_to_end import DEMO_ARGS
+from tests.conftest import ENDLESS_STEPS, REPO, cli_argv, run_argv
 
 
 @contextlib.contextmanager
@@ -141,7 +141,7 @@ def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
             "container",
             "-p",
             "no:cacheprovider",
-            str(Path(__file__).parent / "test_container.py"),
+            str(REPO / "tests" / "container" / "test_container.py"),
         ],
         capture_output=True,
         text=True,

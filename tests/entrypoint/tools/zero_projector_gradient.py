@@ -1,6 +1,6 @@
 """A deliberately broken lever, imported by the trainer in a test: XTuner's LLaVAModel
 with the projector's gradients zeroed, so the projector never trains. perf's projector
-check must fail it (tests/test_perf.py)."""
+check must fail it (tests/entrypoint/tools/test_perf.py)."""
 
 from __future__ import annotations
 

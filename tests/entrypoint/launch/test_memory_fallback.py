@@ -22,6 +22,7 @@ from bench.synth.spec import DEMO_PER_DEVICE_BATCH
 from entrypoint import run as pipeline
 from entrypoint.preflight import stage as run_preflight
 from entrypoint.request import RunRequest
+from tests.conftest import spawn_run
 
 # Raised by InternLM2Model.forward when it trains without checkpointing.
 OUT_OF_MEMORY = """
@@ -85,16 +86,11 @@ def test_the_run_restarts_once_with_the_memory_levers_re_sized_and_times_both_at
 
 
 def test_an_out_of_memory_failure_under_the_users_own_choice_is_not_retried(layout_copy, tmp_path):
-    from tests.conftest import llava_bench
-
     layout = Layout.at(layout_copy)
     without_checkpointing_out_of_memory(layout)
-    done = llava_bench(
-        "run",
-        "--root",
-        str(layout.root),
-        "--out",
-        str(tmp_path),
+    done = spawn_run(
+        layout.root,
+        tmp_path,
         "--device",
         "cpu",
         "--unchecked-llm-layers",

@@ -1,4 +1,4 @@
-"""Run under torchrun with gloo by tests/test_ranks.py: each rank trains a tiny model
+"""Run under torchrun with gloo by tests/bench/verdict/test_ranks.py: each rank trains a tiny model
 with RankTimingHook, one rank's forward pass slowed, and all-reduces its gradients
 every iteration, as DeepSpeed does, so every rank's step takes the slowest's time.
 

@@ -20,7 +20,7 @@ import pytest
 from bench.core.layout import Layout
 from bench.synth.spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
 from bench.verdict import document as verdict_mod
-from tests.conftest import CPU, ENDLESS_STEPS, llava_bench, run_argv, tree_digest
+from tests.conftest import CPU, DATA, ENDLESS_STEPS, llava_bench, run_argv, spawn_run, tree_digest
 
 DEMO_ARGS = [
     "--device",
@@ -75,7 +75,7 @@ def finished_run(tmp_path_factory, synthetic_layout):
     """One real training run, shared by the assertions below."""
     out = tmp_path_factory.mktemp("results")
     before = tree_digest(synthetic_layout, "data", "model")
-    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(out), *DEMO_ARGS)
+    done = spawn_run(synthetic_layout, out, *DEMO_ARGS)
     return done, only_run_dir(out), before
 
 
@@ -223,9 +223,7 @@ def test_verdict_says_when_the_stream_changed_since_the_run(finished_run, tmp_pa
 
 
 def test_stop_on_target_ends_at_the_first_crossing(synthetic_layout, tmp_path):
-    done = llava_bench(
-        "run", "--root", str(synthetic_layout), "--out", str(tmp_path), *DEMO_ARGS, "--stop-on-target", "--json"
-    )
+    done = spawn_run(synthetic_layout, tmp_path, *DEMO_ARGS, "--stop-on-target", "--json")
     assert done.returncode == 0, done.stderr
     verdict = json.loads(done.stdout)
     assert verdict["termination"]["kind"] == "stopped_on_target"
@@ -235,11 +233,9 @@ def test_stop_on_target_ends_at_the_first_crossing(synthetic_layout, tmp_path):
 
 def test_user_config_at_the_root_overrides_the_template(layout_copy, tmp_path):
     """The seed's way: a config file beside data/ and model/, with relative paths."""
-    rendered = Path(__file__).parent / "data" / "user_config.py"
+    rendered = DATA / "user_config.py"
     Layout.at(layout_copy).config_override.write_text(rendered.read_text())
-    done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *DEMO_ARGS, "--max-steps", "20", "--json"
-    )
+    done = spawn_run(layout_copy, tmp_path / "out", *DEMO_ARGS, "--max-steps", "20", "--json")
     verdict = json.loads(done.stdout)
     assert verdict["recipe"]["source"] == "user"
     assert verdict["termination"]["kind"] == "completed", verdict["termination"]
@@ -252,19 +248,12 @@ def test_a_user_configs_verdict_says_what_ran(layout_copy, tmp_path):
     says so), and the verdict says the same, off the reference schedule."""
     from bench.recipe.config_facts import read_facts
 
-    config = (
-        (Path(__file__).parent / "data" / "user_config.py")
-        .read_text()
-        .replace("batch_size = 8  # per device", "batch_size = 4")
-    )
+    config = (DATA / "user_config.py").read_text().replace("batch_size = 8  # per device", "batch_size = 4")
     Layout.at(layout_copy).config_override.write_text(config)
     out = tmp_path / "out"
-    done = llava_bench(
-        "run",
-        "--root",
-        str(layout_copy),
-        "--out",
-        str(out),
+    done = spawn_run(
+        layout_copy,
+        out,
         "--device",
         "cpu",
         "--per-device-batch",
@@ -325,24 +314,22 @@ USER_CONFIG_REFUSALS = {
 @pytest.mark.parametrize("name", list(USER_CONFIG_REFUSALS))
 def test_an_option_a_user_config_cannot_take_is_refused(layout_copy, tmp_path, name):
     replacements, arguments, words = USER_CONFIG_REFUSALS[name]
-    config = (Path(__file__).parent / "data" / "user_config.py").read_text()
+    config = (DATA / "user_config.py").read_text()
     for old, new in replacements.items():
         assert old in config
         config = config.replace(old, new)
     Layout.at(layout_copy).config_override.write_text(config)
-    done = llava_bench(
-        "run", "--root", str(layout_copy), "--out", str(tmp_path), "--device", "cpu", "--max-steps", "20", *arguments
-    )
+    done = spawn_run(layout_copy, tmp_path, "--device", "cpu", "--max-steps", "20", *arguments)
     assert done.returncode == 2, done.stdout + done.stderr
     assert words in done.stderr
 
 
 def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
     """A config error only the trainer finds (preflight cannot): the optimizer refuses a text LR."""
-    config = (Path(__file__).parent / "data" / "user_config.py").read_text().replace("lr = 1e-3", "lr = 'fast'")
+    config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 'fast'")
     Layout.at(layout_copy).config_override.write_text(config)
     out = tmp_path / "out"
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(out), *DEMO_ARGS, "--json")
+    done = spawn_run(layout_copy, out, *DEMO_ARGS, "--json")
     assert done.returncode == 3
     verdict = json.loads(done.stdout)
     assert verdict["status"] == "error"
@@ -460,7 +447,7 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
 def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    done = llava_bench("run", "--root", str(synthetic_layout), "--out", str(blocker / "results"), *DEMO_ARGS)
+    done = spawn_run(synthetic_layout, blocker / "results", *DEMO_ARGS)
     assert done.returncode == 2
     assert "--out" in done.stderr
 
@@ -468,7 +455,7 @@ def test_results_on_a_read_only_place_are_invalid_not_a_crash(synthetic_layout, 
 def test_a_broken_layout_leaves_an_invalid_verdict_and_exit_2(layout_copy, tmp_path):
     layout = Layout.at(layout_copy)
     (layout.llm_dir / "config.json").unlink()
-    done = llava_bench("run", "--root", str(layout_copy), "--out", str(tmp_path / "out"), *DEMO_ARGS)
+    done = spawn_run(layout_copy, tmp_path / "out", *DEMO_ARGS)
     assert done.returncode == 2
     assert str(layout.llm_dir / "config.json") in done.stderr
     verdict = json.loads((only_run_dir(tmp_path / "out") / "verdict.json").read_text())

@@ -13,8 +13,8 @@ from bench.verdict import document as verdict_mod
 from bench.verdict import flops
 from bench.verdict.metrics import MetricsStream, parse_stream, read_stream
 from bench.verdict.sections import SEED_A100_SECONDS_PER_STEP
+from tests.bench.verdict.test_verdict import context
 from tests.conftest import DATA
-from tests.test_verdict import context
 
 
 def test_internlm2_20b_linear_parameters_by_hand():

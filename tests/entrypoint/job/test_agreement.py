@@ -50,7 +50,7 @@ def test_two_nodes_exchange_what_they_saw_and_decide_alike():
     both answers in node order, so a failure only node 1 saw reaches node 0 too."""
     import multiprocessing
 
-    from tests.test_rendezvous import two_free_ports
+    from tests.entrypoint.job.test_rendezvous import two_free_ports
 
     port = two_free_ports()
     context = multiprocessing.get_context("spawn")
@@ -72,7 +72,7 @@ def test_a_node_waiting_for_an_absent_node_0_says_so_and_gives_up(capsys):
 
     from entrypoint.job.agreement import AgreementError, agree
     from entrypoint.job.topology import Topology
-    from tests.test_rendezvous import two_free_ports
+    from tests.entrypoint.job.test_rendezvous import two_free_ports
 
     port = two_free_ports()
     topology = Topology(

@@ -5,6 +5,7 @@ where a build fails."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,6 @@ def test_every_rank_takes_the_cached_path_or_none_does(tmp_path, holders, cached
     for rank in holders:
         (tmp_path / f"rank{rank}").mkdir()
         (tmp_path / f"rank{rank}" / COMPLETENESS_RECORD).write_text('{"files": {}}')
-    done = torchrun_gloo("cache_agreement_worker.py", 2, str(tmp_path))
+    done = torchrun_gloo(Path(__file__).parent / "cache_agreement_worker.py", 2, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads((tmp_path / f"answer{rank}.json").read_text()) for rank in (0, 1)] == [cached, cached]

@@ -16,7 +16,7 @@ from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARI
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render
 from bench.verdict import document as verdict_mod
-from tests.conftest import llava_bench
+from tests.conftest import spawn_run
 
 H100 = [81559] * 8
 H200 = [143771] * 8
@@ -403,12 +403,9 @@ def test_dequantizing_is_refused_where_it_cannot_apply():
 
 
 def test_stock_with_a_lever_option_is_refused_before_training(synthetic_layout, tmp_path):
-    done = llava_bench(
-        "run",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
+    done = spawn_run(
+        synthetic_layout,
+        tmp_path,
         "--device",
         "cpu",
         "--stock",

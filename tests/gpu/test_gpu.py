@@ -12,7 +12,7 @@ import pytest
 
 from bench.synth.spec import DEMO_PER_DEVICE_BATCH
 from bench.verdict import document as verdict_mod
-from tests.conftest import llava_bench
+from tests.conftest import llava_bench, spawn_run
 
 pytestmark = pytest.mark.gpu
 
@@ -23,12 +23,9 @@ def test_torchrun_deepspeed_zero2_run_on_all_gpus(synthetic_layout, tmp_path, pr
 
     gpus = torch.cuda.device_count()
     assert gpus >= 1, "no CUDA GPU visible"
-    done = llava_bench(
-        "run",
-        "--root",
-        str(synthetic_layout),
-        "--out",
-        str(tmp_path),
+    done = spawn_run(
+        synthetic_layout,
+        tmp_path,
         "--device",
         "cuda",
         "--precision",
@@ -97,7 +94,7 @@ def test_perf_compares_stock_nf4_with_the_default_and_the_training_agrees(synthe
     say nothing about the 20B run; the loss curves must agree with stock's, and the
     projector's first gradient and its weights after the compared steps must be no
     farther from the float32 run's than twice stock's own half-precision rounding
-    (a zeroed gradient is at 100 %, tests/test_perf.py)."""
+    (a zeroed gradient is at 100 %, tests/entrypoint/tools/test_perf.py)."""
     done = llava_bench(
         "perf",
         "--root",

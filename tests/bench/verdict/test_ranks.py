@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.verdict.ranks import rank_summaries, ranks_section
@@ -59,7 +61,7 @@ def test_nothing_recorded_gives_no_section(tmp_path):
 def test_a_slowed_rank_of_a_real_torchrun_is_named(tmp_path):
     """Three gloo ranks under torchrun, rank 1's forward pass slowed by 20 ms: every
     rank's step waits in the all-reduce, yet its forward time names rank 1."""
-    done = torchrun_gloo("rank_timing_worker.py", 3, str(tmp_path), "1")
+    done = torchrun_gloo(Path(__file__).parent / "rank_timing_worker.py", 3, str(tmp_path), "1")
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = rank_summaries(tmp_path)
     assert [s["rank"] for s in summaries] == [0, 1, 2] and all(s["iterations"] == 20 for s in summaries)

@@ -17,8 +17,8 @@ from bench.recipe.render import (
     global_batch_plan,
     render,
 )
+from tests.conftest import DATA
 
-DATA = Path(__file__).parent / "data"
 LAYOUT = Layout.at("/llava")
 
 

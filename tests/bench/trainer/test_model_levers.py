@@ -2,7 +2,7 @@
 what each skips or keeps, and that the loss and the gradients stay the same.
 
 The dequantized-NF4 lever needs CUDA and bitsandbytes' GPU kernels; its loss-curve
-agreement with stock NF4 is checked on the GPU machine (tests/test_gpu.py)."""
+agreement with stock NF4 is checked on the GPU machine (tests/gpu/test_gpu.py)."""
 
 from __future__ import annotations
 
