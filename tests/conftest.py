@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,23 @@ def llava_bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def spawn_run(layout: Path, out: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     """`llava-bench run` on the layout ``layout`` with its results in ``out``, to its end."""
     return subprocess.run(run_argv(layout, out, *args), capture_output=True, text=True, **kwargs)
+
+
+def training_run(layout: Path, out: Path) -> subprocess.Popen:
+    """`llava-bench run` on CPU for far more steps than a test waits (the endless layout's
+    epoch), returned once it really trains."""
+    process = subprocess.Popen(
+        [*run_argv(layout, out), *CPU, "--max-steps", str(ENDLESS_STEPS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    for line in process.stdout:
+        if "step " in line and "loss" in line:
+            break
+        assert time.monotonic() < deadline, "no training step within 180 s"
+    return process
 
 
 def short_cpu_run(layout: Path, out: Path, *options: str) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import pytest
 from bench.core.layout import Layout
 from bench.synth.spec import DEMO_CRITERIA, DEMO_PER_DEVICE_BATCH
 from bench.verdict import document as verdict_mod
-from tests.conftest import CPU, DATA, ENDLESS_STEPS, llava_bench, run_argv, spawn_run, tree_digest
+from tests.conftest import DATA, llava_bench, run_argv, spawn_run, training_run, tree_digest
 
 DEMO_ARGS = [
     "--device",
@@ -338,27 +338,6 @@ def test_a_trainer_crash_is_an_error_naming_the_cause(layout_copy, tmp_path):
     assert (only_run_dir(out) / "verdict.json").is_file()
 
 
-def _training(endless_layout, out: Path) -> subprocess.Popen:
-    """`llava-bench run` on CPU for far more steps than a test waits, once it really trains."""
-    process = subprocess.Popen(
-        [
-            *run_argv(endless_layout, out),
-            *CPU,
-            "--max-steps",
-            str(ENDLESS_STEPS),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    for line in process.stdout:  # wait until training really runs
-        if "step " in line and "loss" in line:
-            break
-        assert time.monotonic() < deadline, "no training step within 180 s"
-    return process
-
-
 def _leftovers(out: Path) -> str:
     """Processes whose command line names the run's results folder (the trainer's do)."""
     return subprocess.run(["pgrep", "-af", str(out)], capture_output=True, text=True).stdout
@@ -367,7 +346,7 @@ def _leftovers(out: Path) -> str:
 # SIGTERM: a scheduler's stop; SIGHUP: the terminal or ssh session that started it closed.
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(endless_layout, tmp_path, stop):
-    process = _training(endless_layout, tmp_path)
+    process = training_run(endless_layout, tmp_path)
     process.send_signal(stop)
     process.wait(timeout=60)
     assert process.returncode == 3
@@ -382,7 +361,7 @@ def test_a_signal_stops_the_whole_run_and_leaves_an_aborted_verdict(endless_layo
 def test_the_trainer_dies_with_an_appliance_killed_outright(endless_layout, tmp_path):
     """kill -9 (a scheduler's hard kill after its grace time) leaves no verdict, but no
     trainer holding the GPUs with nobody to judge or stop it either."""
-    process = _training(endless_layout, tmp_path)
+    process = training_run(endless_layout, tmp_path)
     assert _leftovers(tmp_path), "the trainer should be running"
     process.kill()
     process.wait(timeout=10)

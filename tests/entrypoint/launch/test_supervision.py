@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.core.layout import Layout
 from bench.verdict import document as verdict_mod
 from entrypoint.launch.diagnose import diagnose
-from entrypoint.launch.supervise import LOG_TAIL_BYTES, CappedLog
-from tests.conftest import CPU, DATA, ENDLESS_STEPS, run_argv, spawn_run
+from tests.conftest import CPU, DATA, spawn_run, training_run
 
 
 def verdict_of(out: Path) -> dict:
@@ -46,94 +44,7 @@ def test_no_first_step_within_the_startup_budget_is_a_stall(synthetic_layout, tm
 
 
 def test_a_frozen_trainer_is_stopped_by_the_stall_watchdog(endless_layout, tmp_path):
-    process = subprocess.Popen(
-        [
-            *run_argv(endless_layout, tmp_path),
-            *CPU,
-            "--max-steps",
-            str(ENDLESS_STEPS),
-            "--stall-timeout",
-            "8",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:
-        if "step " in line and "loss" in line:
-            break
-    trainer = subprocess.run(["pgrep", "-f", f"train.py {tmp_path}"], capture_output=True, text=True).stdout.split()
-    assert trainer, "trainer process not found"
-    for pid in trainer:
-        subprocess.run(["kill", "-STOP", pid])  # the trainer hangs, as a rank stuck in a collective would
-    started = time.monotonic()
-    process.wait(timeout=120)
-    assert process.returncode == 3
-    assert time.monotonic() - started < 60
-    verdict = verdict_of(tmp_path)
-    assert verdict["termination"]["kind"] == "stalled"
-    assert "no new metrics for 8 s after iteration" in verdict["reason"]
-    assert verdict["result"]["steps_completed"] >= 10
-
-
-def test_a_non_finite_loss_stops_the_run_early_as_fail(layout_copy, tmp_path):
-    config = (DATA / "user_config.py").read_text().replace("lr = 1e-3", "lr = 1e30")  # the weights blow up
-    Layout.at(layout_copy).config_override.write_text(config)
-    done = spawn_run(layout_copy, tmp_path / "out", *CPU, "--max-steps", "250", "--json")
-    assert done.returncode == 1, done.stderr
-    verdict = json.loads(done.stdout)
-    assert verdict["status"] == "fail"
-    assert verdict["termination"]["kind"] == "stopped_nonfinite_loss"
-    assert "non-finite loss" in verdict["reason"]
-    assert verdict["result"]["steps_completed"] < 250
-    assert any(not point["finite"] for point in verdict["result"]["curve"])
-
-
-def test_logs_are_capped_and_keep_their_tail(tmp_path):
-    script = "import sys; sys.stdout.write('x' * 3_000_000); sys.stdout.write('THE END')"
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    pump = CappedLog(child.stdout, tmp_path / "rank.log", cap=1_000_000)
-    pump.start()
-    child.wait()
-    pump.join()
-    text = (tmp_path / "rank.log").read_bytes()
-    assert len(text) < 1_000_000 + LOG_TAIL_BYTES + 200
-    assert text.startswith(b"x" * 1000)
-    assert b"log capped at 1000000 bytes" in text
-    assert text.endswith(b"THE END")
-
-
-def test_out_of_memory_names_the_first_failing_rank_and_hints():
-    reason = diagnose(DATA / "logs" / "oom")
-    assert reason.startswith(
-        "rank 9 (local rank 1) failed first; out of GPU memory; hint: a smaller --per-device-batch"
-    )
-    with_hint = diagnose(DATA / "logs" / "oom", out_of_memory_hint="--no-dequantize-nf4")
-    assert "out of GPU memory; hint: --no-dequantize-nf4;" in with_hint
-    assert "torch.OutOfMemoryError: CUDA out of memory" in reason
-
-
-def test_nccl_timeout_points_at_the_network_variables():
-    reason = diagnose(DATA / "logs" / "nccl")
-    assert reason.startswith("rank 0 (local rank 0) failed first; an NCCL collective timed out")
-    assert "NCCL_SOCKET_IFNAME" in reason and "check-cluster" in reason
-
-
-def test_sigint_is_handled_like_sigterm(endless_layout, tmp_path):
-    process = subprocess.Popen(
-        [
-            *run_argv(endless_layout, tmp_path),
-            *CPU,
-            "--max-steps",
-            str(ENDLESS_STEPS),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:
-        if "step " in line:
-            break
+    process = training_run(endless_layout, tmp_path)
     process.send_signal(signal.SIGINT)
     process.wait(timeout=60)
     assert process.returncode == 3
