@@ -39,7 +39,14 @@ VERDICT_NAME = "verdict.json"
 
 def build(context: RunContext, stream: MetricsStream) -> dict:
     """The verdict document for one run (or one bare metrics stream)."""
-    judgement = judge(stream.records, context.criteria, context.termination, context.accumulative_counts)
+    max_iters = (context.recipe or {}).get("max_iters")
+    judgement = judge(
+        stream.records,
+        context.criteria,
+        context.termination,
+        context.accumulative_counts,
+        trained_steps=max_iters // context.accumulative_counts if max_iters else None,
+    )
     throughput = throughput_section(context, stream)
     status, reason = judgement.status, judgement.reason
     if context.problems:

@@ -119,7 +119,10 @@ def judge(
     criteria: Criteria,
     termination: Termination,
     accumulative_counts: int = 1,
+    trained_steps: int | None = None,
 ) -> Judgement:
+    """``trained_steps``: the steps a completed run was set to train (its recipe's), so
+    that criteria asking for more steps than it trained are not answered from it."""
     curve = loss_curve(records, accumulative_counts, criteria.max_steps)
     crossing = first_crossing(records, criteria, accumulative_counts)
     if criteria.stop_on_target and crossing is not None:
@@ -166,6 +169,14 @@ def judge(
         )
     if not curve:
         return judgement("error", "the metrics stream holds no training record")
+    if termination.kind == "completed" and trained_steps is not None and trained_steps < criteria.max_steps:
+        # The same answer its bare stream gets: steps it never trained cannot fail.
+        return judgement(
+            "error",
+            f"the run trained {trained_steps} steps, fewer than the {criteria.max_steps} the criteria ask, without "
+            f"a loss below {target} (last loss {curve[-1].loss:.4f}): whether it falls below by step "
+            f"{criteria.max_steps} is not known",
+        )
     if termination.kind == "completed" or last_step >= criteria.max_steps:
         return judgement(
             "fail",

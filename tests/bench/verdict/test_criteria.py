@@ -82,6 +82,19 @@ def test_short_stream_without_crossing_is_error_naming_the_last_step():
     assert "step 20" in judgement.reason and "500" in judgement.reason
 
 
+def test_a_completed_run_and_its_bare_stream_get_one_answer_for_more_steps_than_it_trained():
+    """Judged at 500 steps, a run that trained 20 without crossing cannot fail steps it
+    never ran: error, as its bare stream gets; at its own 20 steps both fail."""
+    records = stream((10, 3.0), (20, 2.9))
+    asked = Criteria(max_steps=500)
+    from_the_folder = judge(records, asked, COMPLETED, trained_steps=20)
+    assert from_the_folder.status == judge(records, asked, Termination("unknown")).status == "error"
+    assert "trained 20 steps, fewer than the 500 the criteria ask" in from_the_folder.reason
+    own = Criteria(max_steps=20)
+    assert judge(records, own, COMPLETED, trained_steps=20).status == judge(records, own, Termination("unknown")).status
+    assert judge(records, own, COMPLETED, trained_steps=20).status == "fail"
+
+
 def test_empty_stream_is_error():
     judgement = judge([], Criteria(), COMPLETED)
     assert judgement.status == "error"
