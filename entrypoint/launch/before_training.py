@@ -24,7 +24,7 @@ from entrypoint.launch.supervise import process_age_seconds, seconds_since_age
 from entrypoint.launch.training import timing_section, write_attempt
 from entrypoint.preflight.recipe_record import recipe_record
 from entrypoint.preflight.stage import Preflight
-from entrypoint.request import RunRequest
+from entrypoint.request import RunRequest, run_age_seconds
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def ready_to_train(
             context = replace(context, interconnect=interconnect)
             if failure:
                 crashed = Termination("crashed", f"{failure}; see {folder.collective_logs}")
-                raise RunEnded(replace(context, termination=crashed, timing=timing_section(process_age_seconds())))
+                raise RunEnded(replace(context, termination=crashed, timing=timing_section(run_age_seconds(request))))
         if checked.tokenization is not None:
             tokenization = checked.tokenization.wait(lambda line: console.print(f"  {line}", highlight=False))
             startup["tokenization"] = tokenization.as_dict()
@@ -94,4 +94,4 @@ def ready_to_train(
         console.print(f"  memory: {sizing.described()}", highlight=False)
     plan = write_attempt(recipe, folder, layout, checked.device, topology)
     context = replace(context, topology={**topology.as_dict(), "launch_command": plan.argv})
-    return Ready(plan, recipe, options, sizing, context, startup, process_age_seconds())
+    return Ready(plan, recipe, options, sizing, context, startup, run_age_seconds(request))

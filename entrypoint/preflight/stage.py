@@ -26,7 +26,6 @@ from bench.recipe.render import (
 from bench.recipe.schedule import epoch_problem, warmup_problem
 from entrypoint import __version__
 from entrypoint.job.topology import Topology
-from entrypoint.launch.supervise import process_age_seconds
 from entrypoint.preflight.deep import deep_problems
 from entrypoint.preflight.environment import gpu_inventory, gpu_inventory_details
 from entrypoint.preflight.layout_checks import check_writable, inspect_layout
@@ -34,7 +33,7 @@ from entrypoint.preflight.machine_checks import disk_problems, gpu_problems
 from entrypoint.preflight.model_code import ModelCodeProbe
 from entrypoint.preflight.tokenized_cache import CacheBuild, cache_folder
 from entrypoint.preflight.user_config import user_config_problems
-from entrypoint.request import RunRequest, resolve_device, run_topology
+from entrypoint.request import RunRequest, resolve_device, run_age_seconds, run_topology
 
 
 @dataclass
@@ -62,7 +61,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
     """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
     disk and GPU checks, the levers; the recipe if all pass. The tokenized dataset's
     build starts beside the checks, in ``children`` (stopped when the run leaves it)."""
-    imports_seconds = process_age_seconds()
+    imports_seconds = run_age_seconds(request)
     gpus, gpu_model, driver = gpu_inventory()
     device = resolve_device(request.device, gpus)
     topology, problems = run_topology(request, device, gpus)

@@ -329,11 +329,49 @@ def test_topology_command_shows_what_run_launches_on_this_cpu_machine():
     )
 
 
-def test_topology_command_refuses_several_cpu_processes_as_run_does():
-    env = {"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "23456", "PATH": "/usr/bin:/bin"}
-    done = llava_bench("topology", "--json", "--nproc-per-node", "8", env=env)
-    assert done.returncode == 2
-    assert "4 node(s) x 8 process(es) on CPU" in done.stderr and done.stdout == ""
+def test_topology_previews_a_multi_node_reading_on_a_machine_without_gpus():
+    """A login node has no GPU: the reading is shown, with what `run` would refuse here;
+    --gpus previews the launch on the training nodes."""
+    env = {
+        "WORLD_SIZE": "4",
+        "RANK": "2",
+        "MASTER_ADDR": "10.0.0.5",
+        "MASTER_PORT": "23456",
+        "NPROC_PER_NODE": "8",
+        "PATH": "/usr/bin:/bin",
+    }
+    done = llava_bench("topology", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    reading = json.loads(done.stdout)
+    assert (reading["nnodes"], reading["node_rank"], reading["nproc_per_node"]) == (4, 2, 8)
+    assert reading["launch_command"] is None and "4 node(s) x 8 process(es) on CPU" in reading["run_here"]["problem"]
+    done = llava_bench("topology", "--json", "--gpus", "8", env=env)
+    assert done.returncode == 0, done.stderr
+    preview = json.loads(done.stdout)
+    assert (preview["gpus"], preview["gpus_from"]) == (8, "--gpus")
+    assert "torch.distributed.run" in preview["launch_command"] and "--deepspeed" in preview["launch_command"]
+    assert "--nnodes" in preview["launch_command"] and "0 GPU(s) visible here" in preview["run_here"]["problem"]
+    text = llava_bench("topology", env=env)
+    assert text.returncode == 0 and "run here would refuse: 4 node(s) x 8 process(es) on CPU" in text.stdout
+
+
+@pytest.mark.parametrize("case, env, gpus, extra, expected, source", CASES, ids=[c[0] for c in CASES])
+def test_the_topology_command_reads_every_scheduler_on_a_cpu_machine(case, env, gpus, extra, expected, source):
+    """The table above through the command, in process (typer's runner): `--gpus N` gives
+    this GPU-less machine the case's GPUs."""
+    from typer.testing import CliRunner
+
+    from entrypoint.cli.app import app
+
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in extra.items()]
+    done = CliRunner().invoke(
+        app, ["topology", "--json", *options, *(["--gpus", str(gpus)] if gpus else [])], env=env, catch_exceptions=False
+    )
+    assert done.exit_code == 0, done.output
+    reading = json.loads(done.stdout)
+    got = (reading["nnodes"], reading["node_rank"], reading["nproc_per_node"], reading["master_addr"])
+    assert got == expected[:4] and source in reading["source"]
+    assert reading["master_port"] == expected[4] or reading["nnodes"] == 1  # one node: a free port
 
 
 def test_topology_command_refuses_with_exit_2_and_the_reason_on_stderr():

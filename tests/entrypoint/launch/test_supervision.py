@@ -136,3 +136,17 @@ def test_a_rank_out_of_memory_on_the_h200_is_named_from_the_ranks_own_lines():
     assert reason.startswith("rank 0 (local rank 0) failed first; out of GPU memory; hint:")
     assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.08 GiB" in reason
     assert "ChildFailedError" not in reason and "====" not in reason
+
+
+def test_the_runs_clock_leaves_out_what_the_command_did_before_the_run():
+    """demo writes its layout before the run: those seconds are not the run's imports."""
+    from bench.core.statuses import Criteria
+    from bench.recipe.render import RecipeOptions
+    from entrypoint.launch.supervise import process_age_seconds
+    from entrypoint.request import RunRequest, run_age_seconds
+
+    request = RunRequest(Path("/llava"), None, Criteria(), RecipeOptions(), setup_seconds=3600.0)
+    assert run_age_seconds(request) == 0.0  # this process is younger than the hour left out
+    clocked = run_age_seconds(RunRequest(Path("/llava"), None, Criteria(), RecipeOptions(), setup_seconds=0.5))
+    age = process_age_seconds()
+    assert age - 0.6 <= clocked <= age - 0.49
