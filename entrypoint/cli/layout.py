@@ -29,7 +29,8 @@ def synth(
     ] = DEMO_SAMPLES,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same layout.")] = 0,
 ):
-    """Write a tiny synthetic layout with the real folder structure (random tiny models)."""
+    """Write a tiny synthetic layout with the real folder structure (tiny models: the LLM briefly trained on the
+    captions, the rest random)."""
     layout = write_synthetic(directory, SynthSpec(samples=samples, seed=seed))
     console.print(f"synthetic layout with {samples} samples written to {layout.root}", highlight=False)
 
@@ -129,31 +130,57 @@ def validate(
     as_json: JsonOption = False,
 ):
     """Check the layout before any model is loaded (seconds; --deep: minutes); list every problem."""
+    from bench.core.problem import Problem
+    from bench.recipe.schedule import warmup_problem
     from entrypoint.preflight.layout_checks import check_writable
 
+    if sample is not None and not deep:
+        errors.print("[red]invalid:[/] --sample chooses the images --deep decodes; add --deep, or leave it out")
+        raise typer.Exit(EXIT_CODES["invalid"])
     layout = Layout.at(root)
     problems, dataset = inspect_layout(layout)
     if layout.root.is_dir():
         problems += check_writable(out.absolute() if out else layout.results_dir, layout)
+    # Too few records for the pinned schedule's warm-up even on one process at batch 1:
+    # no run of this layout can train (a user's config keeps its own schedule).
+    too_few = (
+        dataset
+        and dataset.records
+        and not layout.config_override.is_file()
+        and warmup_problem(len(dataset.records), 1, 1)
+    )
+    if too_few:
+        problems.append(Problem(str(layout.dataset_json), too_few, "use the whole LLaVA-Pretrain JSON"))
+    checked = {"records": len(dataset.records) if dataset else None, "images_decoded": None, "model_code": None}
     if deep and not problems:
-        problems = deep_with_progress(layout, dataset, sample)
+        problems, checked["images_decoded"] = deep_with_progress(layout, dataset, sample)
+        checked["model_code"] = "imported" if not problems else None
     elif deep and dataset is not None:  # the rest needs a sound layout; the records are checked anyway
         from entrypoint.preflight.deep import record_problems
 
         problems += record_problems(dataset.records, layout.dataset_json)
     if as_json:
-        print(
-            json.dumps(
-                {"root": str(layout.root), "valid": not problems, "problems": [p.as_dict() for p in problems]}, indent=2
-            )
-        )
+        document = {"root": str(layout.root), "valid": not problems, "checked": checked}
+        print(json.dumps({**document, "problems": [p.as_dict() for p in problems]}, indent=2))
     elif problems:
         errors.print(f"[red]invalid layout[/] {layout.root}: {len(problems)} problem(s)", highlight=False)
         for problem in problems:
             errors.print(f"  - {problem.path}: {problem.problem}\n    fix: {problem.fix}", highlight=False)
     else:
-        console.print(f"[green]valid layout[/] {layout.root}", highlight=False)
+        console.print(f"[green]valid layout[/] {layout.root}: {_what_was_checked(checked)}", highlight=False)
     raise typer.Exit(EXIT_CODES["invalid"] if problems else 0)
+
+
+def _what_was_checked(checked: dict) -> str:
+    if checked["images_decoded"] is None:
+        return (
+            f"the files are in place and the dataset JSON reads ({checked['records']:,} records); --deep also checks "
+            "every record, decodes the images, reads the model weights' indexes and shapes and imports the LLM's code"
+        )
+    return (
+        f"{checked['records']:,} records checked, {checked['images_decoded']:,} images decoded, the model weights' "
+        "indexes and shapes read, the LLM's code imported"
+    )
 
 
 def deep_with_progress(layout: Layout, dataset: DatasetJson, sample: int | None):
@@ -166,8 +193,12 @@ def deep_with_progress(layout: Layout, dataset: DatasetJson, sample: int | None)
         "decoding images", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors, transient=True
     ) as bar:
         task = bar.add_task("decode", total=None)
+        decoded = [0]
+
+        def progress(done: int, total: int) -> None:
+            decoded[0] = done
+            bar.update(task, completed=done, total=total)
+
         with ModelCodeProbe(layout.llm_dir) as probe:
-            problems = deep_problems(
-                layout, dataset, sample, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
-            return problems + probe.result().problems
+            problems = deep_problems(layout, dataset, sample, progress=progress)
+            return problems + probe.result().problems, decoded[0]

@@ -30,7 +30,7 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _check_model(folder: Path, what: str, repo: str, extra_files: tuple[tuple[str, ...], ...]) -> list[Problem]:
-    download = f"download {repo} into {folder} (e.g. huggingface-cli download {repo} --local-dir {folder})"
+    download = f"`llava-bench prepare --root {folder.parent.parent}` downloads {repo} into {folder}"
     if not folder.is_dir():
         return [Problem(str(folder), f"the {what} folder is missing", download)]
     problems = []

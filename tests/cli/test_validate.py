@@ -9,13 +9,44 @@ import zipfile
 import pytest
 
 from bench.core.layout import Layout
+from bench.synth.spec import DEMO_SAMPLES
 from tests.conftest import DATA, llava_bench, tree_digest
 
 
 def test_the_synthetic_layout_is_valid(synthetic_layout):
     done = llava_bench("validate", "--root", str(synthetic_layout), "--json")
     assert done.returncode == 0, done.stdout
-    assert json.loads(done.stdout) == {"root": str(synthetic_layout), "valid": True, "problems": []}
+    assert json.loads(done.stdout) == {
+        "root": str(synthetic_layout),
+        "valid": True,
+        "checked": {"records": DEMO_SAMPLES, "images_decoded": None, "model_code": None},
+        "problems": [],
+    }
+
+
+def test_validate_says_what_it_checked_and_what_deep_adds(synthetic_layout):
+    done = llava_bench("validate", "--root", str(synthetic_layout))
+    assert done.returncode == 0, done.stderr
+    assert f"({DEMO_SAMPLES:,} records); --deep also checks every record, decodes the images" in done.stdout
+    deep = llava_bench("validate", "--root", str(synthetic_layout), "--deep", "--sample", "5")
+    assert deep.returncode == 0, deep.stderr
+    assert f"{DEMO_SAMPLES:,} records checked, 5 images decoded" in deep.stdout and "code imported" in deep.stdout
+
+
+def test_sample_without_deep_is_refused_not_ignored(synthetic_layout):
+    done = llava_bench("validate", "--root", str(synthetic_layout), "--sample", "5")
+    assert done.returncode == 2 and "--sample chooses the images --deep decodes" in done.stderr
+
+
+def test_deep_validation_refuses_a_dataset_too_small_for_any_run(layout_copy):
+    keep_records(Layout.at(layout_copy), 60)
+    done = llava_bench("validate", "--root", str(layout_copy), "--deep", "--json")
+    assert done.returncode == 2, done.stdout
+    (problem,) = json.loads(done.stdout)["problems"]
+    assert (
+        "60 record(s) make 60 iteration(s) an epoch" in problem["problem"]
+        and "at least 67 records" in problem["problem"]
+    )
 
 
 def zip_images(layout: Layout):
@@ -33,6 +64,10 @@ def set_first_image(layout: Layout, name: str) -> None:
     records = json.loads(layout.dataset_json.read_text())
     records[0]["image"] = name
     layout.dataset_json.write_text(json.dumps(records))
+
+
+def keep_records(layout: Layout, count: int) -> None:
+    layout.dataset_json.write_text(json.dumps(json.loads(layout.dataset_json.read_text())[:count]))
 
 
 def link_out(path, target) -> None:
@@ -69,6 +104,11 @@ BREAKAGES = {
         lambda layout: layout.dataset_json,
         "no records",
     ),
+    "a dataset too small for any run": (
+        lambda layout: keep_records(layout, 1),
+        lambda layout: layout.dataset_json,
+        "so the recipe's 3 % warm-up is 0 iteration(s)",
+    ),
     "dataset json not a list": (
         lambda layout: layout.dataset_json.write_text('{"a": 1}'),
         lambda layout: layout.dataset_json,
@@ -77,7 +117,7 @@ BREAKAGES = {
     "llm folder missing": (
         lambda layout: remove(layout.llm_dir),
         lambda layout: layout.llm_dir,
-        "internlm/internlm2-chat-20b",
+        "llava-bench prepare --root",
     ),
     "llm config missing": (
         lambda layout: remove(layout.llm_dir / "config.json"),
