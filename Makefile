@@ -72,7 +72,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 venv: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=15  # the slowest tests, to keep CI short
+	$(BIN)/python -m pytest -q -rs --durations=15  # why any test was skipped; the slowest tests, to keep CI short
 
 demo: $(BIN)/.installed
 	$(BIN)/llava-bench demo --root demo

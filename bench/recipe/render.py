@@ -102,7 +102,8 @@ def _deviations(options: RecipeOptions) -> list[str]:
         "llava-bench TokenCountHook added: logs the text and labelled tokens a sample for the FLOP model (it reads "
         "the batch, nothing else)",
         "llava-bench StartupHook added: notes when the runner, DeepSpeed and the first step were ready (the clock)",
-        "llava-bench RankTimingHook added: times each rank's forward pass (CUDA events, no synchronisation)",
+        "llava-bench RankTimingHook added: times each rank's forward pass "
+        + ("(the clock)" if options.device == "cpu" else "(CUDA events, no synchronisation)"),
         f"fixed random seed {options.seed}",
         f"training stops after {options.max_steps} optimizer steps "
         f"(TrainLoop max_iters={options.max_iters}); the LR schedule still spans the full epoch",

@@ -206,10 +206,28 @@ def table(rows: list[PerfRow]) -> str:
             f" {cell(row.gradient_difference, '10.2e')} {word[row.gradient_agrees]:>7}"
             f" {cell(row.projector_distance, '10.2e')} {word[row.projector_agrees]:>7}"
         )
+    lines.append(noise_line(rows))
     architectures = {row.llm_architecture for row in rows} - {"InternLM2ForCausalLM"}
     if architectures:
         lines.append(f"(the LLM is a stand-in: {', '.join(sorted(map(str, architectures)))}, not InternLM2's own code)")
     return "\n".join([*lines, "", startup_table(rows)])
+
+
+def noise_line(rows: list[PerfRow]) -> str:
+    """What a ratio to stock can be read to: stock run twice (stock-again) measures the
+    run-to-run noise; without it the reader is told the ratios stand on one run each."""
+    again = next((row.ratio_vs_stock for row in rows if row.variant == "stock-again"), None)
+    if again is None:
+        return (
+            "x stock: one run a variant, run-to-run noise not measured (add --variant stock-again): a ratio near 1 "
+            "may be noise"
+        )
+    noise = abs(again - 1)
+    within = [row.variant for row in rows if row.ratio_vs_stock is not None and abs(row.ratio_vs_stock - 1) <= noise]
+    return (
+        f"x stock: stock run again took {again:.3f} x stock's time, so ratios within {noise:.1%} of 1 are run-to-run "
+        f"noise ({', '.join(within)})"
+    )
 
 
 # The start-up table's columns: (heading, width, the figure from timing.startup).

@@ -173,7 +173,7 @@ def measure(
             + (
                 f"the models hard-linked from {models_from}"
                 if models_from
-                else "random weights of the real shapes (about 45 GB)"
+                else "random weights of the real shapes (39 GB)"
             ),
             highlight=False,
         )
@@ -193,7 +193,7 @@ def measure(
     matmul_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     matmul_tflops = in_fresh_process(measure_matmul_tflops, matmul_device)
     console.print(
-        f"matmul on this {matmul_device}: {matmul_tflops:.1f} TFLOP/s measured (the limit below)", highlight=False
+        f"matmul on this {matmul_device}: {matmul_tflops:.3g} TFLOP/s measured (the limit below)", highlight=False
     )
     verdicts = {name: run_variant(name, root, out, run_options) for name in variants}
     projectors = compare_projectors(verdicts)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -123,7 +124,7 @@ def test_a_filesystem_that_fills_during_training_ends_the_run_as_disk_full(endle
 
 
 @pytest.mark.parametrize("required", [False, True])
-def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
+def test_the_container_tests_without_an_engine_say_why_in_one_line(required, tmp_path):
     """`make test` on a machine without Docker: one line saying why the container tests
     did not run; where they are required (CI), the same line as a failure."""
     env = {key: value for key, value in os.environ.items() if key != "LLAVA_BENCH_REQUIRE_CONTAINER_TESTS"}
@@ -141,6 +142,7 @@ def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
             "container",
             "-p",
             "no:cacheprovider",
+            f"--basetemp={tmp_path}",
             str(REPO / "tests" / "container" / "test_container.py"),
         ],
         capture_output=True,
@@ -152,6 +154,11 @@ def test_the_container_tests_without_an_engine_say_why_in_one_line(required):
     assert done.returncode == (1 if required else 0), output
     assert "container tests not run:" in output and "Traceback" not in output
     assert len(output.splitlines()) < 40, output  # not pages of traceback
+    # It names what is missing here, and writes no synthetic layout for tests that do not run.
+    can_build = os.geteuid() == 0 and shutil.which("debootstrap") is not None
+    missing = "no Docker engine answers at unix:///nonexistent/docker.sock" if can_build else "this machine lacks"
+    assert missing in output, output
+    assert not list(tmp_path.glob("**/data")), "a layout was written before the skip"
 
 
 @pytest.mark.parametrize(

@@ -74,17 +74,27 @@ def _cannot_run(why: str):
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
+# Session scope: pytest sets up the widest scope first, so the engine is asked before the
+# session's synthetic layouts are written for tests that would not run.
+@pytest.fixture(scope="session")
 def engine():
-    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
-        _cannot_run("building the test base image needs root and debootstrap")
+    missing = [
+        what
+        for what, absent in (
+            ("root (the base image is built with debootstrap)", os.geteuid() != 0),
+            ("debootstrap (apt-get install debootstrap)", shutil.which("debootstrap") is None),
+        )
+        if absent
+    ]
+    if missing:
+        _cannot_run(f"this machine lacks {' and '.join(missing)}")
     try:
         client = docker.from_env(timeout=900)
         client.ping()
     except docker.errors.DockerException:
         client = None  # said outside the handler, so no chained traceback comes with it
     if client is None:
-        _cannot_run("no Docker engine answers")
+        _cannot_run(f"no Docker engine answers at {os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')}")
     yield client
     client.close()
 

@@ -87,6 +87,10 @@ def test_cpu_variant_uses_fp32_plain_optimizer_and_gloo():
     assert "type=OptimWrapper" in recipe.text and "loss_scale" not in recipe.text
     assert "backend='gloo'" in recipe.text
     assert "is_bf16_supported" in recipe.text
+    # On CPU the rank timing runs on the clock, and the recorded change says so.
+    assert "llava-bench RankTimingHook added: times each rank's forward pass (the clock)" in recipe.deviations
+    gpu = render(LAYOUT, RecipeOptions(), "test").deviations
+    assert any("forward pass (CUDA events, no synchronisation)" in change for change in gpu)
 
 
 def test_the_float32_reference_computes_nf4_in_float32_and_trains_without_half_precision(tmp_path):

@@ -230,3 +230,25 @@ def test_perf_refuses_an_unknown_variant(tmp_path):
     done = llava_bench("perf", "--root", str(tmp_path), "--variant", "turbo")
     assert done.returncode == 2
     assert "turbo" in done.stderr
+
+
+def _row(variant: str, ratio: float | None):
+    from dataclasses import fields
+
+    from bench.verdict.perf_compare import PerfRow
+
+    return PerfRow(
+        **{f.name: None for f in fields(PerfRow)}
+        | {"variant": variant, "termination": "completed", "ratio_vs_stock": ratio}
+    )
+
+
+def test_a_ratio_to_stock_is_printed_with_the_noise_it_stands_on():
+    """On CPU two runs of one recipe differed 2 x: the table says how far stock differs
+    from itself, and which ratios are within that, or that it was not measured."""
+    from bench.verdict.perf_compare import table
+
+    measured = table([_row("stock", 1.0), _row("stock-again", 1.2), _row("workers", 0.9), _row("default", 0.5)])
+    assert "stock run again took 1.200 x stock's time, so ratios within 20.0% of 1 are run-to-run noise" in measured
+    assert "noise (stock, stock-again, workers)" in measured
+    assert "not measured (add --variant stock-again)" in table([_row("stock", 1.0), _row("default", 0.5)])
