@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from bench.verdict.metrics import read_stream
+from bench.verdict.what_ran import what_ran
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "loss.png"
@@ -19,6 +20,11 @@ def _figure(value, digits: int = 3, unit: str = "") -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def _significant(value) -> str:
+    """Three significant figures: a CPU's 0.0123 TFLOP/s is not shown as 0.0."""
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _scientific(value) -> str:
@@ -76,6 +82,10 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
         + (" (demo criteria for the synthetic layout; nothing about hardware)" if criteria["demo"] else "")
         + ".",
         "",
+        "## What ran, on what",
+        "",
+        *[f"- **{label}**: {text}" for label, text in what_ran(verdict)],
+        "",
         "## Loss",
         "",
         "| steps completed | first step below target | final loss | minimum loss | stayed below after crossing |",
@@ -95,9 +105,11 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
             "| --- | --- |",
             f"| seconds per step, mean / median / p95 | {_figure(speed.get('mean'))} / "
             f"{_figure(speed.get('median'))} / {_figure(speed.get('p95'))} |",
-            f"| samples/s per device / cluster | {_figure(throughput['samples_per_second_per_device'], 2)} / "
-            f"{_figure(throughput['samples_per_second'], 2)} |",
-            f"| tokens/s incl. image tokens (cluster) | {_figure(throughput['tokens_per_second'], 1)} |",
+            f"| samples/s per device / cluster, at the mean s/step | "
+            f"{_significant(throughput['samples_per_second_per_device'])} / "
+            f"{_significant(throughput['samples_per_second'])} |",
+            f"| tokens/s incl. image tokens (cluster), at the mean s/step | "
+            f"{_significant(throughput['tokens_per_second'])} |",
             f"| data loading share of a step | {_figure(throughput['data_time_share'], 3)} |",
             f"| peak memory MiB | {_figure(throughput['peak_memory_mib'], 0)} |",
             "| launch to first step, s (preflight + earlier attempts + trainer start-up) | "
@@ -105,13 +117,14 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
             f"({_figure(timing.get('preflight_seconds'), 1)} + "
             f"{_figure(timing.get('earlier_attempts_seconds') or 0, 1)} + "
             f"{_figure(timing.get('startup_seconds'), 1)}) |",
-            f"| trainer's launch to the target, s / to {criteria['max_steps']} steps, projected | "
-            f"{_figure(timing.get('time_to_target_seconds'), 1)} / "
-            f"{_figure(timing.get('projected_max_steps_seconds'), 1)} |",
+            f"| launch to the target, s / to {criteria['max_steps']} steps, projected at the mean s/step | "
+            f"{_figure(_from_launch(timing, 'time_to_target_seconds'), 1)} / "
+            f"{_figure(_from_launch(timing, 'projected_max_steps_seconds'), 1)} |",
             f"| model FLOPs per step | {_scientific(throughput['flops_per_step'])} |",
-            f"| achieved TFLOP/s per device | {_figure(flop_model.get('achieved_tflops_per_device'), 1)} |",
+            f"| achieved TFLOP/s per device, at the mean s/step | "
+            f"{_significant(flop_model.get('achieved_tflops_per_device'))} |",
             f"| MFU / HFU (peak {_figure(flop_model.get('peak_tflops_per_device'), 0)} TFLOP/s) | "
-            f"{_figure(flop_model.get('mfu'), 3)} / {_figure(flop_model.get('hfu'), 3)} |",
+            f"{_significant(flop_model.get('mfu'))} / {_significant(flop_model.get('hfu'))} |",
             "| XTuner's own tflops / tokens_per_sec per device (text only) | "
             f"{_figure(throughput['xtuner_reported']['tflops_per_device'], 1)} / "
             f"{_figure(throughput['xtuner_reported']['tokens_per_second_per_device'], 1)} |",
@@ -161,6 +174,14 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _from_launch(timing: dict, key: str) -> float | None:
+    """A time the verdict counts from the trainer's launch, counted from the appliance's
+    launch instead: the report's one clock (preflight and earlier attempts before it)."""
+    if timing.get(key) is None or timing.get("preflight_seconds") is None:
+        return None
+    return timing["preflight_seconds"] + (timing.get("earlier_attempts_seconds") or 0) + timing[key]
+
+
 def _sizing_lines(recipe: dict, timing: dict) -> list[str]:
     """The run's micro-batches, what the memory model chose for them, and every training attempt."""
     lines = []
@@ -200,13 +221,15 @@ def _sizing_lines(recipe: dict, timing: dict) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, verdict: dict) -> Path:
+def write_report(run_dir: Path, verdict: dict) -> tuple[Path, str | None]:
+    """report.md, and loss.png where there is a curve to draw: the report's path, and why
+    no plot was drawn (None when it was)."""
     not_plotted = plot(verdict, run_dir / "metrics.jsonl", run_dir / PLOT_NAME)
     if not_plotted is not None:
         (run_dir / PLOT_NAME).unlink(missing_ok=True)  # a redraw leaves no stale plot
     path = run_dir / REPORT_NAME
     path.write_text(markdown(verdict, not_plotted))
-    return path
+    return path, not_plotted
 
 
 def write_junit(verdict: dict, path: Path) -> None:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from bench.core.statuses import EXIT_CODES, Criteria
 from bench.verdict import document as verdict_mod
+from bench.verdict.what_ran import NOT_RECORDED, what_ran
 from entrypoint.cli.options import (
     JsonOption,
     JunitOption,
@@ -32,9 +34,16 @@ def show_verdict(verdict: dict, path: Path | None, as_json: bool) -> None:
     console.print(f"[bold {colour}]{verdict['status'].upper()}[/]: {verdict['reason']}", highlight=False)
     for problem in verdict["problems"]:
         errors.print(f"  - {problem['path']}: {problem['problem']}\n    fix: {problem['fix']}", highlight=False)
+    for note in verdict["notes"]:
+        console.print(f"  [yellow]note:[/] {escape(note)}", highlight=False)
     speed = (verdict.get("throughput") or {}).get("seconds_per_step") or {}
     if speed.get("median") is not None:
-        console.print(f"  {speed['median']:.3f} s/step (median of the steady window)", highlight=False)
+        console.print(
+            f"  {speed['median']:.3f} s/step median, {speed['mean']:.3f} mean (the steady window)", highlight=False
+        )
+    for label, text in what_ran(verdict):
+        if text != NOT_RECORDED:
+            console.print(f"  [dim]{label}:[/] {escape(text)}", highlight=False)
     if path is not None:
         console.print(f"  written: {path}", highlight=False)
 
@@ -159,15 +168,16 @@ def verdict(
 
 def report(run_dir: Annotated[Path, typer.Argument(help="A results/<run_id> folder holding verdict.json.")]):
     """(Re)draw report.md and loss.png of a results folder from its verdict."""
-    from bench.verdict.report import write_report
+    from bench.verdict.report import PLOT_NAME, write_report
 
     stored = stored_verdict(run_dir)
     try:
-        path = write_report(run_dir, stored)
+        path, not_plotted = write_report(run_dir, stored)
     except OSError as error:
         errors.print(f"[red]error:[/] the report could not be written in {run_dir} ({error})")
         raise typer.Exit(EXIT_CODES["error"]) from None
-    console.print(f"written: {path} and {run_dir / 'loss.png'}", highlight=False)
+    plot = f"{run_dir / PLOT_NAME}" if not_plotted is None else f"no {PLOT_NAME} ({not_plotted})"
+    console.print(f"written: {path} and {plot}", highlight=False)
 
 
 def _kill_children() -> None:

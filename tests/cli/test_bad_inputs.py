@@ -362,6 +362,11 @@ def test_an_invalid_runs_report_names_the_problems_and_draws_no_plot(layout_copy
     assert "## Problems (preflight refused the run)" in report and "unzip" in report
     assert "None" not in report and "## Throughput" not in report
     assert "(loss.png not drawn: no loss was logged)" in report and not (run_dir / "loss.png").exists()
+    assert "## What ran, on what" in report and "- **memory retry**: not recorded" in report
+    redrawn = llava_bench("report", str(run_dir))
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert redrawn.stdout.strip() == f"written: {run_dir / 'report.md'} and no loss.png (no loss was logged)"
+    assert not (run_dir / "loss.png").exists()
 
 
 def as_hub_cache(layout: Layout, hub: Path) -> Path:

@@ -70,6 +70,14 @@ def test_synth_and_demo_into_a_folder_that_cannot_be_written_are_invalid(command
     assert "cannot be written to" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_demo_root_is_the_layout_as_in_every_command(layout_copy):
+    """An existing layout at --root is run on, not given a second one inside it (here
+    refused at once: --device cuda on a machine without GPUs)."""
+    done = llava_bench("demo", "--root", str(layout_copy), "--device", "cuda")
+    assert done.returncode == 2 and "no CUDA GPU is visible" in done.stderr, done.stdout + done.stderr
+    assert "writing the synthetic layout" not in done.stdout + done.stderr and not (layout_copy / "llava").exists()
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synthetic_layout):
     """One real training run, shared by the assertions below."""
@@ -169,10 +177,35 @@ def test_report_and_plot_are_written_and_redrawn(finished_run):
     assert "![loss and seconds per step](loss.png)" in report
     assert "| launch to first step, s (preflight + earlier attempts + trainer start-up) | " in report
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What ran, on what: the same lines in the report and on the console.
+    assert "## What ran, on what" in report and "- **hardware**: CPU only (no GPU)" in report
+    assert "- **software**: torch " in report and "xtuner " in report and "- **memory retry**: none" in report
+    # A CPU's small figures keep three significant digits instead of reading as 0.0.
+    (achieved,) = [line for line in report.splitlines() if line.startswith("| achieved TFLOP/s per device")]
+    assert float(achieved.split("|")[2]) > 0, achieved
     (run_dir / "loss.png").unlink()
     done = llava_bench("report", str(run_dir))
     assert done.returncode == 0, done.stderr
     assert (run_dir / "loss.png").is_file()
+    assert done.stdout.strip() == f"written: {run_dir / 'report.md'} and {run_dir / 'loss.png'}"
+
+
+def test_the_console_closes_with_what_ran(finished_run):
+    done, run_dir, _ = finished_run
+    report = (run_dir / "report.md").read_text()
+    for label in ("hardware", "software", "topology", "recipe", "inputs"):
+        (line,) = [line for line in report.splitlines() if line.startswith(f"- **{label}**: ")]
+        assert f"{label}: {line.split('**: ', 1)[1]}" in done.stdout
+
+
+def test_criteria_asking_more_steps_than_the_run_trained_are_not_failed(finished_run):
+    """A results folder and its bare stream: the same criteria, the same answer."""
+    _, run_dir, _ = finished_run
+    more = ("--target-loss", "0.01", "--max-steps", str(2 * DEMO_CRITERIA.max_steps), "--json")
+    folder = llava_bench("verdict", str(run_dir), *more)
+    bare = llava_bench("verdict", str(run_dir / "metrics.jsonl"), *more)
+    assert folder.returncode == bare.returncode == 3, folder.stderr + bare.stderr
+    assert json.loads(folder.stdout)["status"] == json.loads(bare.stdout)["status"] == "error"
 
 
 def test_junit_xml_for_ci_systems(finished_run, tmp_path):

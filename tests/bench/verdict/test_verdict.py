@@ -319,6 +319,9 @@ def test_verdict_command_with_overridden_criteria_passes():
     done = llava_bench("verdict", str(DATA / "seed_a100_metrics.jsonl"), "--target-loss", "2.7", "--max-steps", "380")
     assert done.returncode == 0, done.stderr
     assert "PASS" in done.stdout and "step 360" in done.stdout
+    # The console says what the verdict notes, and what it knows of what ran.
+    assert "note: the first logged loss (2.6702 at step 360) is already below the target 2.7" in done.stdout
+    assert "speed ratio against: the seed's A100 run" in done.stdout and "hardware:" not in done.stdout
 
 
 def test_verdict_command_on_a_missing_path_is_invalid(tmp_path):
