@@ -63,7 +63,7 @@ def resolve_device(requested: str, gpus: int) -> str:
     return "cpu" if requested == "cpu" or gpus == 0 else "cuda"
 
 
-def read_topology(request: RunRequest, gpus: int) -> tuple[Topology | None, list[Problem]]:
+def read_topology(request: RunRequest, gpus: int) -> Topology | Problem:
     """The scheduler's environment read as a node with ``gpus`` GPUs, or why it cannot be."""
     env = os.environ if request.env is None else request.env
     try:
@@ -73,12 +73,12 @@ def read_topology(request: RunRequest, gpus: int) -> tuple[Topology | None, list
             "fix the scheduler's variables or set NNODES, NODE_RANK, ADDR, PORT "
             "(llava-bench topology shows the reading)"
         )
-        return None, [Problem("environment", str(error), fix)]
+        return Problem("environment", str(error), fix)
     if topology.nnodes == 1 and topology.port_defaulted:
         # Nobody else needs to find this node: a free port lets two runs share a machine.
         port = free_port()
         topology = replace(topology, master_port=port, origins={**topology.origins, "master_port": f"free port {port}"})
-    return topology, []
+    return topology
 
 
 def cpu_refusal(topology: Topology) -> Problem | None:
@@ -95,9 +95,9 @@ def cpu_refusal(topology: Topology) -> Problem | None:
 
 def run_topology(request: RunRequest, device: str, gpus: int) -> tuple[Topology, list[Problem]]:
     """The topology ``run`` launches on ``device``, or the problems why it cannot."""
-    topology, problems = read_topology(request, gpus if device == "cuda" else 0)
-    if topology is None:
-        return detect({}, 0), problems
+    topology = read_topology(request, gpus if device == "cuda" else 0)
+    if isinstance(topology, Problem):
+        return detect({}, 0), [topology]
     refusal = cpu_refusal(topology) if device == "cpu" else None
     return topology, [refusal] if refusal else []
 

@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from bench.verdict.metrics import read_stream
+from bench.verdict.sections import before_the_trainer
 from bench.verdict.what_ran import what_ran
 
 REPORT_NAME = "report.md"
@@ -177,9 +178,8 @@ def markdown(verdict: dict, not_plotted: str | None) -> str:
 def _from_launch(timing: dict, key: str) -> float | None:
     """A time the verdict counts from the trainer's launch, counted from the appliance's
     launch instead: the report's one clock (preflight and earlier attempts before it)."""
-    if timing.get(key) is None or timing.get("preflight_seconds") is None:
-        return None
-    return timing["preflight_seconds"] + (timing.get("earlier_attempts_seconds") or 0) + timing[key]
+    before = before_the_trainer(timing)
+    return None if timing.get(key) is None or before is None else before + timing[key]
 
 
 def _sizing_lines(recipe: dict, timing: dict) -> list[str]:

@@ -73,9 +73,7 @@ def from_json(verdict: dict) -> RunContext:
     for context_field in dataclasses.fields(RunContext):
         value = verdict
         for key in verdict_path(context_field):
-            value = value[key] if isinstance(value, dict) and key in value else _ABSENT
-            if value is _ABSENT:
-                break
+            value = value.get(key, _ABSENT) if isinstance(value, dict) else _ABSENT
         if value is _ABSENT:
             continue  # the default stands; a required field's absence fails in RunContext
         kind = types[context_field.name]

@@ -178,6 +178,13 @@ DERIVED_TIMING = (
 )
 
 
+def before_the_trainer(timing: dict) -> float | None:
+    """The appliance's launch to the trainer's: preflight, and an out-of-memory retry's
+    first attempt and its re-launch (0 without one); None without the preflight time."""
+    preflight = timing.get("preflight_seconds")
+    return None if preflight is None else preflight + (timing.get("earlier_attempts_seconds") or 0.0)
+
+
 def timing_section(
     context: RunContext, stream: MetricsStream, crossing_iter: int | None, seconds_per_step: float | None
 ) -> dict | None:
@@ -194,9 +201,7 @@ def timing_section(
     records = sorted({r.iter: r for r in stream.records}.values(), key=lambda r: r.iter)
     if first_seconds is not None and records and records[0].time is not None:
         startup = max(0.0, first_seconds - records[0].iter * records[0].time)
-    preflight = context.timing.get("preflight_seconds")
-    # An out-of-memory retry's first attempt and its re-launch count too (0 without one).
-    earlier_attempts = context.timing.get("earlier_attempts_seconds") or 0.0
+    before = before_the_trainer(context.timing)
     to_target = None
     if startup is not None and crossing_iter is not None:
         spent, previous = 0.0, 0
@@ -211,9 +216,7 @@ def timing_section(
     return {
         **context.timing,
         "startup_seconds": startup,
-        "launch_to_first_step_seconds": (
-            None if startup is None or preflight is None else preflight + earlier_attempts + startup
-        ),
+        "launch_to_first_step_seconds": None if startup is None or before is None else before + startup,
         "time_to_target_seconds": to_target,
         "projected_max_steps_seconds": projected,
     }

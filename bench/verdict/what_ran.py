@@ -16,7 +16,7 @@ NOT_RECORDED = "not recorded (a bare metrics stream, or the run ended before it 
 
 def what_ran(verdict: dict) -> list[tuple[str, str]]:
     return [
-        ("hardware", _hardware(verdict)),
+        ("hardware", _hardware(verdict.get("environment"))),
         ("software", _software(verdict.get("environment"))),
         ("topology", _topology(verdict.get("topology"))),
         ("interconnect", _interconnect(verdict.get("interconnect"), verdict.get("topology"))),
@@ -28,8 +28,7 @@ def what_ran(verdict: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _hardware(verdict: dict) -> str:
-    environment = verdict.get("environment")
+def _hardware(environment: dict | None) -> str:
     if environment is None:
         return NOT_RECORDED
     gpus = environment["gpus"]

@@ -36,6 +36,7 @@ def topology(
 ):
     """Preview how this node reads the scheduler's environment, the command `run` launches with it, and whether
     `run` would refuse it on this machine."""
+    from bench.core.problem import Problem
     from bench.core.run_folder import RunFolder
     from entrypoint.launch.plans import training_plan
     from entrypoint.preflight.environment import gpu_inventory
@@ -52,9 +53,9 @@ def topology(
         nproc_per_node=nproc_per_node,
     )
     device = resolve_device("auto", previewed)
-    decision, problems = read_topology(request, previewed)
-    if decision is None:  # the environment itself cannot be read
-        errors.print(f"[red]refused:[/] {problems[0].problem}; fix: {problems[0].fix}", highlight=False)
+    decision = read_topology(request, previewed)
+    if isinstance(decision, Problem):  # the environment itself cannot be read
+        errors.print(f"[red]refused:[/] {decision.problem}; fix: {decision.fix}", highlight=False)
         raise typer.Exit(EXIT_CODES["invalid"])
     refusal = cpu_refusal(decision) if device == "cpu" else None
     here = None
