@@ -16,3 +16,9 @@ PROJECTOR_SNAPSHOTS = {
 # on the reference schedule the LR has risen from 1e-8 to 1.25e-4 by the third step, so
 # the projector has moved; and few enough for the float32 reference, the slowest run.
 COMPARED_STEPS = 3
+# `run --profile`: rank 0's kernel time by kind over PROFILED_ITERATIONS (0-based
+# iteration indices, mmengine's runner.iter), before perf's measured window (steps
+# 11-20) so that the profiler's overhead and its export stay out of the timed steps.
+PROFILE_NAME = "profile.json"
+PROFILE_TRACE_NAME = "profile-trace.json.gz"
+PROFILED_ITERATIONS = (5, 6)

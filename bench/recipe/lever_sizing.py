@@ -4,10 +4,9 @@ what frees memory after an out-of-memory failure, and the one retry's levers."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
-from bench.recipe.levers import LeverRequest, Levers, dequantization_applies
+from bench.recipe.levers import LeverRequest, Levers, dequantization_applies, lever_option
 from bench.recipe.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
 
 
@@ -18,9 +17,44 @@ def memory_case(levers: Levers, precision: str, heads: int) -> MemoryCase:
 def worst_peak_mib(levers: Levers, precision: str, plan, heads: int) -> float:
     """The predicted peak of the plan's heaviest micro-batch under ``levers``."""
     peaks = peak_mib(
-        memory_case(levers, precision, heads), plan.samples, plan.positions, plan.labelled, levers.unchecked_llm_layers
+        memory_case(levers, precision, heads),
+        plan.samples,
+        plan.positions,
+        plan.labelled,
+        levers.unchecked_llm_layers,
+        levers.selective_llm_layers,
     )
     return float(peaks.max())
+
+
+def layer_settings(request: LeverRequest, layers: int) -> list[tuple[int, int]]:
+    """The (unchecked, selective) layer counts the memory levers choose among, by the
+    memory they take and the recompute they save, least first: first more layers keep
+    their MLP's matmul outputs (three quarters of a layer's recompute saved for 0.42 of
+    an unchecked layer's memory), then, with all of them kept, selective layers turn
+    unchecked one by one. The user's own counts stay."""
+    unchecked, selective = request.unchecked_llm_layers, request.selective_llm_layers
+    if unchecked is not None and selective is not None:
+        return [(unchecked, selective)]
+    if unchecked is not None:
+        return [(unchecked, n) for n in range(max(0, layers - unchecked) + 1)]
+    if selective is not None:
+        return [(n, selective) for n in range(max(0, layers - selective) + 1)]
+    return [(0, n) for n in range(layers + 1)] + [(n, layers - n) for n in range(1, layers + 1)]
+
+
+def _with_layers(levers: Levers, setting: tuple[int, int]) -> Levers:
+    return replace(levers, unchecked_llm_layers=setting[0], selective_llm_layers=setting[1])
+
+
+def _layer_peaks(levers: Levers, precision: str, plan, heads: int, settings: list[tuple[int, int]]) -> list[float]:
+    """The heaviest micro-batch's predicted peak under each setting (a micro-batch's
+    peak is linear in both counts: a + u b + s c)."""
+    case = memory_case(levers, precision, heads)
+    base, unchecked, selective = (
+        peak_mib(case, plan.samples, plan.positions, plan.labelled, u, s) for u, s in ((0, 0), (1, 0), (0, 1))
+    )
+    return [float((base + u * (unchecked - base) + s * (selective - base)).max()) for u, s in settings]
 
 
 def size_memory_levers(
@@ -28,26 +62,24 @@ def size_memory_levers(
 ) -> tuple[Levers, dict]:
     """The memory levers' defaults for this run's micro-batches (bench/recipe/micro_batches.py)
     on the smallest GPU: NF4 dequantized where its weights fit beside the heaviest
-    micro-batch with every layer checkpointed, then as many LLM layers unchecked as fit;
-    the user's own choices stay. Also what the memory model predicted, for the verdict."""
+    micro-batch with every layer checkpointed, then the most layer setting that fits
+    (layer_settings); the user's own choices stay. Also what the memory model
+    predicted, for the verdict."""
     budget = budget_mib(gpu_memory_mib)
     if request.dequantize_nf4 is None and dequantization_applies("cuda", precision):
-        dequantized = replace(levers, dequantize_nf4=True, unchecked_llm_layers=0)
+        dequantized = _with_layers(replace(levers, dequantize_nf4=True), (0, 0))
         levers = replace(levers, dequantize_nf4=worst_peak_mib(dequantized, precision, plan, heads) <= budget)
-    if request.unchecked_llm_layers is None:
-        # Each micro-batch's peak is linear in the unchecked layers (a + n b): the count
-        # that fits is the smallest (budget - a) / b over the plan, within 0 and ``layers``.
-        case = memory_case(levers, precision, heads)
-        base = peak_mib(case, plan.samples, plan.positions, plan.labelled, 0)
-        per_layer = peak_mib(case, plan.samples, plan.positions, plan.labelled, 1) - base
-        fitting = int(((budget - base) // per_layer).min())
-        levers = replace(levers, unchecked_llm_layers=min(layers, max(0, fitting)))
+    settings = layer_settings(request, layers)
+    peaks = _layer_peaks(levers, precision, plan, heads, settings)
+    fitting = [setting for setting, peak in zip(settings, peaks) if peak <= budget]
+    levers = _with_layers(levers, fitting[-1] if fitting else settings[0])
     return levers, {
         "gpu_memory_mib": min(gpu_memory_mib),
         "budget_mib": round(budget),
         "predicted_peak_mib": round(worst_peak_mib(levers, precision, plan, heads)),
         "dequantize_nf4": levers.dequantize_nf4,
         "unchecked_llm_layers": levers.unchecked_llm_layers,
+        "selective_llm_layers": levers.selective_llm_layers,
     }
 
 
@@ -57,15 +89,23 @@ def leanest(levers: Levers, request: LeverRequest, supports_sdpa: bool | None) -
     choices = {
         "dequantize_nf4": False,
         "unchecked_llm_layers": 0,
+        "selective_llm_layers": 0,
         "labelled_logits_only": True,
         "sdpa_attention": bool(supports_sdpa),
     }
     return replace(levers, **{name: value for name, value in choices.items() if getattr(request, name) is None})
 
 
-def layer_mib(levers: Levers, precision: str, plan, heads: int) -> float:
-    """What one more unchecked layer adds to the heaviest micro-batch's peak."""
-    more = replace(levers, unchecked_llm_layers=levers.unchecked_llm_layers + 1)
+# The layer counts, with what a layer of each keeps, for the out-of-memory hint.
+LAYER_COUNTS = {
+    "unchecked_llm_layers": "LLM layers unchecked",
+    "selective_llm_layers": "LLM layers keeping their MLP's matmul outputs",
+}
+
+
+def layer_mib(levers: Levers, name: str, precision: str, plan, heads: int) -> float:
+    """What one more layer counted by ``name`` (LAYER_COUNTS) adds to the heaviest micro-batch's peak."""
+    more = replace(levers, **{name: getattr(levers, name) + 1})
     return worst_peak_mib(more, precision, plan, heads) - worst_peak_mib(levers, precision, plan, heads)
 
 
@@ -73,10 +113,12 @@ def out_of_memory_hint(precision: str, levers: Levers, plan=None, heads: int = 4
     """What would free memory in a run of ``levers`` at ``precision``, most first (with
     the plan's heaviest micro-batch, what each frees there)."""
     helps = []
-    if levers.unchecked_llm_layers:
-        fewer = sorted({levers.unchecked_llm_layers // 2, 0}, reverse=True)
-        each = f", about {layer_mib(levers, precision, plan, heads):,.0f} MiB a layer" if plan is not None else ""
-        helps.append(f"fewer LLM layers unchecked (--unchecked-llm-layers {' or '.join(map(str, fewer))}){each}")
+    for name, kept in LAYER_COUNTS.items():
+        count = getattr(levers, name)
+        if count:
+            fewer = " or ".join(map(str, sorted({count // 2, 0}, reverse=True)))
+            each = f", about {layer_mib(levers, name, precision, plan, heads):,.0f} MiB a layer" if plan else ""
+            helps.append(f"fewer {kept} ({lever_option(name)} {fewer}){each}")
     if levers.dequantize_nf4:
         saving = STATIC_MIB[("nf4", True)] - STATIC_MIB[("nf4", False)]
         helps.append(f"--no-dequantize-nf4 (the 4-bit weights take about {saving:,} MiB less)")
@@ -94,17 +136,19 @@ def memory_retry(
     levers: Levers, request: LeverRequest, precision: str, plan, heads: int, shortfall_mib: float
 ) -> Levers | None:
     """The levers of the one retry after an out-of-memory failure before the first logged
-    step, re-sized from what the failure showed: the unchecked layers the appliance chose
-    less those that free ``shortfall_mib`` (what the failed allocation asked for and what
-    the allocator held unused), and at most half of them; only where it chose none, its
-    dequantized weights. The user's own choices stay; None when no default is left to
-    take back."""
-    if request.unchecked_llm_layers is None and levers.unchecked_llm_layers:
-        give_back = math.ceil(
-            shortfall_mib / max(layer_mib(replace(levers, unchecked_llm_layers=0), precision, plan, heads), 1.0)
-        )
-        fewer = min(levers.unchecked_llm_layers // 2, levers.unchecked_llm_layers - give_back)
-        return replace(levers, unchecked_llm_layers=max(0, fewer))
+    step, re-sized from what the failure showed: of the layer settings the appliance
+    could choose (layer_settings), the most that keeps at most half the memory its
+    chosen layers took and frees ``shortfall_mib`` (what the failed allocation asked
+    for and what the allocator held unused); only where no layer memory is left to
+    take back, its dequantized weights. The user's own choices stay; None when no
+    default is left to take back."""
+    settings = layer_settings(request, levers.unchecked_llm_layers + levers.selective_llm_layers)
+    peaks = _layer_peaks(levers, precision, plan, heads, settings)
+    taken = worst_peak_mib(levers, precision, plan, heads) - peaks[0]
+    if taken > 0 and len(settings) > 1:
+        kept = min(taken / 2, taken - shortfall_mib)
+        fitting = [setting for setting, peak in zip(settings, peaks) if peak - peaks[0] <= kept]
+        return _with_layers(levers, fitting[-1] if fitting else settings[0])
     if request.dequantize_nf4 is None and levers.dequantize_nf4:
         return replace(levers, dequantize_nf4=False)
     return None

@@ -107,6 +107,19 @@ class Levers:
         applied_by_model=True,
         sized_by_memory=True,
     )
+    selective_llm_layers: int = lever(
+        0,
+        "Recompute only the attention and elementwise work of N checkpointed LLM layers, keeping their MLP's "
+        "matmul outputs (default: as many as fit on the smallest GPU with the run's heaviest micro-batch, before "
+        "any layer is left unchecked; 0 on CPU).",
+        lambda n: (
+            f"{n} checkpointed LLM decoder layers keep their MLP's matmul outputs and recompute only their attention "
+            "and elementwise work in the backward pass (the same forward)"
+        ),
+        perf_variant="selective",
+        applied_by_model=True,
+        sized_by_memory=True,
+    )
     labelled_logits_only: bool = lever(
         False,
         "Compute the loss's logits only at the labelled positions: the same loss, less memory (default: on GPUs).",
@@ -127,7 +140,9 @@ class Levers:
             "attention matrix"
         ),
         on_gpus=True,
-        perf_variant="sdpa",
+        # measured alone it is stock as the pinned commit runs it: its XTuner dispatches the
+        # attention to SDPA (docs/RECIPE.md), the xtuner 0.2.0 installed here does not
+        perf_variant="stock-sdpa",
     )
 
     @property

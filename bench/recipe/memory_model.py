@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.core.shapes import INTERNLM2_20B
+
 # What a GPU needs at batch 32 with the real shapes, by precision: the stock recipe's
 # measured peak (NF4 49,451 MiB, bf16 75,949 MiB on an H200, docs/PERFORMANCE.md) plus
 # headroom for the allocator. Preflight refuses a smaller card.
@@ -31,6 +33,9 @@ LOGITS_MIB_PER_ROW = 16_663 / MEASURED_POSITIONS
 # one decoder layer left unchecked, with SDPA: what its input gradient needs kept
 # (3,408 MiB a layer between 2 and 17 layers unchecked);
 UNCHECKED_LAYER_MIB_PER_POSITION = 3_408 / MEASURED_POSITIONS
+# one checkpointed layer that keeps its MLP's gate and up outputs (ffn wide each, in
+# 16-bit): counted from the 20B shapes;
+SELECTIVE_LAYER_MIB_PER_POSITION = 2 * INTERNLM2_20B.ffn * 2 / 2**20
 # and with eager attention, its fp32 softmax and fp16 copy besides: bytes per element of
 # the heads x positions x positions attention matrix a sample (8 layers unchecked:
 # 5,977 MiB a layer over the stand-in's checkpointed peak, 2,569 more than SDPA's), kept
@@ -56,14 +61,15 @@ class MemoryCase:
     attention_heads: int = 48
 
 
-def peak_mib(case: MemoryCase, samples, positions, labelled, unchecked_layers: int):
+def peak_mib(case: MemoryCase, samples, positions, labelled, unchecked_layers: int, selective_layers: int = 0):
     """The predicted peak of a micro-batch in MiB: of ``samples`` samples padded to
     ``positions`` LLM positions, with ``labelled`` labelled positions (numbers or numpy
     arrays of them, one per micro-batch)."""
     tokens = samples * positions
     rows = labelled if case.labelled_logits_only else tokens
-    peak = STATIC_MIB[(case.precision, case.dequantized)] + tokens * CHECKPOINTED_MIB_PER_POSITION
-    peak = peak + rows * LOGITS_MIB_PER_ROW + unchecked_layers * tokens * UNCHECKED_LAYER_MIB_PER_POSITION
+    layers = unchecked_layers * UNCHECKED_LAYER_MIB_PER_POSITION + selective_layers * SELECTIVE_LAYER_MIB_PER_POSITION
+    peak = STATIC_MIB[(case.precision, case.dequantized)] + tokens * (CHECKPOINTED_MIB_PER_POSITION + layers)
+    peak = peak + rows * LOGITS_MIB_PER_ROW
     if case.attention == "eager":
         matrix = samples * case.attention_heads * positions**2 * EAGER_SCORES_BYTES_PER_ELEMENT / 2**20
         peak = peak + (1 + unchecked_layers) * matrix

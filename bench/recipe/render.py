@@ -15,7 +15,7 @@ from string import Template
 
 from bench.core.layout import Layout
 from bench.core.statuses import Criteria
-from bench.core.trainer_files import COMPARED_STEPS
+from bench.core.trainer_files import COMPARED_STEPS, PROFILE_NAME, PROFILED_ITERATIONS
 from bench.recipe.config_facts import ConfigFacts
 from bench.recipe.levers import Levers
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE
@@ -45,6 +45,7 @@ class RecipeOptions:
     save_checkpoint: bool = False
     eval_image: Path | None = None
     save_projector: bool = False  # the projector's weights before and after, for perf's comparison
+    profile: bool = False  # rank 0's kernel time by kind over two steady steps (bench/trainer/step_profile.py)
     gpu_memory_cap_mib: int | None = None  # each rank's allocator capped: a smaller card simulated
     # The math reference on GPUs: stock's recipe with every float in float32 (no fp16,
     # bf16 or TF32), which perf holds the levers' and stock's own rounding against.
@@ -140,6 +141,11 @@ def _deviations(options: RecipeOptions) -> list[str]:
             f"the projector's weights saved before training and after step {COMPARED_STEPS}, and its first gradient "
             "(xtuner/projector-*.safetensors)"
         )
+    if options.profile:
+        changes.append(
+            f"torch.profiler on rank 0 over iterations {PROFILED_ITERATIONS[0] + 1}-{PROFILED_ITERATIONS[-1] + 1} "
+            f"(xtuner/{PROFILE_NAME}: kernel time by kind; those steps are slower)"
+        )
     if options.gpu_memory_cap_mib is not None:
         changes.append(
             f"each rank's GPU memory capped at {options.gpu_memory_cap_mib} MiB to simulate a smaller card "
@@ -206,13 +212,15 @@ def render(layout: Layout, options: RecipeOptions, appliance_version: str) -> Re
             )
             + ("from bench.trainer.levered_llava import LeveredLLaVAModel\n" if model_levers else "")
             + ("from bench.trainer.hooks import ProjectorSnapshotHook\n" if options.save_projector else "")
+            + ("from bench.trainer.step_profile import StepProfileHook\n" if options.profile else "")
         ),
         llm_extras="".join(f"\n        {name}={value!r}," for name, value in options.levers.llm_kwargs.items()),
-        projector_snapshot_hook=(
+        measurement_hooks=(
             f"\n    dict(type=ProjectorSnapshotHook, compared_iters={COMPARED_STEPS * options.accumulative_counts}),"
             if options.save_projector
             else ""
-        ),
+        )
+        + ("\n    dict(type=StepProfileHook)," if options.profile else ""),
         model_type="LeveredLLaVAModel" if model_levers else "LLaVAModel",
         model_extras="".join(f"\n    {name}={value!r}," for name, value in model_levers.items()),
         dataset_type="CachedLLaVADataset" if options.levers.tokenized_cache else "LLaVADataset",

@@ -7,12 +7,15 @@ processes load this module.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from xtuner.model import LLaVAModel
 from xtuner.utils import IGNORE_INDEX
 
 from bench.trainer.startup import note
+from bench.trainer.step_profile import RECOMPUTE_RANGE
 
 
 class LeveredLLaVAModel(LLaVAModel):
@@ -26,6 +29,11 @@ class LeveredLLaVAModel(LLaVAModel):
     - ``unchecked_llm_layers``: the last N LLM decoder layers keep their activations
       instead of recomputing their forward in the backward pass (the same forward,
       computed once); the others stay checkpointed.
+    - ``selective_llm_layers``: the N layers before those stay checkpointed but keep
+      the outputs of their MLP's gate and up projections (PyTorch's selective
+      checkpointing), so the backward pass recomputes only their attention and
+      elementwise work: the MLP holds three quarters of a layer's FLOPs, and those
+      outputs take about a third of what an unchecked layer keeps.
     - ``labelled_logits_only``: the loss's logits only at the positions that have a
       label. The LLM computes 92,544 logits in fp32 for every position, image tokens
       included, and the loss reads only the caption's; each row of the output
@@ -38,6 +46,7 @@ class LeveredLLaVAModel(LLaVAModel):
         *args,
         skip_vit_backward: bool = False,
         unchecked_llm_layers: int = 0,
+        selective_llm_layers: int = 0,
         labelled_logits_only: bool = False,
         **kwargs,
     ):
@@ -49,11 +58,14 @@ class LeveredLLaVAModel(LLaVAModel):
             # Its reentrant checkpoint would now see an input without gradients and give
             # the projector none; unchecked, it trains as before (its activations are small).
             self.projector.gradient_checkpointing_disable()
-        if unchecked_llm_layers:
+        if unchecked_llm_layers or selective_llm_layers:
             layers = self.llm.model.layers  # Llama and InternLM2 alike
             self.llm.gradient_checkpointing_disable()
-            for layer in layers[: max(0, len(layers) - unchecked_llm_layers)]:
-                layer.forward = _checkpointed(layer.forward)
+            checkpointed = max(0, len(layers) - unchecked_llm_layers)
+            selective_from = max(0, checkpointed - selective_llm_layers)
+            for index, layer in enumerate(layers[:checkpointed]):
+                policy = _MlpMatmulsKept(_mlp_of(layer)) if index >= selective_from else None
+                layer.forward = _checkpointed(layer.forward, policy)
         note("model_built")
 
     def compute_loss(self, data, data_samples=None):
@@ -70,14 +82,60 @@ class LeveredLLaVAModel(LLaVAModel):
         return {"loss": torch.nn.functional.cross_entropy(logits, targets[labelled])}
 
 
-def _checkpointed(forward):
-    """``forward`` recomputed in the backward pass. Non-reentrant, because decoder
-    layers take keyword arguments; it recomputes the same forward as the reentrant
-    checkpoint the stock recipe uses."""
+def _checkpointed(forward, policy=None):
+    """``forward`` recomputed in the backward pass, but for the outputs ``policy``
+    keeps. Non-reentrant, because decoder layers take keyword arguments; it recomputes
+    the same forward as the reentrant checkpoint the stock recipe uses."""
+
+    def contexts():
+        forward_context, recompute_context = (
+            (contextlib.nullcontext(), contextlib.nullcontext())
+            if policy is None
+            else create_selective_checkpoint_contexts(policy)
+        )
+        return forward_context, _named_recompute(recompute_context)
 
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def _named_recompute(context):
+    """The recompute as a profiler range (`run --profile` sums its kernels), opened
+    outside a selective checkpoint's context, which sees every op the recompute runs."""
+    with torch.profiler.record_function(RECOMPUTE_RANGE), context:
+        yield
+
+
+def _mlp_of(layer) -> torch.nn.Module:
+    """A decoder layer's MLP: InternLM2's ``feed_forward``, Llama's ``mlp``."""
+    return getattr(layer, "feed_forward", None) or layer.mlp
+
+
+_MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
+
+
+class _MlpMatmulsKept:
+    """A selective-checkpoint policy: keep the outputs of the matmuls by the widening
+    linear layers of one module (the layer's MLP: its gate and up projections), found
+    by their weights' storage, and recompute the rest. It keeps no state between
+    calls, so a recompute that stops early cannot shift what the next one keeps. The
+    down projection is not recomputed either way: the non-reentrant recompute stops
+    at the last activation the backward pass needs, the product its input is, and a
+    frozen linear keeps none. (4-bit weights are dequantized into a new tensor at each
+    matmul: nothing is kept there, and the layer is recomputed whole.)"""
+
+    def __init__(self, module: torch.nn.Module):
+        self.widening = [
+            linear
+            for linear in module.children()
+            if isinstance(linear, torch.nn.Linear) and linear.out_features > linear.in_features
+        ]
+
+    def __call__(self, ctx, op, *args, **kwargs):
+        keep = op in _MATMULS and args[-1].data_ptr() in {linear.weight.data_ptr() for linear in self.widening}
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE

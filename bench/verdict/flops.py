@@ -15,7 +15,8 @@ Model FLOPs, what the math needs (MFU divides these; the same for stock and leve
 - trained projector: forward, plus input and weight gradients (3 x forward).
 
 Hardware FLOPs, what the run's recipe executes (HFU divides these):
-- the recompute of every checkpointed LLM layer's forward (not the head's);
+- the recompute of every checkpointed LLM layer's forward (not the head's), of only
+  its attention for a layer that keeps its MLP's matmul outputs;
 - the LM head at every position unless the labelled-only logits lever is on;
 - stock's ViT: checkpointed and backpropagated into the pixels, so its forward is
   recomputed and its input-gradient backward (linear again, attention twice) runs;
@@ -44,12 +45,14 @@ class RecipeWork:
     checkpointed_llm_layers: int  # recomputed in the backward pass
     vit_backward: bool  # stock: the ViT checkpointed and backpropagated into the pixels
     head_at_every_position: bool  # stock: the LM head over the whole sequence
+    selective_llm_layers: int = 0  # of the checkpointed, those recomputing only their attention
 
     @classmethod
     def of(cls, levers: dict, llm_layers: int) -> "RecipeWork":
         """From a verdict's ``recipe.levers``."""
         return cls(
             checkpointed_llm_layers=max(0, llm_layers - levers.get("unchecked_llm_layers", 0)),
+            selective_llm_layers=levers.get("selective_llm_layers", 0),
             vit_backward=not levers.get("skip_vit_backward", False),
             head_at_every_position=not levers.get("labelled_logits_only", False),
         )
@@ -79,6 +82,11 @@ def llm_layer_flops(llm: LLMShape, sequence: float) -> tuple[float, float]:
     return linear, attention
 
 
+def llm_mlp_flops(llm: LLMShape, sequence: float) -> float:
+    """The MLPs' share of llm_layer_flops' linear FLOPs (gate, up and down)."""
+    return 2 * 3 * llm.hidden * llm.ffn * sequence * llm.layers
+
+
 def step_flops(
     samples: int,
     text_tokens_per_sample: float,
@@ -102,7 +110,10 @@ def step_flops(
         + vit_attention
         + 3 * projector
     )
-    recomputed = (linear + attention) * work.checkpointed_llm_layers / llm.layers
+    selective = min(work.selective_llm_layers, work.checkpointed_llm_layers)
+    recomputed = ((linear + attention) * work.checkpointed_llm_layers - llm_mlp_flops(llm, sequence) * selective) / (
+        llm.layers
+    )
     head_rows = sequence if work.head_at_every_position else labelled_tokens_per_sample
     extra_head = 2 * head_row * (head_rows - labelled_tokens_per_sample)
     # stock's ViT: its layers recomputed and backpropagated (down to the embeddings'

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.core.trainer_files import COMPARED_STEPS, PROJECTOR_SNAPSHOTS
+from bench.core.trainer_files import COMPARED_STEPS, PROFILE_NAME, PROJECTOR_SNAPSHOTS
 
 # The reference runs, in order of preference, and whose difference from each is the
 # rounding a variant is allowed: against exact, stock's (its half precision); against
@@ -50,6 +50,7 @@ class PerfRow:
     launch_to_first_step_seconds: float | None  # their sum
     startup: dict | None  # where that time went (the verdict's timing.startup)
     ratio_vs_stock: float | None  # seconds per step / stock's
+    ratio_vs_stock_sdpa: float | None  # seconds per step / stock-sdpa's: stock as the pinned commit runs it
     max_loss_difference: float | None  # over the steps both logged, vs stock
     limit_seconds_per_step: float | None  # model FLOPs per device / the measured matmul rate
     times_limit: float | None  # seconds per step / that limit
@@ -60,6 +61,7 @@ class PerfRow:
     llm_architecture: str | None  # InternLM2ForCausalLM, or the stand-in's
     levers: dict | None
     run_dir: str
+    profile: dict | None = None  # `run --profile`'s kernel time by kind (bench/trainer/step_profile.py)
 
 
 def _losses(verdict: dict) -> dict[int, float]:
@@ -138,18 +140,28 @@ def agrees(difference: float | None, allowance: float | None) -> bool | None:
     return difference <= bound
 
 
+def _profile(verdict: dict) -> dict | None:
+    path = Path(verdict.get("_run_dir", "")) / "xtuner" / PROFILE_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _seconds_per_step(verdict: dict | None) -> float | None:
+    """The median over the steady window; None for a variant that did not run or measure one."""
+    return (((verdict or {}).get("throughput") or {}).get("seconds_per_step") or {}).get("median")
+
+
 def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: ProjectorComparison) -> list[PerfRow]:
     """One row per variant, against the stock variant when there is one, against the
     matmul limit when the step's FLOPs are known, and, for the projector, against the
     reference run's (``projectors`` from compare_projectors)."""
     stock = verdicts.get("stock")
-    stock_speed = ((stock or {}).get("throughput") or {}).get("seconds_per_step", {}).get("median")
+    stock_speed, stock_sdpa_speed = (_seconds_per_step(verdicts.get(name)) for name in ("stock", "stock-sdpa"))
     stock_losses = _losses(stock) if stock else {}
     rows = []
     for variant, verdict in verdicts.items():
         throughput = verdict.get("throughput") or {}
         timing = verdict.get("timing") or {}
-        speed = (throughput.get("seconds_per_step") or {}).get("median")
+        speed = _seconds_per_step(verdict)
         losses = _losses(verdict)
         common = sorted(set(losses) & set(stock_losses))
         flops = throughput.get("flops_per_step")
@@ -168,6 +180,7 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
                 launch_to_first_step_seconds=timing.get("launch_to_first_step_seconds"),
                 startup=timing.get("startup"),
                 ratio_vs_stock=speed / stock_speed if speed and stock_speed else None,
+                ratio_vs_stock_sdpa=speed / stock_sdpa_speed if speed and stock_sdpa_speed else None,
                 max_loss_difference=max((abs(losses[s] - stock_losses[s]) for s in common), default=None),
                 limit_seconds_per_step=limit,
                 times_limit=speed / limit if speed and limit else None,
@@ -180,6 +193,7 @@ def compare(verdicts: dict[str, dict], matmul_tflops: float | None, projectors: 
                 ),
                 levers=(verdict.get("recipe") or {}).get("levers"),
                 run_dir=verdict.get("_run_dir", ""),
+                profile=_profile(verdict),
             )
         )
     return rows
@@ -192,14 +206,14 @@ def table(rows: list[PerfRow]) -> str:
         return format("-", f">{form.split('.')[0]}") if value is None else format(value, form)
 
     lines = [
-        "variant     run        s/step  x stock  data  peak MiB   MFU  pre s  start s  max |dloss|  x limit"
-        "  grad diff  agrees  proj dist  agrees"
+        "variant     run        s/step  x stock  x stock-sdpa  data  peak MiB   MFU  pre s  start s  max |dloss|"
+        "  x limit  grad diff  agrees  proj dist  agrees"
     ]
     word = {None: "-", True: "yes", False: "NO"}  # -: not measured, or the allowance cannot tell
     for row in rows:
         lines.append(
             f"{row.variant:<11} {row.termination:<9} {cell(row.seconds_per_step, '7.3f')} "
-            f"{cell(row.ratio_vs_stock, '8.3f')}"
+            f"{cell(row.ratio_vs_stock, '8.3f')} {cell(row.ratio_vs_stock_sdpa, '13.3f')}"
             f" {cell(row.data_time_share, '5.1%')} {cell(row.peak_memory_mib, '9.0f')} {cell(row.mfu, '5.3f')}"
             f" {cell(row.preflight_seconds, '6.1f')} {cell(row.startup_seconds, '8.1f')}"
             f" {cell(row.max_loss_difference, '12.2e')} {cell(row.times_limit, '8.2f')}"
@@ -210,7 +224,8 @@ def table(rows: list[PerfRow]) -> str:
     architectures = {row.llm_architecture for row in rows} - {"InternLM2ForCausalLM"}
     if architectures:
         lines.append(f"(the LLM is a stand-in: {', '.join(sorted(map(str, architectures)))}, not InternLM2's own code)")
-    return "\n".join([*lines, "", startup_table(rows)])
+    profiled = profile_table(rows)
+    return "\n".join([*lines, "", startup_table(rows), *(["", profiled] if profiled else [])])
 
 
 def noise_line(rows: list[PerfRow]) -> str:
@@ -279,3 +294,30 @@ def write_perf_report(
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def profile_table(rows: list[PerfRow]) -> str | None:
+    """Each profiled variant's step: the share of its wall time each kind of GPU work
+    took, the recompute's share (kernels of every kind) and the GPU's idle share."""
+    profiled = [row for row in rows if row.profile]
+    if not profiled:
+        return None
+    kinds = list(profiled[0].profile["by_kind_seconds"])
+    lines = [
+        "profile, share of the steps' wall time: "
+        + ", ".join(f"{chr(ord('a') + i)} {kind}" for i, kind in enumerate(kinds))
+        + "; recompute: the checkpointed layers' recompute, of any kind",
+        f"{'variant':<11} steps  wall s  "
+        + "  ".join(f"{chr(ord('a') + i):>5}" for i in range(len(kinds)))
+        + "  recompute   idle",
+    ]
+    for row in profiled:
+        profile = row.profile
+        wall = profile["wall_seconds"]
+        shares = "  ".join(f"{profile['by_kind_seconds'].get(kind, 0.0) / wall:5.1%}" for kind in kinds)
+        steps = "-".join(map(str, profile["iterations"]))
+        lines.append(
+            f"{row.variant:<11} {steps:<5} {wall:7.2f}  {shares}  {profile['recompute_seconds'] / wall:9.1%}"
+            f"  {profile['idle_seconds'] / wall:5.1%}"
+        )
+    return "\n".join(lines)

@@ -197,7 +197,8 @@ def _sizing_lines(recipe: dict, timing: dict) -> list[str]:
         ]
     if memory.get("sized"):
         lines += [
-            f"Memory: {memory['unchecked_llm_layers']} LLM layers unchecked"
+            f"Memory: {memory['unchecked_llm_layers']} LLM layers unchecked, "
+            f"{memory.get('selective_llm_layers', 0)} keeping their MLP's matmul outputs"
             + (", NF4 dequantized" if memory["dequantize_nf4"] else "")
             + f", {memory['predicted_peak_mib']:,} MiB predicted for the heaviest micro-batch against "
             f"{memory['budget_mib']:,} MiB ({memory['memory_share']:.0%} of {memory['gpu_memory_mib']:,})"

@@ -41,6 +41,7 @@ from entrypoint.cli.options import (
     with_lever_options,
 )
 from entrypoint.cli.results import run_to_verdict
+from entrypoint.tools.perf import DEFAULT_VARIANTS
 
 app = typer.Typer(
     help="llava-bench: pretrain LLaVA-InternLM2-20B with XTuner + DeepSpeed ZeRO-2 and write a verdict.",
@@ -143,6 +144,14 @@ def run(
             f"{COMPARED_STEPS} under xtuner/ (llava-bench perf compares them).",
         ),
     ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            metavar="",
+            help="Profile two steady steps on rank 0 with torch.profiler (GPUs): kernel time by kind in "
+            "xtuner/profile.json and a Chrome trace beside it (llava-bench perf --profile reads them).",
+        ),
+    ] = False,
     float32_reference: Annotated[
         bool,
         typer.Option(
@@ -182,6 +191,7 @@ def run(
             save_checkpoint=save_checkpoint,
             eval_image=eval_image,
             save_projector=save_projector,
+            profile=profile,
             float32_reference=float32_reference,
         ),
         levers=replace(levers, stock=stock or float32_reference),
@@ -249,7 +259,7 @@ def perf(
     variant: Annotated[
         Optional[list[Variant]],
         typer.Option(
-            help="Recipe variants to run, in order (repeatable; default: exact, stock, default); see "
+            help=f"Recipe variants to run, in order (repeatable; default: {', '.join(DEFAULT_VARIANTS)}); see "
             "docs/PERFORMANCE.md."
         ),
     ] = None,
@@ -285,13 +295,21 @@ def perf(
     device: Annotated[
         Device, typer.Option(help="auto: every visible GPU, else one CPU process (for trying the command).")
     ] = Device.auto,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            metavar="",
+            help="Profile each variant's steps 6-7 with torch.profiler (GPUs; before the timed steps): the share of "
+            "each kind of GPU work, of the recompute and of idle time, in a second table and perf.json.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ):
     """Stock XTuner and the appliance's speed levers back to back on the same GPUs: one table."""
     from dataclasses import asdict
 
     from bench.verdict.perf_compare import table
-    from entrypoint.tools.perf import DEFAULT_VARIANTS, PerfInvalid, measure
+    from entrypoint.tools.perf import PerfInvalid, measure
 
     chosen = [v.value for v in variant] if variant else list(DEFAULT_VARIANTS)
     try:
@@ -308,6 +326,7 @@ def perf(
             errors,
             caption_scale,
             models_from,
+            profile,
         )
     except PerfInvalid as invalid:
         errors.print(f"[red]invalid:[/] {invalid}", highlight=False)

@@ -31,7 +31,8 @@ class Sizing:
         """The memory levers chosen and why, in a line."""
         levers, heavy = self.options.levers, self.plan.longest
         return (
-            f"{levers.unchecked_llm_layers} LLM layers unchecked"
+            f"{levers.unchecked_llm_layers} LLM layers unchecked, {levers.selective_llm_layers} keeping their MLP's "
+            "matmul outputs"
             + (", NF4 dequantized" if levers.dequantize_nf4 else "")
             + f" for the heaviest micro-batch ({heavy.samples} x {heavy.text_tokens} text tokens, step {heavy.step}): "
             f"{self.memory['predicted_peak_mib']:,} MiB predicted of {self.memory['gpu_memory_mib']:,}"

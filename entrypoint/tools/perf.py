@@ -45,7 +45,7 @@ VARIANTS = {
     **{name: _stock_but(**levers) for name, levers in PERF_VARIANTS.items()},
     "default": [],
 }
-DEFAULT_VARIANTS = ("exact", "stock", "default")
+DEFAULT_VARIANTS = ("exact", "stock", "stock-sdpa", "default")
 # Iterations an epoch of the reference run (558,128 records at global batch 1024):
 # a perf layout with this many steps an epoch has the reference's LR schedule per
 # step (16 warm-up steps, then cosine), so the projector moves as it does there.
@@ -150,6 +150,7 @@ def measure(
     console,
     caption_scale: int = 1,
     models_from: Path | None = None,
+    profile: bool = False,
 ) -> tuple[list[PerfRow], ProjectorComparison, Path]:
     """Each variant run on the layout at ``root`` (written there first when it holds
     none: random weights of the real shapes, a GPU needed, or another such layout's
@@ -188,6 +189,7 @@ def measure(
         *("--max-steps", str(steps), "--target-loss", "1e9", "--precision", precision),
         *("--per-device-batch", str(per_device_batch), "--global-batch", str(per_device_batch * max(gpus, 1))),
         *("--device", device, "--save-projector"),
+        *(["--profile"] if profile else []),
     ]
     out.mkdir(parents=True, exist_ok=True)
     matmul_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"

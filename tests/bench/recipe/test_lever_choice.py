@@ -34,49 +34,49 @@ GPU_DEFAULTS = Levers(
 # folder's code has SDPA attention (InternLM2's) unless the name says otherwise.
 CASES = {
     "CPU: nothing on": (LeverRequest(), "cpu", "nf4", 32, [], STOCK, None),
-    "80 GB GPUs, NF4: dequantized, 3 layers unchecked": (
+    "80 GB GPUs, NF4: dequantized, 10 layers keep their MLP's outputs": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=3),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, selective_llm_layers=10),
         None,
     ),
-    "141 GB GPUs, NF4: dequantized, 18 layers unchecked": (
+    "141 GB GPUs, NF4: dequantized, every layer keeps its MLP's outputs, 2 of them all": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H200,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=18),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2, selective_llm_layers=46),
         None,
     ),
-    "141 GB GPUs, bf16: 18 layers unchecked": (
+    "141 GB GPUs, bf16: as NF4 dequantized": (
         LeverRequest(),
         "cuda",
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=18),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=2, selective_llm_layers=46),
         None,
     ),
-    "code without SDPA, 141 GB, NF4: eager layers cost more, 10 fit": (
+    "code without SDPA, 141 GB, NF4: 48 selective layers, no eager one unchecked": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=10),
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, selective_llm_layers=48),
         None,
     ),
-    "code without SDPA, 80 GB, NF4: 1 eager layer fits": (
+    "code without SDPA, 80 GB, NF4: 8 selective layers fit": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, unchecked_llm_layers=1),
+        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, selective_llm_layers=8),
         None,
     ),
     "code without SDPA, SDPA asked for: refused": (
@@ -85,43 +85,43 @@ CASES = {
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        replace(GPU_DEFAULTS, sdpa_attention=False, selective_llm_layers=48),
         "no SDPA attention",
     ),
-    "eager attention asked for: fewer layers": (
+    "eager attention asked for: none unchecked": (
         LeverRequest(sdpa_attention=False),
         "cuda",
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, unchecked_llm_layers=10),
+        replace(GPU_DEFAULTS, sdpa_attention=False, selective_llm_layers=48),
         None,
     ),
-    "all logits: room for 13 layers": (
+    "all logits: room for 39 selective layers": (
         LeverRequest(labelled_logits_only=False),
         "cuda",
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, labelled_logits_only=False, unchecked_llm_layers=13),
+        replace(GPU_DEFAULTS, labelled_logits_only=False, selective_llm_layers=39),
         None,
     ),
-    "half the batch: more than twice the layers": (
+    "half the batch: every layer selective, 39 of them unchecked": (
         LeverRequest(),
         "cuda",
         "bf16",
         16,
         H200,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=42),
+        replace(GPU_DEFAULTS, unchecked_llm_layers=39, selective_llm_layers=9),
         None,
     ),
-    "twice the batch: the activations grow with the positions, 6 layers fit": (
+    "twice the batch: the activations grow with the positions, 19 selective layers fit": (
         LeverRequest(),
         "cuda",
         "bf16",
         64,
         H200,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=6),
+        replace(GPU_DEFAULTS, selective_llm_layers=19),
         None,
     ),
     "the smallest GPU decides": (
@@ -130,16 +130,16 @@ CASES = {
         "bf16",
         32,
         [*H200, 81559],
-        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
+        replace(GPU_DEFAULTS, selective_llm_layers=10),
         None,
     ),
-    "40 GB GPUs, NF4: weights stay 4-bit, 1 layer unchecked": (
+    "40 GB GPUs, NF4: weights stay 4-bit, 4 selective layers": (
         LeverRequest(),
         "cuda",
         "nf4",
         32,
         A100_40,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=1),
+        replace(GPU_DEFAULTS, selective_llm_layers=4),
         None,
     ),
     "bf16 on 80 GB: nothing to dequantize": (
@@ -148,7 +148,7 @@ CASES = {
         "bf16",
         32,
         H100,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=3),
+        replace(GPU_DEFAULTS, selective_llm_layers=10),
         None,
     ),
     "no tokenized cache when asked": (
@@ -157,7 +157,7 @@ CASES = {
         "bf16",
         32,
         H100,
-        replace(GPU_DEFAULTS, tokenized_cache=False, unchecked_llm_layers=3),
+        replace(GPU_DEFAULTS, tokenized_cache=False, selective_llm_layers=10),
         None,
     ),
     "--stock: the pinned config": (LeverRequest(stock=True), "cuda", "nf4", 32, H100, STOCK, None),
@@ -179,13 +179,13 @@ CASES = {
         STOCK,
         "--stock",
     ),
-    "one lever off, the others default: 4-bit weights leave room for 11 unchecked layers": (
+    "one lever off, the others default: 4-bit weights leave room for 31 selective layers": (
         LeverRequest(dequantize_nf4=False),
         "cuda",
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, unchecked_llm_layers=11),
+        replace(GPU_DEFAULTS, selective_llm_layers=31),
         None,
     ),
     "layers asked for: the user's call": (
@@ -276,32 +276,34 @@ def test_resolve_levers(name):
         assert len(problems) == 1 and problem in problems[0]
 
 
-@pytest.mark.parametrize("memory, short, long", [(H200, 18, 15), (H100, 3, 2)])
-def test_longer_captions_leave_room_for_fewer_unchecked_layers(memory, short, long):
-    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 49)[0].unchecked_llm_layers == short
-    assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, 149)[0].unchecked_llm_layers == long
+@pytest.mark.parametrize("memory, short, long", [(H200, (2, 46), (0, 43)), (H100, (0, 10), (0, 7))])
+def test_longer_captions_leave_room_for_fewer_kept_layers(memory, short, long):
+    """(unchecked, selective) layers for LLaVA-Pretrain's length and three times it."""
+    for text_tokens, expected in ((49, short), (149, long)):
+        levers = chosen_levers(LeverRequest(), "cuda", "nf4", 32, memory, True, text_tokens)[0]
+        assert (levers.unchecked_llm_layers, levers.selective_llm_layers) == expected
 
 
 def test_dequantized_weights_stay_only_where_they_fit_beside_the_heaviest_micro_batch():
     assert chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 49)[0].dequantize_nf4 is True
     # near the truncation length the dequantized weights no longer fit beside a checkpointed micro-batch
     levers = chosen_levers(LeverRequest(), "cuda", "nf4", 32, H100, True, 1400)[0]
-    assert levers.dequantize_nf4 is False and levers.unchecked_llm_layers == 0
+    assert levers.dequantize_nf4 is False and levers.unchecked_llm_layers == levers.selective_llm_layers == 0
 
 
 # name: (request, chosen levers, what the failure lacked in MiB, the retry's levers: None for no retry)
 RETRIES = {
-    "the unchecked layers re-sized: at least half given back": (
+    "the kept layers re-sized: at least half their memory given back": (
         LeverRequest(),
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2, selective_llm_layers=46),
         300.0,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=8),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, selective_llm_layers=25),
     ),
     "a large shortfall gives back the layers that free it": (
         LeverRequest(),
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=17),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=2, selective_llm_layers=46),
         45_000.0,
-        replace(GPU_DEFAULTS, dequantize_nf4=True, unchecked_llm_layers=4),
+        replace(GPU_DEFAULTS, dequantize_nf4=True, selective_llm_layers=15),
     ),
     "no layer left to give back: the dequantized weights go": (
         LeverRequest(),

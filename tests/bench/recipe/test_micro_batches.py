@@ -144,7 +144,7 @@ def test_the_synthetic_text_is_llava_pretrains_length(tokenized):
     assert abs(padded - 48) <= 0.15 * 48, padded
 
 
-def test_longer_captions_on_the_same_gpu_leave_fewer_layers_unchecked(synthetic_layout, tokenized, tmp_path):
+def test_longer_captions_on_the_same_gpu_leave_fewer_layers_kept(synthetic_layout, tokenized, tmp_path):
     from bench.synth.spec import SynthSpec
     from bench.synth.writer import write_real_shape_layout
 
@@ -155,7 +155,11 @@ def test_longer_captions_on_the_same_gpu_leave_fewer_layers_unchecked(synthetic_
     build(long.dataset_json, long.llm_dir, long_folder)
     short_run, long_run = sized(tokenized, 143_771), sized(long_folder, 143_771)
     assert long_run.plan.longest.text_tokens > 2.5 * short_run.plan.longest.text_tokens
-    assert short_run.options.levers.unchecked_llm_layers == 18 and long_run.options.levers.unchecked_llm_layers == 14
+    kept = [
+        (run.options.levers.unchecked_llm_layers, run.options.levers.selective_llm_layers)
+        for run in (short_run, long_run)
+    ]
+    assert kept == [(2, 46), (0, 41)]  # (unchecked, selective)
     assert short_run.memory["predicted_peak_mib"] <= short_run.memory["budget_mib"]
     assert long_run.memory["predicted_peak_mib"] <= long_run.memory["budget_mib"]
     assert short_run.problem is None and long_run.problem is None

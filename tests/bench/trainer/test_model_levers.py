@@ -80,6 +80,54 @@ def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layer
     assert all((g == s).all() for g, s in zip(grads, stock_grads))
 
 
+def _matmuls_in_backward(layout: Path, **levers) -> tuple[int, float, list]:
+    """One training step of the levered model (InternLM2's own code): the linear
+    layers' matmuls the backward pass runs (its recomputes' and the gradients'), the
+    loss and the projector's gradients."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.trainer.levered_llava import LeveredLLaVAModel
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                CountMatmuls.count += 1
+            return op(*args, **(kwargs or {}))
+
+    original = torch.Tensor.backward
+
+    def counted_backward(tensor, *args, **kwargs):
+        with CountMatmuls():
+            return original(tensor, *args, **kwargs)
+
+    torch.Tensor.backward = counted_backward
+    try:
+        _, loss, grads = _one_training_step(layout, LeveredLLaVAModel, skip_vit_backward=True, **levers)
+    finally:
+        torch.Tensor.backward = original
+    return CountMatmuls.count, loss, grads
+
+
+def test_selective_layers_recompute_their_attention_but_not_their_mlp(synthetic_layout):
+    """A layer that keeps its MLP's gate and up outputs: its backward pass recomputes
+    the attention's two linear layers (qkv and output) but not the MLP's, and the loss
+    and the projector's gradients are the same numbers as with the layer recomputed
+    whole (one selective layer, the other checkpointed) or kept whole (unchecked)."""
+    import torch
+
+    one, one_loss, one_grads = _matmuls_in_backward(synthetic_layout, selective_llm_layers=1)
+    both, both_loss, both_grads = _matmuls_in_backward(synthetic_layout, selective_llm_layers=2)
+    unchecked, unchecked_loss, unchecked_grads = _matmuls_in_backward(synthetic_layout, unchecked_llm_layers=2)
+    assert one - both == 2  # the checkpointed layer's gate and up (its down is never recomputed)
+    assert both - unchecked == 2 * 2  # each selective layer's qkv and output
+    assert one_loss == both_loss == unchecked_loss
+    for other in (both_grads, unchecked_grads):
+        assert all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(other, one_grads))
+
+
 def test_labelled_logits_only_computes_the_caption_rows_and_the_same_loss(synthetic_layout):
     """Stock projects every position (image tokens included) to the vocabulary; the
     lever projects the 4 positions that predict the 4 labelled tokens, and the loss
@@ -114,14 +162,18 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     """Two real CPU runs, stock and every model lever: the same losses (to float32
     rounding, which the labelled-only logits and SDPA change)."""
     curves = []
-    model_levers = ["--skip-vit-backward", "--unchecked-llm-layers", "1", "--labelled-logits-only", "--sdpa-attention"]
+    model_levers = [
+        *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
+        *("--labelled-logits-only", "--sdpa-attention"),
+    ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
         assert done.returncode == 0, done.stderr[-3000:]
         verdict = json.loads(done.stdout)
         curves.append([point["loss"] for point in verdict["result"]["curve"]])
     levers = verdict["recipe"]["levers"]
-    assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == 1 and levers["labelled_logits_only"]
+    assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
+    assert levers["labelled_logits_only"]
     assert levers["sdpa_attention"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 

@@ -75,6 +75,22 @@ def test_recipe_work_comes_from_the_recorded_levers():
     assert flops.RecipeWork.of({"unchecked_llm_layers": 70}, 2) == flops.RecipeWork(
         0, True, True
     )  # all of a tiny model's
+    assert flops.RecipeWork.of({**levers, "unchecked_llm_layers": 2, "selective_llm_layers": 46}, 48) == (
+        flops.RecipeWork(46, False, False, 46)
+    )
+
+
+def test_a_selective_layer_recomputes_its_forward_less_its_mlp():
+    """The MLP is gate, up and down (3 x hidden x ffn of a layer's linear parameters);
+    a layer that keeps their outputs recomputes the rest of its forward."""
+    whole = flops.RecipeWork(1, False, False)
+    selective = flops.RecipeWork(1, False, False, 1)
+    none = flops.RecipeWork(0, False, False)
+    recompute = [flops.step_flops(32, 49, 17, work=work).hardware_flops for work in (whole, selective, none)]
+    llm = flops.INTERNLM2_20B
+    mlp_share = 3 * llm.hidden * llm.ffn / llm.linear_params_per_layer
+    assert recompute[1] - recompute[2] < (recompute[0] - recompute[2]) * (1 - mlp_share) * 1.05
+    assert recompute[1] - recompute[2] > (recompute[0] - recompute[2]) * (1 - mlp_share)
 
 
 @pytest.mark.parametrize(

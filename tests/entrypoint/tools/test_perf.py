@@ -46,6 +46,7 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
         "tokenized_cache": False,
         "skip_vit_backward": False,
         "unchecked_llm_layers": 0,
+        "selective_llm_layers": 0,
         "labelled_logits_only": False,
         "sdpa_attention": False,
         "stock": False,
@@ -252,3 +253,31 @@ def test_a_ratio_to_stock_is_printed_with_the_noise_it_stands_on():
     assert "stock run again took 1.200 x stock's time, so ratios within 20.0% of 1 are run-to-run noise" in measured
     assert "noise (stock, stock-again, workers)" in measured
     assert "not measured (add --variant stock-again)" in table([_row("stock", 1.0), _row("default", 0.5)])
+
+
+def test_the_profile_table_gives_each_kind_of_work_its_share_of_the_steps():
+    """A profile recorded on 1 x H200 (the NF4 default's steps 6-7, 2026-12-03): the
+    table gives each kind's share of the wall time, and the kinds with the recompute
+    and the idle time account for it (kernels of one stream, no overlap)."""
+    import json
+    from dataclasses import replace
+
+    from bench.trainer.step_profile import kind_of
+    from bench.verdict.perf_compare import profile_table
+    from tests.conftest import DATA
+
+    profile = json.loads((DATA / "h200_profile" / "profile.json").read_text())
+    shares = {kind: seconds / profile["wall_seconds"] for kind, seconds in profile["by_kind_seconds"].items()}
+    assert sum(shares.values()) + profile["idle_seconds"] / profile["wall_seconds"] == pytest.approx(1.0)
+    row = replace(_row("default", None), profile=profile)
+    text = profile_table([row, _row("stock", 1.0)])
+    assert "c matmul" in text and "default     6-7" in text and f"{shares['matmul']:5.1%}" in text
+    assert "stock " not in text.splitlines()[-1]  # unprofiled variants have no line
+    assert profile_table([_row("stock", 1.0)]) is None
+    assert [kind_of(name) for name in ("nvjet_sm90_tst_192x192", "ncclKernel_AllReduce", "Memcpy HtoD")] == [
+        "matmul",
+        "communication",
+        "copies",
+    ]
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kind_of("vectorized_elementwise_kernel<CUDAFunctor_add>") == "elementwise and reductions"
