@@ -156,6 +156,7 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
         "checkpointed_llm_layers": 2,
         "vit_backward": True,
         "head_at_every_position": True,
+        "selective_llm_layers": 0,
         "from": "recipe.levers",
     }
     assert throughput["mfu"] is None and throughput["flop_model"]["why_null"] == "not run on a GPU"
