@@ -30,8 +30,8 @@ def worst_peak_mib(levers: Levers, precision: str, plan, heads: int) -> float:
 def layer_settings(request: LeverRequest, layers: int) -> list[tuple[int, int]]:
     """The (unchecked, selective) layer counts the memory levers choose among, by the
     memory they take and the recompute they save, least first: first more layers keep
-    their MLP's matmul outputs (three quarters of a layer's recompute saved for 0.42 of
-    an unchecked layer's memory), then, with all of them kept, selective layers turn
+    their MLP's matmul outputs (three quarters of a layer's recompute saved for about a
+    third of an unchecked layer's memory), then, with all of them kept, selective layers turn
     unchecked one by one. The user's own counts stay."""
     unchecked, selective = request.unchecked_llm_layers, request.selective_llm_layers
     if unchecked is not None and selective is not None:
@@ -48,13 +48,8 @@ def _with_layers(levers: Levers, setting: tuple[int, int]) -> Levers:
 
 
 def _layer_peaks(levers: Levers, precision: str, plan, heads: int, settings: list[tuple[int, int]]) -> list[float]:
-    """The heaviest micro-batch's predicted peak under each setting (a micro-batch's
-    peak is linear in both counts: a + u b + s c)."""
-    case = memory_case(levers, precision, heads)
-    base, unchecked, selective = (
-        peak_mib(case, plan.samples, plan.positions, plan.labelled, u, s) for u, s in ((0, 0), (1, 0), (0, 1))
-    )
-    return [float((base + u * (unchecked - base) + s * (selective - base)).max()) for u, s in settings]
+    """The heaviest micro-batch's predicted peak under each setting."""
+    return [worst_peak_mib(_with_layers(levers, setting), precision, plan, heads) for setting in settings]
 
 
 def size_memory_levers(

@@ -111,9 +111,8 @@ def step_flops(
         + 3 * projector
     )
     selective = min(work.selective_llm_layers, work.checkpointed_llm_layers)
-    recomputed = ((linear + attention) * work.checkpointed_llm_layers - llm_mlp_flops(llm, sequence) * selective) / (
-        llm.layers
-    )
+    layer, layer_mlp = (linear + attention) / llm.layers, llm_mlp_flops(llm, sequence) / llm.layers
+    recomputed = layer * work.checkpointed_llm_layers - layer_mlp * selective
     head_rows = sequence if work.head_at_every_position else labelled_tokens_per_sample
     extra_head = 2 * head_row * (head_rows - labelled_tokens_per_sample)
     # stock's ViT: its layers recomputed and backpropagated (down to the embeddings'
