@@ -144,6 +144,19 @@ class Levers:
         # attention to SDPA (docs/RECIPE.md), the xtuner 0.2.0 installed here does not
         perf_variant="stock-sdpa",
     )
+    fused_rms_norm: bool = lever(
+        False,
+        "Run the LLM's RMSNorm through PyTorch's fused rms_norm kernel (one kernel forward, one backward, instead "
+        "of about seven eager ones each way): the same fp32 normalization (default: on GPUs).",
+        lambda _: (
+            "the LLM's RMSNorm normalizes through torch's fused rms_norm kernel instead of the model code's eager "
+            "ops: x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then times the weight, as the model code "
+            "computes it"
+        ),
+        on_gpus=True,
+        perf_variant="fused-norm",
+        applied_by_model=True,
+    )
 
     @property
     def stock(self) -> bool:

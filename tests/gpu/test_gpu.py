@@ -137,3 +137,57 @@ def test_perf_compares_stock_nf4_with_the_default_and_the_training_agrees(synthe
     for row in (rows["stock"], default):
         assert row["times_limit"] > 1  # slower than the card's measured matmul rate allows
         assert row["max_loss_difference"] < 0.01, row
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_fused_rms_norm_runs_fewer_kernels_and_rounds_as_the_model_code(synthetic_layout, dtype_name):
+    """The fused-norm lever on CUDA, on the model code's own RMSNorm class at the 20B
+    width: torch's rms_norm runs as a fused kernel each way, so forward and backward
+    launch under half the model code's kernels; its output is the model code's but
+    where the fp32 sum, taken in another order, rounds across a 16-bit boundary (at most
+    a thousandth of the elements, each within two roundings), and its input gradient
+    is within one rounding of the model code's on average."""
+    import copy
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from bench.core.layout import Layout
+    from bench.core.shapes import INTERNLM2_20B
+    from bench.trainer.levered_llava import fuse_rms_norms
+
+    dtype = getattr(torch, dtype_name)
+    norm_class = get_class_from_dynamic_module(
+        "modeling_internlm2.InternLM2RMSNorm", str(Layout.at(synthetic_layout).llm_dir)
+    )
+    eager = norm_class(INTERNLM2_20B.hidden, eps=1e-5).to("cuda", dtype)
+    torch.nn.init.normal_(eager.weight.requires_grad_(False), 1.0, 0.1)  # frozen, as in training
+    fused = copy.deepcopy(eager)
+    fuse_rms_norms(fused)
+    generator = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(8, 1024, INTERNLM2_20B.hidden, device="cuda", dtype=dtype, generator=generator)
+    x.requires_grad_()
+    grad = torch.randn(x.shape, device="cuda", dtype=dtype, generator=generator)
+
+    def forward_and_backward(norm):
+        x.grad = None
+        norm(x).backward(grad)  # kernels chosen, caches warm
+        x.grad = None
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            out = norm(x)
+            out.backward(grad)
+            torch.cuda.synchronize()
+        kernels = sum(1 for event in profiled.events() if event.device_type == DeviceType.CUDA)
+        return out.detach(), x.grad.clone(), kernels
+
+    eager_out, eager_grad, eager_kernels = forward_and_backward(eager)
+    fused_out, fused_grad, fused_kernels = forward_and_backward(fused)
+    print(dtype_name, {"eager kernels": eager_kernels, "fused kernels": fused_kernels})
+    assert fused_kernels < eager_kernels / 2
+    rounding = torch.finfo(dtype).eps
+    differs = fused_out != eager_out
+    assert differs.float().mean().item() <= 1e-3
+    assert ((fused_out - eager_out).abs() <= 2 * rounding * eager_out.abs()).all()
+    assert ((fused_grad - eager_grad).float().norm() / eager_grad.float().norm()).item() < rounding

@@ -158,13 +158,37 @@ def test_sdpa_attention_is_the_same_function_as_internlm2s_eager_attention(synth
     assert all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(grads, eager_grads))
 
 
+def test_fused_rms_norm_routes_every_llm_norm_and_computes_the_same_numbers(synthetic_layout, monkeypatch):
+    """Every RMSNorm of the LLM (two a layer and the final one; the checkpointed layers'
+    again in their recompute) normalizes through torch's rms_norm with the lever and
+    none without; on CPU torch computes it with the model code's own ops, so the loss
+    and the projector's gradients are the same numbers (on CUDA it is one fused kernel:
+    tests/gpu/test_gpu.py holds its rounding to the model code's)."""
+    import torch
+    from xtuner.model import LLaVAModel
+
+    from bench.trainer.levered_llava import LeveredLLaVAModel
+
+    calls = Counter()
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(
+        torch.nn.functional, "rms_norm", lambda *args, **kwargs: calls.update(["rms_norm"]) or rms_norm(*args, **kwargs)
+    )
+    _, stock_loss, stock_grads = _one_training_step(synthetic_layout, LLaVAModel)
+    assert calls["rms_norm"] == 0
+    _, loss, grads = _one_training_step(synthetic_layout, LeveredLLaVAModel, fused_rms_norm=True)
+    assert calls["rms_norm"] == 2 * (2 + 2) + 1  # 2 layers, each recomputed once, and the final norm
+    assert loss == stock_loss
+    assert all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(grads, stock_grads))
+
+
 def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     """Two real CPU runs, stock and every model lever: the same losses (to float32
     rounding, which the labelled-only logits and SDPA change)."""
     curves = []
     model_levers = [
         *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
-        *("--labelled-logits-only", "--sdpa-attention"),
+        *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm"),
     ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
@@ -174,7 +198,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     levers = verdict["recipe"]["levers"]
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
     assert levers["labelled_logits_only"]
-    assert levers["sdpa_attention"]
+    assert levers["sdpa_attention"] and levers["fused_rms_norm"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
