@@ -22,6 +22,7 @@ def lever(
     perf_variant: str | None = None,
     applied_by_model: bool = False,
     sized_by_memory: bool = False,
+    needs: str | None = None,
 ):
     """One lever, declared once: its stock value (the pinned config's, and the default
     on CPU), what `run --help` says of it (its option is the field's name in kebab case;
@@ -31,7 +32,9 @@ def lever(
     the `perf` variant that measures it alone (levers of one name are measured
     together), whether ``LeveredLLaVAModel`` applies it, and whether the GPUs' memory
     decides its default (an out-of-memory failure before the first logged step under
-    those defaults is retried with them re-sized)."""
+    those defaults is retried with them re-sized), and the API its code calls that not
+    every supported install has (``needs``, a dotted path: the image's torch is older than
+    the GPU machines'), without which it stays at stock (``without_unavailable``)."""
     return field(
         default=stock,
         metadata={
@@ -41,6 +44,7 @@ def lever(
             "perf_variant": perf_variant,
             "applied_by_model": applied_by_model,
             "sized_by_memory": sized_by_memory,
+            "needs": needs,
         },
     )
 
@@ -106,6 +110,7 @@ class Levers:
         perf_variant="unchecked",
         applied_by_model=True,
         sized_by_memory=True,
+        needs="torch.utils.checkpoint.noop_context_fn",  # checkpoint() takes a context_fn (torch >= 2.1)
     )
     selective_llm_layers: int = lever(
         0,
@@ -119,6 +124,7 @@ class Levers:
         perf_variant="selective",
         applied_by_model=True,
         sized_by_memory=True,
+        needs="torch.utils.checkpoint.create_selective_checkpoint_contexts",
     )
     labelled_logits_only: bool = lever(
         False,
@@ -156,6 +162,21 @@ class Levers:
         on_gpus=True,
         perf_variant="fused-norm",
         applied_by_model=True,
+        needs="torch.nn.functional.rms_norm",
+    )
+    fused_rotary: bool = lever(
+        False,
+        "Apply the LLM's rotary position embedding in one Triton kernel a forward and one a backward instead of "
+        "about ten eager ones: the same products and sum, rounded as the model code rounds them (default: on GPUs).",
+        lambda _: (
+            "the LLM's rotary position embedding (x * cos + rotate_half(x) * sin) in one Triton kernel each way "
+            "instead of the model code's eager ops, each product and the sum rounded to the activations' dtype as "
+            "they round them"
+        ),
+        on_gpus=True,
+        perf_variant="fused-rotary",
+        applied_by_model=True,
+        needs="triton.jit",
     )
 
     @property
@@ -197,6 +218,8 @@ STOCK = Levers()
 _DECLARATIONS = {lever.name: lever for lever in fields(Levers)}
 LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
 MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
+# Lever -> the API it calls that some supported installs lack.
+LEVER_NEEDS = {lever.name: lever.metadata["needs"] for lever in fields(Levers) if lever.metadata["needs"]}
 
 
 def _measured_alone(lever):
@@ -224,6 +247,23 @@ LeverRequest = make_dataclass(
     frozen=True,
 )
 LeverRequest.__doc__ = "What the user asked for: ``None`` for a lever means the appliance's default."
+
+
+def without_unavailable(request: LeverRequest, missing: dict[str, str]) -> tuple[LeverRequest, list[str]]:
+    """``request`` with each lever whose needed API is ``missing`` (path -> why) held at
+    stock, as if the user had asked for it, so that neither the defaults nor the memory
+    model choose it; and, for one the user turned on, why it cannot run (a preflight
+    problem). ``--stock`` holds every lever at stock already."""
+    if request.stock:
+        return request, []
+    held, problems = {}, []
+    for name, path in LEVER_NEEDS.items():
+        if path not in missing:
+            continue
+        if getattr(request, name) not in (None, getattr(STOCK, name)):
+            problems.append(f"{lever_option(name)} needs {path}: {missing[path]}")
+        held[name] = getattr(STOCK, name)
+    return replace(request, **held), problems
 
 
 def lever_option(name: str) -> str:

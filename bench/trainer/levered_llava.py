@@ -11,10 +11,11 @@ import contextlib
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 from xtuner.model import LLaVAModel
 from xtuner.utils import IGNORE_INDEX
 
+from bench.trainer.fused_rotary import fuse_rotary
 from bench.trainer.startup import note
 from bench.trainer.step_profile import RECOMPUTE_RANGE
 
@@ -46,6 +47,8 @@ class LeveredLLaVAModel(LLaVAModel):
       activation (counted on an H200); the same x / sqrt(mean(x^2) + eps) in fp32,
       rounded once to x's dtype, then times the weight in x's dtype, as the model
       code does.
+    - ``fused_rotary``: the model code's rotary position embedding in one Triton kernel
+      each way (bench/trainer/fused_rotary.py), rounded as its eager ops round.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class LeveredLLaVAModel(LLaVAModel):
         selective_llm_layers: int = 0,
         labelled_logits_only: bool = False,
         fused_rms_norm: bool = False,
+        fused_rotary: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -76,6 +80,8 @@ class LeveredLLaVAModel(LLaVAModel):
                 layer.forward = _checkpointed(layer.forward, policy)
         if fused_rms_norm:
             fuse_rms_norms(self.llm)
+        if fused_rotary:
+            fuse_rotary(self.llm)
         note("model_built")
 
     def compute_loss(self, data, data_samples=None):
@@ -114,11 +120,13 @@ def _checkpointed(forward, policy=None):
     the same forward as the reentrant checkpoint the stock recipe uses."""
 
     def contexts():
-        forward_context, recompute_context = (
-            (contextlib.nullcontext(), contextlib.nullcontext())
-            if policy is None
-            else create_selective_checkpoint_contexts(policy)
-        )
+        if policy is None:
+            forward_context, recompute_context = contextlib.nullcontext(), contextlib.nullcontext()
+        else:
+            # torch >= 2.4 only (Levers.selective_llm_layers needs it)
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            forward_context, recompute_context = create_selective_checkpoint_contexts(policy)
         return forward_context, _named_recompute(recompute_context)
 
     def run(*args, **kwargs):
@@ -163,5 +171,7 @@ class _MlpMatmulsKept:
         ]
 
     def __call__(self, ctx, op, *args, **kwargs):
+        from torch.utils.checkpoint import CheckpointPolicy
+
         keep = op in _MATMULS and args[-1].data_ptr() in {linear.weight.data_ptr() for linear in self.widening}
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE

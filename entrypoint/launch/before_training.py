@@ -11,6 +11,7 @@ from rich.console import Console
 
 from bench.core.layout import Layout
 from bench.core.statuses import Termination
+from bench.recipe.levers import LeverRequest
 from bench.recipe.render import RecipeOptions, RenderedRecipe, render
 from bench.verdict.run_context import RunContext
 from entrypoint import __version__
@@ -38,6 +39,7 @@ class Ready:
     context: RunContext  # the verdict's context up to the launch
     startup: dict  # the appliance's part of timing.startup
     preflight_seconds: float | None  # the process's age at the launch
+    lever_request: LeverRequest  # what the memory retry may re-size (Preflight.lever_request)
 
 
 def ready_to_train(
@@ -59,6 +61,8 @@ def ready_to_train(
         f"{request.criteria.target_loss}"
     )
     console.print(f"  results: {folder.path}", highlight=False)
+    for name, why in checked.levers_held.items():
+        console.print(f"  lever {name} held at stock: it needs {why}", highlight=False)
     context = replace(context, recipe=recipe_record(recipe, options, topology.world_size))
     startup, tokenization = dict(job.startup), None
     try:
@@ -78,7 +82,7 @@ def ready_to_train(
         raise RunEnded(replace(context, termination=aborted(stop))) from None
     sizing = size_on_every_node(
         options,
-        request.levers,
+        checked.lever_request,
         tokenization,
         topology,
         checked.inputs["model_shapes"],
@@ -94,4 +98,4 @@ def ready_to_train(
         console.print(f"  memory: {sizing.described()}", highlight=False)
     plan = write_attempt(recipe, folder, layout, checked.device, topology)
     context = replace(context, topology={**topology.as_dict(), "launch_command": plan.argv})
-    return Ready(plan, recipe, options, sizing, context, startup, run_age_seconds(request))
+    return Ready(plan, recipe, options, sizing, context, startup, run_age_seconds(request), checked.lever_request)

@@ -36,7 +36,7 @@ def train(
     outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads)
     attempts = [attempt]
     retry = (
-        re_sized_retry(topology, outcome, plan.logs_dir, sizing, request.levers, heads)
+        re_sized_retry(topology, outcome, plan.logs_dir, sizing, ready.lever_request, heads)
         if recipe.source == "template" and signals.received is None
         else None
     )

@@ -6,8 +6,10 @@ collecting them costs nothing and cannot fail on a broken install.
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -27,13 +29,7 @@ IMAGE_LABELS_FILE = Path("/etc/llava-bench/image.json")
 
 
 def package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: _installed_version(name) for name in PACKAGES}
 
 
 def visible_nvml_indices(
@@ -142,6 +138,39 @@ def gpu_inventory() -> tuple[int, str, str | None]:
     except Exception:  # noqa: BLE001 - the driver version is provenance, not a requirement
         pass
     return count, torch.cuda.get_device_name(0), driver
+
+
+def missing_apis(paths: Iterable[str]) -> dict[str, str]:
+    """Each dotted path (``torch.nn.functional.rms_norm``) this install cannot resolve,
+    with why: its module does not import, or the name is not there (an older version)."""
+    missing = {}
+    for path in paths:
+        parts = path.split(".")
+        for split in range(len(parts), 0, -1):
+            module_name = ".".join(parts[:split])
+            try:
+                found = importlib.import_module(module_name)
+                break
+            except ImportError:
+                continue
+        else:
+            missing[path] = f"{parts[0]} is not installed"
+            continue
+        try:
+            for name in parts[split:]:
+                found = getattr(found, name)
+        except AttributeError:
+            root = parts[0]
+            version = _installed_version(root)
+            missing[path] = f"{root} {version} lacks it" if version else f"the installed {root} lacks it"
+    return missing
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def xtuner_provenance() -> tuple[str, str | None]:

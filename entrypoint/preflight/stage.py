@@ -13,7 +13,14 @@ from bench.core.inputs import describe
 from bench.core.layout import Layout
 from bench.core.problem import Problem
 from bench.core.shapes import are_real_shapes
-from bench.recipe.levers import STOCK, resolve_levers, tokenized_cache_on
+from bench.recipe.levers import (
+    LEVER_NEEDS,
+    STOCK,
+    LeverRequest,
+    resolve_levers,
+    tokenized_cache_on,
+    without_unavailable,
+)
 from bench.recipe.memory_model import gpu_memory
 from bench.recipe.render import (
     PRECISIONS,
@@ -27,7 +34,7 @@ from bench.recipe.schedule import epoch_problem, warmup_problem
 from entrypoint import __version__
 from entrypoint.job.topology import Topology
 from entrypoint.preflight.deep import deep_problems
-from entrypoint.preflight.environment import gpu_inventory, gpu_inventory_details
+from entrypoint.preflight.environment import gpu_inventory, gpu_inventory_details, missing_apis
 from entrypoint.preflight.layout_checks import check_writable, inspect_layout
 from entrypoint.preflight.machine_checks import disk_problems, gpu_problems
 from entrypoint.preflight.model_code import ModelCodeProbe
@@ -55,6 +62,8 @@ class Preflight:
     gpu_model: str  # "cpu" without GPUs
     driver: str | None
     imports_seconds: float | None  # the process's age when preflight began: its imports (None without /proc)
+    lever_request: LeverRequest  # the user's, with the levers this install cannot run held at stock
+    levers_held: dict[str, str]  # those levers: name -> the API this install lacks
 
 
 def preflight(request: RunRequest, layout: Layout, results_parent: Path, children: ExitStack) -> Preflight:
@@ -65,6 +74,11 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
     gpus, gpu_model, driver = gpu_inventory()
     device = resolve_device(request.device, gpus)
     topology, problems = run_topology(request, device, gpus)
+    missing = missing_apis(LEVER_NEEDS.values())
+    lever_request, held_problems = without_unavailable(request.levers, missing)
+    fix = "leave that option out: the run goes on without the lever"
+    problems += [Problem("recipe levers", message, fix) for message in held_problems]
+    levers_held = {name: f"{path}: {missing[path]}" for name, path in LEVER_NEEDS.items() if path in missing}
     user_config, per_device_batch = None, request.recipe.per_device_batch
     if layout.config_override.is_file():
         user_config, user_problems = user_config_problems(request, device, layout.config_override)
@@ -104,7 +118,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
         problems += layout_problems
         supports_sdpa, build = None, None
         if not problems:
-            if user_config is None and tokenized_cache_on(request.levers, device):
+            if user_config is None and tokenized_cache_on(lever_request, device):
                 folder = cache_folder(layout, results_parent, dataset.sha256)
                 build = children.enter_context(CacheBuild(layout.dataset_json, layout.llm_dir, folder))
             problems = deep_problems(layout, dataset, request.image_sample)
@@ -139,7 +153,7 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
             supports_sdpa = code.supports_sdpa
             problems += code.problems + disk_problems(results_parent)
     if user_config is None:
-        levers, lever_messages = resolve_levers(request.levers, device, request.recipe.precision, supports_sdpa)
+        levers, lever_messages = resolve_levers(lever_request, device, request.recipe.precision, supports_sdpa)
         problems += [
             Problem("recipe levers", message, "change the lever options (--help)") for message in lever_messages
         ]
@@ -189,4 +203,6 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
         gpu_model,
         driver,
         imports_seconds,
+        lever_request,
+        levers_held,
     )

@@ -3,6 +3,9 @@ model's sizing and the one retry, how they render into the config and the deviat
 
 from __future__ import annotations
 
+import importlib.metadata
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,12 +14,12 @@ import pytest
 
 from bench.core.layout import Layout
 from bench.recipe.lever_sizing import memory_retry, out_of_memory_hint, size_memory_levers
-from bench.recipe.levers import STOCK, LeverRequest, Levers, resolve_levers
+from bench.recipe.levers import LEVER_NEEDS, STOCK, LeverRequest, Levers, resolve_levers, without_unavailable
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render
 from bench.verdict import document as verdict_mod
-from tests.conftest import spawn_run
+from tests.conftest import REPO, spawn_run
 
 H100 = [81559] * 8
 H200 = [143771] * 8
@@ -29,6 +32,7 @@ GPU_DEFAULTS = Levers(
     labelled_logits_only=True,
     sdpa_attention=True,
     fused_rms_norm=True,
+    fused_rotary=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
@@ -456,3 +460,46 @@ def test_the_verdict_schema_lists_every_lever_with_its_type():
     declared = {lever.name: json_types[lever.type] for lever in fields(Levers)}
     assert levers["required"] == [*declared, "stock"]
     assert {name: levers["properties"][name]["type"] for name in declared} == declared
+
+
+OLD_TORCH = {  # what the image's torch 2.1.2 lacks of the levers' needs
+    "torch.utils.checkpoint.create_selective_checkpoint_contexts": "torch 2.1.2 lacks it",
+    "torch.nn.functional.rms_norm": "torch 2.1.2 lacks it",
+}
+
+
+def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model_sizes_without_it():
+    request, problems = without_unavailable(LeverRequest(), OLD_TORCH)
+    assert problems == []
+    levers, _ = chosen_levers(request, "cuda", "nf4", 32, H200, True)
+    assert levers.fused_rms_norm is False and levers.selective_llm_layers == 0
+    assert levers.unchecked_llm_layers > 0 and levers.skip_vit_backward  # the rest as on any GPU
+    # asked for by name, it is a preflight problem that says what is missing
+    _, problems = without_unavailable(LeverRequest(fused_rms_norm=True), OLD_TORCH)
+    assert problems == ["--fused-rms-norm needs torch.nn.functional.rms_norm: torch 2.1.2 lacks it"]
+    assert without_unavailable(LeverRequest(stock=True), OLD_TORCH) == (LeverRequest(stock=True), [])
+
+
+def test_each_lever_need_is_a_real_path_and_a_missing_one_says_why():
+    from entrypoint.preflight.environment import missing_apis
+
+    assert missing_apis(LEVER_NEEDS.values()) == {}  # a misspelt need would hold its lever off everywhere
+    assert set(LEVER_NEEDS) >= {"selective_llm_layers", "fused_rms_norm", "fused_rotary"}
+    missing = missing_apis(["torch.nn.functional.no_such_function", "no_such_module.name", "json.dumps"])
+    assert missing == {
+        "torch.nn.functional.no_such_function": f"torch {importlib.metadata.version('torch')} lacks it",
+        "no_such_module.name": "no_such_module is not installed",
+    }
+
+
+def test_the_trainer_side_imports_without_the_apis_an_older_torch_lacks():
+    """The levers' model imports where torch lacks the selective-checkpoint API and
+    rms_norm (the image's torch 2.1.2): only a lever that is on may call them."""
+    code = (
+        "import torch, torch.utils.checkpoint as c\n"
+        "del c.create_selective_checkpoint_contexts, c.CheckpointPolicy, torch.nn.functional.rms_norm\n"
+        "import bench.trainer.levered_llava\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip() == "imported", done.stderr[-2000:]

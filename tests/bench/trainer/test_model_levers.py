@@ -7,13 +7,16 @@ agreement with stock NF4 is checked on the GPU machine (tests/gpu/test_gpu.py)."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from bench.core.layout import Layout
-from tests.conftest import short_cpu_run
+from tests.conftest import REPO, short_cpu_run
 
 
 def _one_training_step(layout: Path, model_class, attention: str = "eager", **levers) -> tuple[Counter, float, list]:
@@ -182,13 +185,64 @@ def test_fused_rms_norm_routes_every_llm_norm_and_computes_the_same_numbers(synt
     assert all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(grads, stock_grads))
 
 
+def test_fused_rotary_routes_the_model_codes_rotary_and_its_kernel_gives_the_same_fp16_gradient(synthetic_layout):
+    """With the lever the model code's apply_rotary_pos_emb goes through the Triton
+    kernels, here run by Triton's CPU interpreter in fp16 (its bf16 conversion truncates;
+    tests/gpu/test_gpu.py holds bf16 on CUDA): in a checkpointed, a selective and an
+    unchecked layer, the projector's first gradient is the same numbers as stock's."""
+    code = f"""
+import torch
+from bench.trainer import fused_rotary
+from bench.trainer.levered_llava import LeveredLLaVAModel
+from tests.bench.trainer.test_model_levers import _first_projector_gradient
+
+fused_rotary.KERNEL_DEVICES.add("cpu")
+launches = []
+rotate = fused_rotary.rotate
+fused_rotary.rotate = lambda *args, **kwargs: launches.append(kwargs["backward"]) or rotate(*args, **kwargs)
+layout, half = {str(synthetic_layout)!r}, torch.float16
+stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
+assert not launches
+levers = dict(fused_rotary=True, selective_llm_layers=1, unchecked_llm_layers=1)
+fused = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
+print(launches.count(False), launches.count(True), torch.equal(fused, stock), bool(stock.abs().sum() > 0))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # query and key in 3 forwards and 2 recomputes; query and key in 3 backwards
+    assert done.stdout.split()[-4:] == ["10", "6", "True", "True"], done.stdout
+
+
+def test_fused_rotary_keeps_a_model_codes_own_function_where_it_computes_otherwise():
+    """Another revision's convention (cos indexed by position_ids) is not this kernel's:
+    its function stays."""
+    import torch
+
+    from bench.trainer.fused_rotary import _computes_the_same, _reference
+
+    def indexed_by_positions(q, k, cos, sin, position_ids, unsqueeze_dim=1):
+        cos, sin = cos[position_ids], sin[position_ids]
+        return _reference(q, cos[:, 0], sin[:, 0]), _reference(k, cos[:, 0], sin[:, 0])
+
+    assert _computes_the_same(lambda q, k, cos, sin, *_: (_reference(q, cos, sin), _reference(k, cos, sin)))
+    assert not _computes_the_same(indexed_by_positions)
+    assert not _computes_the_same(lambda q, k, cos, sin, *_: (_reference(q, cos, sin), k))
+    assert _reference(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2), torch.zeros(1, 1, 2)).sum() == 2
+
+
 def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     """Two real CPU runs, stock and every model lever: the same losses (to float32
     rounding, which the labelled-only logits and SDPA change)."""
     curves = []
     model_levers = [
         *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
-        *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm"),
+        *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm", "--fused-rotary"),
     ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
@@ -198,14 +252,17 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     levers = verdict["recipe"]["levers"]
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
     assert levers["labelled_logits_only"]
-    assert levers["sdpa_attention"] and levers["fused_rms_norm"]
+    assert levers["sdpa_attention"] and levers["fused_rms_norm"] and levers["fused_rotary"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
-def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int = 16, hidden: int = 256):
+def _first_projector_gradient(
+    layout: Path, attention: str, dtype, layers: int = 16, hidden: int = 256, model_class=None, **levers
+):
     """The projector's gradient of one forward and backward in ``dtype``: InternLM2's own
     code, ``layers`` deep at width ``hidden`` with random weights (std 0.02), on a padded
-    batch of 4 with 48 tokens each; the same weights and batch for every call."""
+    batch of 4 with 48 tokens each; the same weights and batch for every call; XTuner's
+    LLaVAModel unless ``model_class`` (with ``levers``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel
@@ -225,11 +282,12 @@ def _first_projector_gradient(layout: Path, attention: str, dtype, layers: int =
         torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() == 2 else torch.nn.init.ones_(parameter)
     torch.manual_seed(0)  # the projector's initial weights
     model = (
-        LLaVAModel(
+        (model_class or LLaVAModel)(
             llm=llm,
             visual_encoder=CLIPVisionModel.from_pretrained(paths.clip_dir),
             freeze_llm=True,
             freeze_visual_encoder=True,
+            **levers,
         )
         .train()
         .to(dtype)
