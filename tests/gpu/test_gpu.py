@@ -190,3 +190,105 @@ def test_fused_rms_norm_runs_fewer_kernels_and_rounds_as_the_model_code(syntheti
     assert (fused_out != eager_out).float().mean().item() <= 1e-3
     assert ((fused_out - eager_out).abs() <= 2 * rounding * eager_out.abs()).all()
     assert ((fused_grad - eager_grad).float().norm() / eager_grad.float().norm()).item() < rounding
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_fused_rotary_runs_fewer_kernels_and_gives_the_model_codes_numbers(synthetic_layout, dtype_name):
+    """The fused-rotary lever on CUDA, with the model code's own apply_rotary_pos_emb and
+    rotary embedding at the 20B shapes (the query's 48 heads a strided view of the
+    packed projection, as the attention makes it, and the key's 8): one kernel for each
+    of query and key a forward and one a backward, where the model code launches about
+    ten each way; the outputs and the input gradients are the same numbers."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from bench.core.layout import Layout
+    from bench.core.shapes import INTERNLM2_20B
+    from bench.trainer.fused_rotary import fused_apply_rotary_pos_emb
+
+    dtype = getattr(torch, dtype_name)
+    folder = str(Layout.at(synthetic_layout).llm_dir)
+    original = get_class_from_dynamic_module("modeling_internlm2.apply_rotary_pos_emb", folder)
+    rotary = get_class_from_dynamic_module("modeling_internlm2.InternLM2RotaryEmbedding", folder)
+    heads, kv_heads, batch, positions = INTERNLM2_20B.heads, INTERNLM2_20B.kv_heads, 8, 1024
+    size = INTERNLM2_20B.hidden // heads
+    generator = torch.Generator("cuda").manual_seed(0)
+    packed = torch.randn(batch, positions, kv_heads, heads // kv_heads + 2, size, device="cuda", generator=generator)
+    packed = packed.to(dtype).requires_grad_()
+    position_ids = torch.arange(positions, device="cuda")[None]
+    cos, sin = rotary(size, max_position_embeddings=32768, base=1000000, device="cuda")(packed, position_ids)
+    grads = [
+        torch.randn(batch, n, positions, size, device="cuda", generator=generator).to(dtype) for n in (heads, kv_heads)
+    ]
+
+    def forward_and_backward(apply):
+        def once():
+            packed.grad = None
+            query = packed[..., : heads // kv_heads, :].reshape(batch, positions, heads, size).transpose(1, 2)
+            key = packed[..., -2, :].transpose(1, 2)
+            outs = apply(query, key, cos, sin)
+            torch.autograd.backward(outs, grads)
+            return outs
+
+        once()  # compiled, caches warm
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            outs = once()
+            torch.cuda.synchronize()
+        kernels = sum(1 for event in profiled.events() if event.device_type == DeviceType.CUDA)
+        return [out.detach() for out in outs], packed.grad.clone(), kernels
+
+    eager_outs, eager_grad, eager_kernels = forward_and_backward(original)
+    fused_outs, fused_grad, fused_kernels = forward_and_backward(
+        lambda *args: fused_apply_rotary_pos_emb(original, *args)
+    )
+    print(dtype_name, {"eager kernels": eager_kernels, "fused kernels": fused_kernels})
+    assert fused_kernels < eager_kernels / 2
+    assert all(torch.equal(fused, eager) for fused, eager in zip(fused_outs, eager_outs))
+    assert torch.equal(fused_grad, eager_grad) and eager_grad.abs().sum() > 0
+
+
+def test_dequantized_nf4_loading_on_the_gpu_holds_transformers_nf4_values(synthetic_layout):
+    """The dequantize-NF4 lever's loader (the checkpoint read onto the GPU, converted and
+    quantized there) against transformers' own NF4 loading with each 4-bit linear
+    dequantized: every parameter and buffer the same numbers, in the same dtype."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from bench.core.layout import Layout
+    from bench.trainer.dequantize import from_pretrained_dequantized
+
+    nf4 = dict(  # the rendered config's
+        load_in_4bit=True,
+        llm_int8_threshold=6.0,
+        llm_int8_has_fp16_weight=False,
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+    )
+    kwargs = dict(
+        pretrained_model_name_or_path=str(Layout.at(synthetic_layout).llm_dir),
+        trust_remote_code=True,
+        torch_dtype=torch.float16,
+        attn_implementation="sdpa",
+    )
+    loaded = from_pretrained_dequantized(quantization_config=BitsAndBytesConfig(**nf4), **kwargs)
+    reference = AutoModelForCausalLM.from_pretrained(**kwargs, quantization_config=BitsAndBytesConfig(**nf4))
+    four_bit = {name: module for name, module in reference.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert len(four_bit) == 5 * reference.config.num_hidden_layers  # wqkv, wo, w1, w2, w3; the output head stays
+    expected = {
+        **{name: tensor for name, tensor in reference.named_parameters()},
+        **{name: tensor for name, tensor in reference.named_buffers()},
+        **{
+            f"{name}.weight": bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            for name, module in four_bit.items()
+        },
+    }
+    got = {**dict(loaded.named_parameters()), **dict(loaded.named_buffers())}
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].device == tensor.device, name
+        assert torch.equal(got[name], tensor), name
+    assert all(type(loaded.get_submodule(name)) is torch.nn.Linear for name in four_bit)
