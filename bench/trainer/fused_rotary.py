@@ -5,8 +5,9 @@ The model code computes ``x * cos + rotate_half(x) * sin`` in eager ops: a negat
 concatenation, two products and a sum, each a pass over the whole activation, and as
 many again in the backward pass (where the selective layers also recompute the
 forward). The kernels here read x once and write the result once, and round as those
-eager ops round: each product and the sum are computed in float32 from the 16-bit
-inputs and rounded to the input's dtype, so the outputs and the input gradients are the
+eager ops round: each product and the sum are computed from the 16-bit inputs and
+rounded to the input's dtype (the kernel is compiled without mul-add fusion, which
+would round a product and the sum once), so the outputs and the input gradients are the
 same numbers (tests/gpu/test_gpu.py holds them equal on CUDA in fp16 and bf16;
 tests/bench/trainer run the kernels in Triton's CPU interpreter in fp16, whose bf16
 conversion truncates).
@@ -26,6 +27,9 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16)
 # Whose tensors take the kernel: Triton compiles for GPUs (tests add "cpu" under Triton's interpreter).
 KERNEL_DEVICES = {"cuda"}
 ROWS_A_PROGRAM = 16
+# No mul-add contraction (Triton fuses by default): an FMA would round a product and the
+# sum once, where the eager ops round each (on an H200 the fused build differed from them).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 def fuse_rotary(llm: torch.nn.Module) -> int:
@@ -137,6 +141,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
         ROWS=ROWS_A_PROGRAM,
         SIZE=1 << (size - 1).bit_length(),
         BACKWARD=backward,
+        **COMPILE_OPTIONS,
     )
     return out
 

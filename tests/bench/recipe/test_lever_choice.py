@@ -32,7 +32,6 @@ GPU_DEFAULTS = Levers(
     labelled_logits_only=True,
     sdpa_attention=True,
     fused_rms_norm=True,
-    fused_rotary=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM

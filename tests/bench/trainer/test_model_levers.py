@@ -219,6 +219,37 @@ print(launches.count(False), launches.count(True), torch.equal(fused, stock), bo
     assert done.stdout.split()[-4:] == ["10", "6", "True", "True"], done.stdout
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_fused_rotary_kernel_is_compiled_for_the_gpu_without_fused_multiply_adds(dtype):
+    """The kernel built for an H100/H200 (sm_90; Triton compiles without a GPU) with the
+    launch's options: every product and sum its own instruction, each rounding to the
+    16-bit type as an eager op does; Triton's default build contracts a product and the
+    sum into one FMA (one rounding), which is what the H200 showed differing."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench.trainer.fused_rotary import COMPILE_OPTIONS, _kernel
+
+    pointers = {name: f"*{dtype}" for name in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")}
+    integers = ("xb", "xh", "xs", "ob", "oh", "os", "cb", "cs", "rows", "heads", "positions", "size")
+    signature = {
+        **pointers,
+        **dict.fromkeys(integers, "i32"),
+        **dict.fromkeys(("ROWS", "SIZE", "BACKWARD"), "constexpr"),
+    }
+
+    def fused_multiply_adds(backward: bool, options: dict) -> int:
+        source = ASTSource(_kernel(), signature, constexprs={"ROWS": 16, "SIZE": 128, "BACKWARD": backward})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        return len(re.findall(r"\b(?:fma|mad)\.rn[.a-z0-9]*\.(?:f16|bf16|f32)", ptx))
+
+    assert fused_multiply_adds(False, COMPILE_OPTIONS) == fused_multiply_adds(True, COMPILE_OPTIONS) == 0
+    assert fused_multiply_adds(False, {}) > 0  # the default build fuses the forward's: this check can fail
+
+
 def test_fused_rotary_keeps_a_model_codes_own_function_where_it_computes_otherwise():
     """Another revision's convention (cos indexed by position_ids) is not this kernel's:
     its function stays."""

@@ -213,7 +213,8 @@ def test_a_check_whose_allowance_reaches_a_broken_levers_distance_says_it_cannot
 
 def test_against_exact_without_stock_nothing_is_judged(tmp_path):
     """Without stock, no half-precision allowance was measured: a GPU variant 33 % off
-    a float32 run is neither passed nor failed."""
+    a float32 run is neither passed nor failed; with stock-sdpa (stock as the pinned
+    commit runs it) its difference is the allowance."""
     import torch
 
     from bench.verdict.perf_compare import compare_projectors
@@ -227,6 +228,10 @@ def test_against_exact_without_stock_nothing_is_judged(tmp_path):
     assert (projectors.reference, projectors.allowance_from) == ("exact", None)
     assert projectors.gradient_differences["default"] == pytest.approx(0.33, rel=1e-4)
     assert projectors.agrees("default") == (None, None)
+    verdicts["stock-sdpa"] = _saved_projector(tmp_path / "stock-sdpa", initial, gradient * 1.34, initial + 0.02)
+    projectors = compare_projectors(verdicts)
+    assert (projectors.reference, projectors.allowance_from) == ("exact", "stock-sdpa")
+    assert projectors.agrees("default")[0] is True  # 0.33 within twice stock-sdpa's 0.34
 
 
 def test_perf_refuses_an_unknown_variant(tmp_path):
