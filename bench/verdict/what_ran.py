@@ -72,7 +72,11 @@ def _topology(topology: dict | None) -> str:
 
 def _interconnect(interconnect: dict | None, topology: dict | None) -> str:
     if interconnect is None:
-        return "not measured (CPU, or no collective check ran)" if topology else NOT_RECORDED
+        if not topology:
+            return NOT_RECORDED
+        if topology.get("world_size") == 1:
+            return "one process: no interconnect to check"
+        return "not measured (CPU, or no collective check ran)"
     allreduce = interconnect.get("allreduce")
     hosts = len({process["host"] for process in interconnect["placement"]})
     if not allreduce:

@@ -1,5 +1,5 @@
 """The stage between the agreement and the trainer's launch: the collective check over
-every process (GPUs), the tokenized dataset waited for, the memory levers sized for the
+every process (GPUs, more than one process), the tokenized dataset waited for, the memory levers sized for the
 run's micro-batches on every node, and the first attempt's config and command written.
 A failure or a signal here ends the run with its verdict (RunEnded)."""
 
@@ -18,6 +18,7 @@ from entrypoint import __version__
 from entrypoint.finish import RunEnded, aborted
 from entrypoint.job.cluster import collective
 from entrypoint.job.stage import Job
+from entrypoint.job.topology import Topology
 from entrypoint.launch.plans import LaunchPlan
 from entrypoint.launch.signals import AbortOnSignals, Interrupted
 from entrypoint.launch.sizing import Sizing, size_on_every_node
@@ -40,6 +41,12 @@ class Ready:
     startup: dict  # the appliance's part of timing.startup
     preflight_seconds: float | None  # the process's age at the launch
     lever_request: LeverRequest  # what the memory retry may re-size (Preflight.lever_request)
+
+
+def needs_collective_check(device: str, topology: Topology) -> bool:
+    """Whether the processes' collective check runs: on GPUs, where a process has a peer
+    to reach (a lone one starts its NCCL with the trainer; its GPU is the inventory's)."""
+    return device == "cuda" and topology.world_size > 1
 
 
 def ready_to_train(
@@ -66,7 +73,7 @@ def ready_to_train(
     context = replace(context, recipe=recipe_record(recipe, options, topology.world_size))
     startup, tokenization = dict(job.startup), None
     try:
-        if checked.device == "cuda":
+        if needs_collective_check(checked.device, topology):
             checked_at = process_age_seconds()
             interconnect, failure = collective(topology, folder.path, folder.collective_logs, layout.root)
             startup["interconnect_seconds"] = seconds_since_age(checked_at)

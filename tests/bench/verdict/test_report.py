@@ -49,6 +49,21 @@ def test_the_report_of_a_gpu_run_says_what_ran_on_what():
     assert f"| launch to the target, s / to 60 steps, projected at the mean s/step | {to_target:.1f} / " in report
 
 
+def test_a_single_process_gpu_run_says_there_was_no_interconnect_to_check():
+    """One GPU process has no peer: the appliance runs no collective check
+    (entrypoint/launch/before_training.py), and the verdict's null interconnect says why."""
+    from entrypoint.job.topology import Topology
+    from entrypoint.launch.before_training import needs_collective_check
+
+    single, pair = (Topology(1, 0, processes, "127.0.0.1", 29500, "test") for processes in (1, 2))
+    assert (needs_collective_check("cuda", single), needs_collective_check("cuda", pair)) == (False, True)
+    assert needs_collective_check("cpu", pair) is False
+    verdict = json.loads((RECORDED / "verdict.json").read_text())
+    assert verdict["topology"]["world_size"] == 1
+    verdict["interconnect"] = None
+    assert "- **interconnect**: one process: no interconnect to check" in markdown(verdict, None)
+
+
 def test_report_redraws_and_says_which_files_it_wrote(tmp_path):
     run_dir = shutil.copytree(RECORDED, tmp_path / "run")
     done = llava_bench("report", str(run_dir))
