@@ -267,6 +267,14 @@ def without_unavailable(request: LeverRequest, missing: dict[str, str]) -> tuple
     return replace(request, **held), problems
 
 
+def chosen_on_gpus(name: str) -> bool:
+    """Whether the appliance's GPU defaults may turn lever ``name`` on (its declared GPU
+    default, or the memory model's choice)."""
+    declaration = _DECLARATIONS[name]
+    on_gpus = declaration.metadata["on_gpus"]
+    return declaration.metadata["sized_by_memory"] or (on_gpus is not None and on_gpus != declaration.default)
+
+
 def lever_option(name: str) -> str:
     """The `run` option of lever ``name``."""
     return "--" + name.replace("_", "-")

@@ -17,6 +17,7 @@ from bench.recipe.levers import (
     LEVER_NEEDS,
     STOCK,
     LeverRequest,
+    chosen_on_gpus,
     resolve_levers,
     tokenized_cache_on,
     without_unavailable,
@@ -63,7 +64,7 @@ class Preflight:
     driver: str | None
     imports_seconds: float | None  # the process's age when preflight began: its imports (None without /proc)
     lever_request: LeverRequest  # the user's, with the levers this install cannot run held at stock
-    levers_held: dict[str, str]  # those levers: name -> the API this install lacks
+    levers_held: dict[str, str]  # those of them this run's GPU defaults would choose: name -> what is missing
 
 
 def preflight(request: RunRequest, layout: Layout, results_parent: Path, children: ExitStack) -> Preflight:
@@ -78,7 +79,6 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
     lever_request, held_problems = without_unavailable(request.levers, missing)
     fix = "leave that option out: the run goes on without the lever"
     problems += [Problem("recipe levers", message, fix) for message in held_problems]
-    levers_held = {name: f"{path}: {missing[path]}" for name, path in LEVER_NEEDS.items() if path in missing}
     user_config, per_device_batch = None, request.recipe.per_device_batch
     if layout.config_override.is_file():
         user_config, user_problems = user_config_problems(request, device, layout.config_override)
@@ -152,6 +152,16 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
             code = probe.result()
             supports_sdpa = code.supports_sdpa
             problems += code.problems + disk_problems(results_parent)
+    # said where the appliance's GPU defaults would have chosen them
+    levers_held = (
+        {
+            name: f"{path}: {missing[path]}"
+            for name, path in LEVER_NEEDS.items()
+            if path in missing and chosen_on_gpus(name)
+        }
+        if device == "cuda" and user_config is None and not request.levers.stock
+        else {}
+    )
     if user_config is None:
         levers, lever_messages = resolve_levers(lever_request, device, request.recipe.precision, supports_sdpa)
         problems += [

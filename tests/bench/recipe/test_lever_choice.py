@@ -14,7 +14,15 @@ import pytest
 
 from bench.core.layout import Layout
 from bench.recipe.lever_sizing import memory_retry, out_of_memory_hint, size_memory_levers
-from bench.recipe.levers import LEVER_NEEDS, STOCK, LeverRequest, Levers, resolve_levers, without_unavailable
+from bench.recipe.levers import (
+    LEVER_NEEDS,
+    STOCK,
+    LeverRequest,
+    Levers,
+    chosen_on_gpus,
+    resolve_levers,
+    without_unavailable,
+)
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render
@@ -477,6 +485,9 @@ def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model
     _, problems = without_unavailable(LeverRequest(fused_rms_norm=True), OLD_TORCH)
     assert problems == ["--fused-rms-norm needs torch.nn.functional.rms_norm: torch 2.1.2 lacks it"]
     assert without_unavailable(LeverRequest(stock=True), OLD_TORCH) == (LeverRequest(stock=True), [])
+    # the console names a held lever where the GPU defaults would have chosen it
+    assert chosen_on_gpus("fused_rms_norm") and chosen_on_gpus("selective_llm_layers")
+    assert not chosen_on_gpus("fused_rotary") and chosen_on_gpus("dataloader_workers")
 
 
 def test_each_lever_need_is_a_real_path_and_a_missing_one_says_why():
