@@ -33,12 +33,10 @@ ROWS_A_PROGRAM = 16
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
-def fuse_rotary(llm: torch.nn.Module) -> int:
+def fuse_rotary(llm: torch.nn.Module) -> None:
     """Route the ``apply_rotary_pos_emb`` of ``llm``'s model code (the module that
     defines its attention classes) through ``fused_apply_rotary_pos_emb``, where that
-    function computes what this module computes (``_computes_the_same``); how many
-    modules were routed."""
-    routed = 0
+    function computes what this module computes (``_computes_the_same``)."""
     for name in sorted({type(module).__module__ for module in llm.modules()}):
         code = sys.modules.get(name)
         original = getattr(code, "apply_rotary_pos_emb", None)
@@ -46,8 +44,6 @@ def fuse_rotary(llm: torch.nn.Module) -> int:
             continue
         if _computes_the_same(original):
             code.apply_rotary_pos_emb = functools.partial(fused_apply_rotary_pos_emb, original)
-            routed += 1
-    return routed
 
 
 def fused_apply_rotary_pos_emb(original, q, k, cos, sin, position_ids=None, unsqueeze_dim=1):

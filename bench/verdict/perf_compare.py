@@ -7,8 +7,8 @@ run's by its gradient in the first backward pass (same weights, same batch) and 
 weights after COMPARED_STEPS AdamW steps. The reference is the float32 run (`exact`)
 where it ran, and a variant agrees when it is no farther from it than stock's own
 half-precision rounding allows (stock-sdpa's where stock did not run); without it, the
-reference is stock and the allowance a second stock run's difference. A lever that broke the gradient, down to one that
-zeroed it, is far outside either.
+reference is stock and the allowance a second stock run's difference. A lever that
+broke the gradient, down to one that zeroed it, is far outside either.
 """
 
 from __future__ import annotations

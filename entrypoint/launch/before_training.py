@@ -1,6 +1,7 @@
 """The stage between the agreement and the trainer's launch: the collective check over
-every process (GPUs, more than one process), the tokenized dataset waited for, the memory levers sized for the
-run's micro-batches on every node, and the first attempt's config and command written.
+every process (GPUs, more than one process), the tokenized dataset waited for, the
+memory levers sized for the run's micro-batches on every node, and the first attempt's
+config and command written.
 A failure or a signal here ends the run with its verdict (RunEnded)."""
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ collecting them costs nothing and cannot fail on a broken install.
 
 from __future__ import annotations
 
-import importlib
 import json
+import pkgutil
 import platform
 from collections.abc import Iterable
 from importlib import metadata
@@ -142,25 +142,15 @@ def gpu_inventory() -> tuple[int, str, str | None]:
 
 def missing_apis(paths: Iterable[str]) -> dict[str, str]:
     """Each dotted path (``torch.nn.functional.rms_norm``) this install cannot resolve,
-    with why: its module does not import, or the name is not there (an older version)."""
+    with why: its package does not import, or the name is not there (an older version)."""
     missing = {}
     for path in paths:
-        parts = path.split(".")
-        for split in range(len(parts), 0, -1):
-            module_name = ".".join(parts[:split])
-            try:
-                found = importlib.import_module(module_name)
-                break
-            except ImportError:
-                continue
-        else:
-            missing[path] = f"{parts[0]} is not installed"
-            continue
+        root = path.split(".")[0]
         try:
-            for name in parts[split:]:
-                found = getattr(found, name)
+            pkgutil.resolve_name(path)
+        except ImportError:
+            missing[path] = f"{root} is not installed"
         except AttributeError:
-            root = parts[0]
             version = _installed_version(root)
             missing[path] = f"{root} {version} lacks it" if version else f"the installed {root} lacks it"
     return missing
