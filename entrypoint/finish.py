@@ -19,7 +19,7 @@ from entrypoint.job.cluster import log_tails
 from entrypoint.job.stage import Job
 from entrypoint.launch.signals import Interrupted
 from entrypoint.preflight.layout_checks import check_writable
-from entrypoint.request import RunRequest, RunResult, new_run_id
+from entrypoint.request import RunRequest, RunResult
 
 NO_RECORDS = MetricsStream([], 0)
 
@@ -72,9 +72,12 @@ def finish(job: Job, context: RunContext, stream: MetricsStream = NO_RECORDS) ->
     return RunResult(document, path, document["exit_code"])
 
 
-def aborted_before_training(request: RunRequest, layout: Layout, results_parent: Path, stop: Interrupted) -> RunResult:
-    """A signal before the run had a folder: a verdict of its own, where it can be written."""
-    context = RunContext(run_id=new_run_id(), criteria=request.criteria, termination=aborted(stop), demo=request.demo)
+def aborted_before_training(
+    request: RunRequest, layout: Layout, results_parent: Path, stop: Interrupted, run_id: str
+) -> RunResult:
+    """A signal before the job was formed: a verdict in the folder this node proposed (an
+    early trainer's logs may be there already), where it can be written."""
+    context = RunContext(run_id=run_id, criteria=request.criteria, termination=aborted(stop), demo=request.demo)
     verdict = verdict_mod.build(context, NO_RECORDS)
     if check_writable(results_parent, layout) or (request.out is None and not layout.root.is_dir()):
         return RunResult(verdict, None, verdict["exit_code"])

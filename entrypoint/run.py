@@ -20,16 +20,17 @@ from entrypoint.launch.before_training import ready_to_train
 from entrypoint.launch.signals import AbortOnSignals, Interrupted, SignalFlag
 from entrypoint.launch.training_stage import train
 from entrypoint.preflight.stage import preflight
-from entrypoint.request import RunRequest, RunResult
+from entrypoint.request import RunRequest, RunResult, new_run_id
 
 
 def execute(request: RunRequest, console: Console) -> RunResult:
     """One run to its verdict."""
     layout = Layout.at(request.root)
     results_parent = Path(request.out).absolute() if request.out else layout.results_dir
+    run_id = new_run_id()  # this node's proposal: the folder of a verdict before the job is formed
     try:
         with AbortOnSignals() as before_training, ExitStack() as children:
-            checked = preflight(request, layout, results_parent, children)
+            checked = preflight(request, layout, results_parent, children, run_id)
             job, context = form_job(request, checked, results_parent)
             before_training.check()  # a signal that code on the way swallowed
             if context.problems:
@@ -41,4 +42,4 @@ def execute(request: RunRequest, console: Console) -> RunResult:
             with SignalFlag() as after_training:  # from here on a signal no longer loses what ran
                 return finish(job, *train(request, job, ready, layout, console, after_training))
     except Interrupted as stop:
-        return aborted_before_training(request, layout, results_parent, stop)
+        return aborted_before_training(request, layout, results_parent, stop, run_id)

@@ -30,6 +30,11 @@ class RunFolder:
         return self.path / "logs" / f"node-{self.node_rank}"
 
     @property
+    def trainer_gate(self) -> Path:
+        """What the appliance told a trainer started early: train.py's arguments, or a stop."""
+        return self.logs / "trainer-gate.json"
+
+    @property
     def collective_logs(self) -> Path:
         return self.logs / "collective"
 

@@ -3,6 +3,8 @@ read: declared here, in the shared words, because the appliance never imports th
 trainer processes' code (bench/trainer/) and the trainer imports nothing else of it."""
 
 STARTUP_EVENTS_NAME = "startup-events.json"  # rank 0's start-up notes (bench/verdict/startup.py)
+# The note of a trainer started early (bench/trainer/gate.py): its imports were done.
+IMPORTS_DONE_EVENT = "imports_done"
 RANK_TIMES_FOLDER = "rank-times"  # rank-<global rank>.json, one per rank (bench/verdict/ranks.py)
 # The projector snapshots for perf's math check (bench/verdict/perf_compare.py): the
 # projector's weights before training and after the compared steps, and its gradient

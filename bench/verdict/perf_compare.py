@@ -251,6 +251,7 @@ STARTUP_COLUMNS = (
     ("imports", 7, lambda s: s.get("imports_seconds")),
     ("checks", 6, lambda s: s.get("checks_seconds")),
     ("interconnect", 12, lambda s: s.get("interconnect_seconds")),
+    ("early imports", 13, lambda s: (s.get("early_start") or {}).get("imports_seconds")),
     ("tok build", 9, lambda s: (s.get("tokenization") or {}).get("build_seconds")),
     ("tok wait", 8, lambda s: (s.get("tokenization") or {}).get("wait_seconds")),
     ("runner", 6, lambda s: (s.get("trainer") or {}).get("runner_seconds")),

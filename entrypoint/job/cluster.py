@@ -26,6 +26,12 @@ COLLECTIVE_TIMEOUT_SECONDS = 300
 LOG_TAIL_LINES = 20
 
 
+def needs_collective_check(device: str, topology: Topology) -> bool:
+    """Whether the processes' collective check runs: on GPUs, where a process has a peer
+    to reach (a lone one starts its NCCL with the trainer; its GPU is the inventory's)."""
+    return device == "cuda" and topology.world_size > 1
+
+
 def local_fingerprint(
     device, gpus, gpu_model, driver, recipe: RenderedRecipe | None, inputs: dict | None, problems
 ) -> Fingerprint:

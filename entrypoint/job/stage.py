@@ -14,10 +14,9 @@ from bench.verdict.run_context import RunContext
 from entrypoint.job.agreement import AgreementError, Fingerprint, agree
 from entrypoint.job.cluster import local_fingerprint
 from entrypoint.job.topology import Topology
-from entrypoint.launch.supervise import seconds_since_age
 from entrypoint.preflight.environment import software
 from entrypoint.preflight.stage import Preflight
-from entrypoint.request import RunRequest, new_run_id
+from entrypoint.request import RunRequest, run_age_seconds
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ def form_job(request: RunRequest, checked: Preflight, results_parent: Path) -> t
     fingerprint = local_fingerprint(
         checked.device, checked.gpus, checked.gpu_model, checked.driver, checked.recipe, checked.inputs, problems
     )
-    run_id, inventories = new_run_id(), [checked.inventory]
+    run_id, inventories = checked.run_id, [checked.inventory]
     if not any(p.path == "environment" for p in problems):
         try:
             run_id, _, inventories = agree(topology, fingerprint, run_id, checked.inventory)
@@ -48,7 +47,11 @@ def form_job(request: RunRequest, checked: Preflight, results_parent: Path) -> t
                     "other nodes", str(error), "run the same image, layout and recipe on the same GPUs on every node"
                 )
             )
-    startup = {"imports_seconds": checked.imports_seconds, "checks_seconds": seconds_since_age(checked.imports_seconds)}
+    now, imported = run_age_seconds(request), checked.imports_seconds  # both on the run's clock
+    startup = {
+        "imports_seconds": imported,
+        "checks_seconds": None if None in (now, imported) else round(now - imported, 3),
+    }
     context = RunContext(
         run_id=run_id,
         criteria=request.criteria,

@@ -17,9 +17,9 @@ from bench.recipe.render import RecipeOptions, RenderedRecipe, render
 from bench.verdict.run_context import RunContext
 from entrypoint import __version__
 from entrypoint.finish import RunEnded, aborted
-from entrypoint.job.cluster import collective
+from entrypoint.job.cluster import collective, needs_collective_check
 from entrypoint.job.stage import Job
-from entrypoint.job.topology import Topology
+from entrypoint.launch.early_start import EarlyTrainer
 from entrypoint.launch.plans import LaunchPlan
 from entrypoint.launch.signals import AbortOnSignals, Interrupted
 from entrypoint.launch.sizing import Sizing, size_on_every_node
@@ -42,12 +42,7 @@ class Ready:
     startup: dict  # the appliance's part of timing.startup
     preflight_seconds: float | None  # the process's age at the launch
     lever_request: LeverRequest  # what the memory retry may re-size (Preflight.lever_request)
-
-
-def needs_collective_check(device: str, topology: Topology) -> bool:
-    """Whether the processes' collective check runs: on GPUs, where a process has a peer
-    to reach (a lone one starts its NCCL with the trainer; its GPU is the inventory's)."""
-    return device == "cuda" and topology.world_size > 1
+    early_trainer: EarlyTrainer | None  # the first attempt's trainer, started beside the checks
 
 
 def ready_to_train(
@@ -106,4 +101,14 @@ def ready_to_train(
         console.print(f"  memory: {sizing.described()}", highlight=False)
     plan = write_attempt(recipe, folder, layout, checked.device, topology)
     context = replace(context, topology={**topology.as_dict(), "launch_command": plan.argv})
-    return Ready(plan, recipe, options, sizing, context, startup, run_age_seconds(request), checked.lever_request)
+    return Ready(
+        plan,
+        recipe,
+        options,
+        sizing,
+        context,
+        startup,
+        run_age_seconds(request),
+        checked.lever_request,
+        checked.early_trainer,
+    )

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from entrypoint.job.topology import Topology
@@ -43,6 +43,12 @@ class LaunchPlan:
     cwd: Path
     logs_dir: Path
     distributed: bool  # torchrun with one process per GPU; else one plain process (CPU)
+    program: tuple[str, ...] = ()  # a trainer's: the end of argv the launcher runs (the script and its arguments)
+
+    @property
+    def launcher(self) -> list[str]:
+        """argv before the program: the interpreter, or torchrun and its arguments."""
+        return self.argv[: len(self.argv) - len(self.program)]
 
 
 def offline_environment() -> dict[str, str]:
@@ -75,6 +81,21 @@ def torchrun_plan(topology: Topology, program: list[str], logs_dir: Path, cwd: P
     return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=True)
 
 
+def trainer_plan(
+    program: list[str], logs_dir: Path, cwd: Path, device: str, topology: Topology, float32: bool
+) -> LaunchPlan:
+    """``program`` as the trainer: under torchrun on GPUs, one plain process on CPU; the
+    float32 reference with TF32 off (cuBLAS and cuDNN, the ViT's convolution, in true
+    float32: read when CUDA starts, so it is set at the launch)."""
+    if device == "cpu":
+        plan = LaunchPlan([sys.executable, *program], offline_environment(), cwd, logs_dir, distributed=False)
+    else:
+        plan = torchrun_plan(topology, program, logs_dir, cwd)
+        if float32:
+            plan.env["NVIDIA_TF32_OVERRIDE"] = "0"
+    return replace(plan, program=tuple(program))
+
+
 def training_plan(
     config: Path,
     work_dir: Path,
@@ -89,16 +110,36 @@ def training_plan(
 
     ``cwd`` is the layout root, as in the seed's procedure, so a user's config with
     relative paths (``./data/...``) resolves them there. ``deepspeed`` other than XTuner's
-    config is the float32 reference's, which also runs with TF32 off.
+    config is the float32 reference's.
     """
-    train_args = [str(xtuner_train_script()), str(config), "--work-dir", str(work_dir)]
+    train_args = [str(config), "--work-dir", str(work_dir)]
     if cfg_options:
         train_args += ["--cfg-options", *cfg_options]
-    if device == "cpu":
-        argv = [sys.executable, *train_args, "--launcher", "none"]
-        return LaunchPlan(argv, offline_environment(), cwd, logs_dir, distributed=False)
-    program = [*train_args, "--deepspeed", str(deepspeed), "--launcher", "pytorch"]
-    plan = torchrun_plan(topology, program, logs_dir, cwd)
-    if deepspeed != DEEPSPEED_CONFIG:
-        plan.env["NVIDIA_TF32_OVERRIDE"] = "0"  # cuBLAS and cuDNN (the ViT's convolution) in true float32
-    return plan
+    train_args += (
+        ["--launcher", "none"] if device == "cpu" else ["--deepspeed", str(deepspeed), "--launcher", "pytorch"]
+    )
+    program = [str(xtuner_train_script()), *train_args]
+    return trainer_plan(program, logs_dir, cwd, device, topology, float32=deepspeed != DEEPSPEED_CONFIG)
+
+
+# What the trainer imports after train.py's own imports: the recipe template's modules
+# (its config imports them) and, on GPUs, DeepSpeed (train.py's main imports it).
+TRAINER_IMPORTS = (
+    "xtuner.dataset",
+    "xtuner.engine.hooks",
+    "xtuner.engine.runner",
+    "xtuner.model",
+    "bench.trainer.hooks",
+    "bench.trainer.startup",
+    "bench.trainer.cached_dataset",
+    "bench.trainer.levered_llava",
+)
+TRAINER_IMPORTS_ON_GPUS = ("deepspeed", "mmengine._strategy.deepspeed")
+
+
+def gated_plan(gate: Path, logs_dir: Path, cwd: Path, device: str, topology: Topology, float32: bool) -> LaunchPlan:
+    """The trainer launched before its config exists: bench.trainer.gate imports what
+    train.py and the config will, then waits at ``gate`` for train.py's arguments."""
+    imports = TRAINER_IMPORTS + (TRAINER_IMPORTS_ON_GPUS if device == "cuda" else ())
+    program = ["-m", "bench.trainer.gate", str(gate), *imports]
+    return trainer_plan(program, logs_dir, cwd, device, topology, float32)

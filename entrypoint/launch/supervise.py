@@ -158,22 +158,17 @@ def disk_full_at(folder: Path) -> str | None:
     return f"disk full at {folder}" if stats.f_bavail * stats.f_frsize < DISK_FULL_BYTES else None
 
 
-def supervise(
-    plan: LaunchPlan,
-    work_dir: Path,
-    on_record: Callable[[MetricsRecord], Termination | None],
-    watchdog: Watchdog = Watchdog(),
-    poll_seconds: float = 1.0,
-    out_of_memory_hint: Callable[[int], str] | None = None,
-) -> Outcome:
-    """Run the plan to its end. ``on_record`` sees each new record; a Termination it
-    returns stops the run with that termination (target reached, non-finite loss).
-    A crash's reason carries ``out_of_memory_hint(the last logged iteration)`` when the
-    GPUs ran out of memory."""
+@dataclass
+class Started:
+    """A launched plan: its process group, and the threads copying its output into the logs."""
+
+    process: subprocess.Popen
+    pumps: list[CappedLog]
+
+
+def start(plan: LaunchPlan) -> Started:
+    """Launch the plan in its own process group, its output pumped into ``plan.logs_dir``."""
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
-    tail = _StreamTail(work_dir)
-    first_record_at = first_record_seconds = None
-    stop: Termination | None = None
     process = subprocess.Popen(
         plan.argv,
         cwd=plan.cwd,
@@ -189,49 +184,81 @@ def supervise(
         pumps.append(CappedLog(process.stderr, plan.logs_dir / "rank0.stderr.log"))
     for pump in pumps:
         pump.start()
+    return Started(process, pumps)
+
+
+def stop(started: Started, wait_seconds: float = 0.0) -> int:
+    """The group's exit code, once it has ended: given ``wait_seconds`` to end by itself,
+    then stopped (SIGTERM, SIGKILL after the grace period); its logs written out."""
+    try:
+        started.process.wait(timeout=wait_seconds)
+    except subprocess.TimeoutExpired:
+        _stop_group(started.process)
+    exit_code = started.process.wait()
+    for pump in started.pumps:
+        pump.join()
+    return exit_code
+
+
+def supervise(
+    plan: LaunchPlan,
+    work_dir: Path,
+    on_record: Callable[[MetricsRecord], Termination | None],
+    watchdog: Watchdog = Watchdog(),
+    poll_seconds: float = 1.0,
+    out_of_memory_hint: Callable[[int], str] | None = None,
+    started: Started | None = None,
+) -> Outcome:
+    """Run the plan to its end (``started``: already launched, as an early trainer is).
+    ``on_record`` sees each new record; a Termination it returns stops the run with that
+    termination (target reached, non-finite loss). A crash's reason carries
+    ``out_of_memory_hint(the last logged iteration)`` when the GPUs ran out of memory."""
+    tail = _StreamTail(work_dir)
+    first_record_at = first_record_seconds = None
+    stop_with: Termination | None = None
+    started = started or start(plan)
+    process, pumps = started.process, started.pumps
     launched = last_progress = time.monotonic()
     last_step = 0
     with SignalFlag() as signals:
         try:
-            while stop is None:
+            while stop_with is None:
                 exited = process.poll() is not None
                 for record in tail.new_records():
                     last_progress, last_step = time.monotonic(), record.iter
                     if first_record_at is None:
                         first_record_at, first_record_seconds = utc_now(), round(last_progress - launched, 3)
-                    stop = stop or on_record(record)
-                if exited or stop:
+                    stop_with = stop_with or on_record(record)
+                if exited or stop_with:
                     break
                 if signals.received is not None:
                     name = signal.Signals(signals.received).name
-                    stop = Termination("aborted", f"{name} received; the trainer's process group was stopped")
+                    stop_with = Termination("aborted", f"{name} received; the trainer's process group was stopped")
                     break
                 failure = next((pump.failure() for pump in pumps if pump.failure()), None)
                 if failure:
-                    stop = Termination(
+                    stop_with = Termination(
                         "crashed", f"{failure}; the trainer was stopped (what was written so far is kept)"
                     )
                     break
                 silent = time.monotonic() - last_progress
                 if first_record_at is None and silent > watchdog.startup_seconds:
-                    stop = Termination("stalled", f"no training step within {watchdog.startup_seconds:.0f} s of launch")
+                    stop_with = Termination(
+                        "stalled", f"no training step within {watchdog.startup_seconds:.0f} s of launch"
+                    )
                 elif first_record_at is not None and silent > watchdog.stall_seconds:
-                    stop = Termination(
+                    stop_with = Termination(
                         "stalled", f"no new metrics for {watchdog.stall_seconds:.0f} s after iteration {last_step}"
                     )
-                if stop is None:
+                if stop_with is None:
                     time.sleep(poll_seconds)
         finally:
-            if process.poll() is None:
-                _stop_group(process)
-        exit_code = process.wait()
-    for pump in pumps:
-        pump.join()
-    if stop is not None and stop.kind == "stalled":
+            exit_code = stop(started)
+    if stop_with is not None and stop_with.kind == "stalled":
         lines = last_lines(plan.logs_dir)
-        stop = Termination("stalled", stop.detail + (f"; last lines: {lines}" if lines else ""))
-    if stop is not None:
-        termination = stop
+        stop_with = Termination("stalled", stop_with.detail + (f"; last lines: {lines}" if lines else ""))
+    if stop_with is not None:
+        termination = stop_with
     elif exit_code == 0:
         termination = Termination("completed")
     else:
@@ -246,26 +273,11 @@ def supervise(
 
 def run_to_end(plan: LaunchPlan, timeout_seconds: float) -> int | None:
     """Run a short job (the collective check) to its end; None if it outlived the timeout."""
-    plan.logs_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        plan.argv,
-        cwd=plan.cwd,
-        env=plan.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=dies_with_this_process(),
-    )
-    pump = CappedLog(process.stdout, plan.logs_dir / "launcher.log")
-    pump.start()
+    started = start(plan)
     try:
-        return process.wait(timeout=timeout_seconds)
+        started.process.wait(timeout=timeout_seconds)
     except subprocess.TimeoutExpired:
-        _stop_group(process)
         return None
-    except BaseException:  # a signal (Interrupted): no orphaned process group
-        _stop_group(process)
-        raise
     finally:
-        pump.join()
+        exit_code = stop(started)  # after a timeout or a signal (Interrupted): no orphaned process group
+    return exit_code

@@ -13,11 +13,12 @@ from rich.console import Console
 from bench.core.layout import Layout
 from bench.core.run_folder import RunFolder
 from bench.core.statuses import Criteria, Termination
-from bench.core.trainer_files import STARTUP_EVENTS_NAME
+from bench.core.trainer_files import IMPORTS_DONE_EVENT, STARTUP_EVENTS_NAME
 from bench.recipe.render import PINNED_LOG_INTERVAL, RecipeOptions, RenderedRecipe
 from bench.verdict.metrics import MetricsRecord, is_finite
 from bench.verdict.startup import trainer_startup
 from entrypoint.job.topology import Topology
+from entrypoint.launch.early_start import EarlyTrainer
 from entrypoint.launch.plans import DEEPSPEED_CONFIG, LaunchPlan, training_plan, write_float32_deepspeed_config
 from entrypoint.launch.progress import ProgressPrinter
 from entrypoint.launch.sizing import Sizing, out_of_memory_hint_at
@@ -44,9 +45,12 @@ def train_attempt(
     console: Console,
     sizing: Sizing,
     heads: int,
+    early_trainer: EarlyTrainer | None = None,
 ) -> tuple[Outcome, dict]:
     """One training attempt to its end: its outcome, and when it started, how long it
-    took and how it ended (the verdict's timing.attempts; ``launched``: epoch seconds)."""
+    took and how it ended (the verdict's timing.attempts; ``launched``: epoch seconds,
+    when the trainer was launched or, started early, its gate opened)."""
+    trainer = early_trainer.open(plan) if early_trainer is not None else None
     started_at, launched, started = utc_now(), time.time(), time.monotonic()
     printer = ProgressPrinter(console, options.max_steps, options.accumulative_counts)
     outcome = supervise(
@@ -55,6 +59,7 @@ def train_attempt(
         _stop_check(request.criteria, printer),
         request.watchdog,
         out_of_memory_hint=out_of_memory_hint_at(sizing, heads, min(PINNED_LOG_INTERVAL, options.max_iters)),
+        started=trainer,
     )
     if outcome.termination.kind not in ("completed", "stopped_on_target"):
         # said here too: should the verdict not be writable (a full disk), the console has it
@@ -69,13 +74,25 @@ def train_attempt(
     }
 
 
-def attempt_trainer_startup(work_dir: Path, launched_at: float) -> dict | None:
-    """The trainer's start-up parts from rank 0's notes (none when it never built its runner)."""
+def startup_events(work_dir: Path) -> dict[str, float]:
+    """Rank 0's start-up notes (none when it never built its runner)."""
     try:
-        events = json.loads((work_dir / STARTUP_EVENTS_NAME).read_text())
+        return json.loads((work_dir / STARTUP_EVENTS_NAME).read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def attempt_trainer_startup(work_dir: Path, launched_at: float) -> dict | None:
+    """The trainer's start-up parts from rank 0's notes (none when it noted none)."""
+    events = startup_events(work_dir)
+    return trainer_startup(events, launched_at) if events else None
+
+
+def early_start_record(early_trainer: EarlyTrainer | None, work_dir: Path) -> dict | None:
+    """timing.startup.early_start of the attempt that just ended (null: not started early)."""
+    if early_trainer is None or early_trainer.opened_at is None:
         return None
-    return trainer_startup(events, launched_at)
+    return early_trainer.as_dict(startup_events(work_dir).get(IMPORTS_DONE_EVENT))
 
 
 def _stop_check(criteria: Criteria, printer: ProgressPrinter):

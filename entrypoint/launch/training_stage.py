@@ -21,7 +21,13 @@ from entrypoint.job.stage import Job
 from entrypoint.launch.before_training import Ready
 from entrypoint.launch.memory_retry import re_sized_retry, set_aside_first_attempt
 from entrypoint.launch.signals import SignalFlag
-from entrypoint.launch.training import attempt_trainer_startup, timing_section, train_attempt, write_attempt
+from entrypoint.launch.training import (
+    attempt_trainer_startup,
+    early_start_record,
+    timing_section,
+    train_attempt,
+    write_attempt,
+)
 from entrypoint.preflight.recipe_record import recipe_record
 from entrypoint.request import RunRequest
 
@@ -33,7 +39,8 @@ def train(
     folder, topology, context = job.folder, job.topology, ready.context
     plan, recipe, options, sizing = ready.plan, ready.recipe, ready.options, ready.sizing
     heads = context.inputs["model_shapes"]["llm"]["heads"]
-    outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads)
+    outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads, ready.early_trainer)
+    early_start = early_start_record(ready.early_trainer, folder.xtuner)
     attempts = [attempt]
     retry = (
         re_sized_retry(topology, outcome, plan.logs_dir, sizing, ready.lever_request, heads)
@@ -68,7 +75,11 @@ def train(
         )
     local_ranks = {"ranks": rank_summaries(folder.xtuner)}
     answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
-    startup = {**ready.startup, "trainer": attempt_trainer_startup(folder.xtuner, attempt["launched"])}
+    startup = {
+        **ready.startup,
+        "early_start": early_start,
+        "trainer": attempt_trainer_startup(folder.xtuner, attempt["launched"]),
+    }
     context = replace(
         context,
         termination=outcome.termination,

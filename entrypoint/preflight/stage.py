@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.core.inputs import describe
 from bench.core.layout import Layout
 from bench.core.problem import Problem
+from bench.core.run_folder import RunFolder
 from bench.core.shapes import are_real_shapes
 from bench.recipe.levers import (
     LEVER_NEEDS,
@@ -34,6 +35,7 @@ from bench.recipe.render import (
 from bench.recipe.schedule import epoch_problem, warmup_problem
 from entrypoint import __version__
 from entrypoint.job.topology import Topology
+from entrypoint.launch.early_start import EarlyTrainer, starts_early
 from entrypoint.preflight.deep import deep_problems
 from entrypoint.preflight.environment import gpu_inventory, gpu_inventory_details, missing_apis
 from entrypoint.preflight.layout_checks import check_writable, inspect_layout
@@ -65,12 +67,15 @@ class Preflight:
     imports_seconds: float | None  # the process's age when preflight began: its imports (None without /proc)
     lever_request: LeverRequest  # the user's, with the levers this install cannot run held at stock
     levers_held: dict[str, str]  # those of them this run's GPU defaults would choose: name -> what is missing
+    run_id: str  # this node's proposal (a job of one node keeps it; its folder holds an early trainer's logs)
+    early_trainer: EarlyTrainer | None  # started beside the checks, held at its gate (one node)
 
 
-def preflight(request: RunRequest, layout: Layout, results_parent: Path, children: ExitStack) -> Preflight:
+def preflight(request: RunRequest, layout: Layout, results_parent: Path, children: ExitStack, run_id: str) -> Preflight:
     """Topology, batch, layout (plain, then deep, with the LLM folder's code imported),
-    disk and GPU checks, the levers; the recipe if all pass. The tokenized dataset's
-    build starts beside the checks, in ``children`` (stopped when the run leaves it)."""
+    disk and GPU checks, the levers; the recipe if all pass. Once the cheap checks
+    passed, the trainer (one node) and the tokenized dataset's build start beside the
+    deep ones, in ``children`` (stopped when the run leaves it)."""
     imports_seconds = run_age_seconds(request)
     gpus, gpu_model, driver = gpu_inventory()
     device = resolve_device(request.device, gpus)
@@ -106,6 +111,11 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
             for message in memory_messages
         ),
     ]
+    early_trainer = None
+    if not problems and starts_early(device, topology, layout):
+        folder = RunFolder(results_parent / run_id, topology.node_rank)
+        float32 = request.recipe.float32_reference
+        early_trainer = children.enter_context(EarlyTrainer.start(folder, layout, device, topology, float32))
     with ExitStack() as checking:
         # The model code's import takes longest (a child importing torch, transformers and
         # the folder's code): it starts first, beside reading the JSON and the checks.
@@ -215,4 +225,6 @@ def preflight(request: RunRequest, layout: Layout, results_parent: Path, childre
         imports_seconds,
         lever_request,
         levers_held,
+        run_id,
+        early_trainer,
     )

@@ -169,6 +169,11 @@ def test_the_verdict_carries_provenance_and_explained_figures(finished_run, synt
     assert timing["launch_to_first_step_seconds"] == pytest.approx(
         timing["preflight_seconds"] + timing["startup_seconds"]
     )
+    # the trainer was started beside the checks and handed the command the verdict shows
+    early = timing["startup"]["early_start"]
+    assert 0 < early["lead_seconds"] < timing["preflight_seconds"] and early["imports_seconds"] > 0
+    gate = json.loads((run_dir / "logs" / "node-0" / "trainer-gate.json").read_text())
+    assert gate["argv"] == verdict["topology"]["launch_command"][2:]
 
 
 def test_report_and_plot_are_written_and_redrawn(finished_run):
@@ -433,10 +438,11 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not {"entrypoint.preflight.model_code", "entrypoint.preflight.tokenized_cache"} <= {
+    children = {"entrypoint.preflight.model_code", "entrypoint.preflight.tokenized_cache", "bench.trainer.gate"}
+    while not children <= {
         module for child in _children(process.pid) for module in child.split()
-    }:  # preflight is importing the code and tokenizing
-        assert time.monotonic() < deadline and process.poll() is None, "preflight never started both children"
+    }:  # preflight is importing the code and tokenizing, the trainer importing
+        assert time.monotonic() < deadline and process.poll() is None, "preflight never started its children"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -453,6 +459,7 @@ def test_sigterm_during_preflight_leaves_an_aborted_verdict_and_no_child(synthet
     for child in (
         f"entrypoint.preflight.model_code {llm_dir}",
         f"entrypoint.preflight.tokenized_cache .* {llm_dir}",
+        f"bench.trainer.gate {tmp_path}",
     ):  # this run's
         assert subprocess.run(["pgrep", "-f", child], capture_output=True, text=True).stdout == ""
 
@@ -475,6 +482,10 @@ def test_a_broken_layout_leaves_an_invalid_verdict_and_exit_2(layout_copy, tmp_p
     verdict_mod.validate(verdict)
     assert verdict["status"] == "invalid"
     assert verdict["problems"][0]["path"] == str(layout.llm_dir / "config.json")
+    # the trainer, started once the cheap checks passed, was stopped at its gate
+    logs = only_run_dir(tmp_path / "out") / "logs" / "node-0"
+    assert "stop" in json.loads((logs / "trainer-gate.json").read_text())
+    assert "stopped at its gate before training" in (logs / "rank0.stdout.log").read_text()
 
 
 def test_the_synthetic_llm_is_internlm2_with_its_own_code(synthetic_layout):

@@ -51,9 +51,9 @@ def test_the_report_of_a_gpu_run_says_what_ran_on_what():
 
 def test_a_single_process_gpu_run_says_there_was_no_interconnect_to_check():
     """One GPU process has no peer: the appliance runs no collective check
-    (entrypoint/launch/before_training.py), and the verdict's null interconnect says why."""
+    (entrypoint/job/cluster.py), and the verdict's null interconnect says why."""
+    from entrypoint.job.cluster import needs_collective_check
     from entrypoint.job.topology import Topology
-    from entrypoint.launch.before_training import needs_collective_check
 
     single, pair = (Topology(1, 0, processes, "127.0.0.1", 29500, "test") for processes in (1, 2))
     assert (needs_collective_check("cuda", single), needs_collective_check("cuda", pair)) == (False, True)
