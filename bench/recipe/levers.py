@@ -167,13 +167,14 @@ class Levers:
     fused_rotary: bool = lever(
         False,
         "Apply the LLM's rotary position embedding in one Triton kernel a forward and one a backward instead of "
-        "about ten eager ones: the same products and sum, rounded as the model code rounds them (default: off until "
-        "its GPU check passes; docs/PERFORMANCE.md).",
+        "about ten eager ones: the same products and sum, rounded as the model code rounds them (default: on GPUs, "
+        "where Triton 3 is installed).",
         lambda _: (
             "the LLM's rotary position embedding (x * cos + rotate_half(x) * sin) in one Triton kernel each way "
             "instead of the model code's eager ops, each product and the sum rounded to the activations' dtype as "
             "they round them"
         ),
+        on_gpus=True,
         perf_variant="fused-rotary",
         applied_by_model=True,
         # Triton 3, whose kernels build with enable_fp_fusion (the image's 2.1 has no such option)

@@ -40,6 +40,7 @@ GPU_DEFAULTS = Levers(
     labelled_logits_only=True,
     sdpa_attention=True,
     fused_rms_norm=True,
+    fused_rotary=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
@@ -469,9 +470,10 @@ def test_the_verdict_schema_lists_every_lever_with_its_type():
     assert {name: levers["properties"][name]["type"] for name in declared} == declared
 
 
-OLD_TORCH = {  # what the image's torch 2.1.2 lacks of the levers' needs
+OLD_TORCH = {  # what the image's torch 2.1.2 and Triton 2.1.0 lack of the levers' needs
     "torch.utils.checkpoint.create_selective_checkpoint_contexts": "torch 2.1.2 lacks it",
     "torch.nn.functional.rms_norm": "torch 2.1.2 lacks it",
+    "triton.backends": "triton 2.1.0 lacks it",
 }
 
 
@@ -479,7 +481,7 @@ def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model
     request, problems = without_unavailable(LeverRequest(), OLD_TORCH)
     assert problems == []
     levers, _ = chosen_levers(request, "cuda", "nf4", 32, H200, True)
-    assert levers.fused_rms_norm is False and levers.selective_llm_layers == 0
+    assert levers.fused_rms_norm is False and levers.fused_rotary is False and levers.selective_llm_layers == 0
     assert levers.unchecked_llm_layers > 0 and levers.skip_vit_backward  # the rest as on any GPU
     # asked for by name, it is a preflight problem that says what is missing
     _, problems = without_unavailable(LeverRequest(fused_rms_norm=True), OLD_TORCH)
@@ -487,7 +489,7 @@ def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model
     assert without_unavailable(LeverRequest(stock=True), OLD_TORCH) == (LeverRequest(stock=True), [])
     # the console names a held lever where the GPU defaults would have chosen it
     assert chosen_on_gpus("fused_rms_norm") and chosen_on_gpus("selective_llm_layers")
-    assert not chosen_on_gpus("fused_rotary") and chosen_on_gpus("dataloader_workers")
+    assert chosen_on_gpus("fused_rotary") and chosen_on_gpus("dataloader_workers")
 
 
 def test_each_lever_need_is_a_real_path_and_a_missing_one_says_why():
