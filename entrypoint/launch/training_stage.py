@@ -77,7 +77,7 @@ def train(
     answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
     startup = {
         **ready.startup,
-        "early_start": early_start,
+        "early_start": early_start if len(attempts) == 1 else None,  # the counted attempt's: a retry launches afresh
         "trainer": attempt_trainer_startup(folder.xtuner, attempt["launched"]),
     }
     context = replace(
