@@ -81,3 +81,25 @@ def test_under_torchrun_each_rank_waits_and_stops_at_the_gate(tmp_path):
     (rank_log,) = folder.logs.glob("ranks/*/attempt_0/0/stdout.log")
     assert "stopped at its gate before training: the run ended before training" in rank_log.read_text()
     assert _no_process_holds(folder.trainer_gate)
+
+
+def test_the_gated_launch_is_the_attempts_launch_on_gpus_too(tmp_path):
+    """What ``open`` compares: for the GPU launch (torchrun, and the float32 reference's
+    TF32 off, set at the launch) the gated plan and the attempt's plan agree, so an early
+    trainer is not started in vain; they differ only in the program."""
+    from entrypoint.launch.plans import gated_plan, training_plan, write_float32_deepspeed_config
+
+    for float32 in (False, True):
+        gated = gated_plan(tmp_path / "gate.json", tmp_path / "logs", tmp_path, "cuda", ONE_PROCESS, float32)
+        deepspeed = write_float32_deepspeed_config(tmp_path) if float32 else "deepspeed_zero2"
+        attempt = training_plan(
+            tmp_path / "config.py", tmp_path / "xtuner", tmp_path / "logs", tmp_path, "cuda", ONE_PROCESS, [], deepspeed
+        )
+        assert (gated.launcher, gated.env, gated.cwd, gated.logs_dir) == (
+            attempt.launcher,
+            attempt.env,
+            attempt.cwd,
+            attempt.logs_dir,
+        )
+        assert ("NVIDIA_TF32_OVERRIDE" in attempt.env) is float32
+        assert gated.program[:2] == ("-m", "bench.trainer.gate") and attempt.program[1] == str(tmp_path / "config.py")
