@@ -41,6 +41,11 @@ def _say(gate: Path, word: dict) -> None:
     os.replace(partial, gate)
 
 
+def _launch(plan: LaunchPlan) -> tuple:
+    """How a plan launches its program: what must match for an early trainer to take it."""
+    return plan.launcher, plan.env, plan.cwd, plan.logs_dir, plan.distributed
+
+
 @dataclass
 class EarlyTrainer:
     """A context manager: leaving it before the gate opened stops the trainer."""
@@ -60,14 +65,7 @@ class EarlyTrainer:
     def open(self, plan: LaunchPlan) -> Started | None:
         """The launched trainer, handed ``plan``'s program; None (and stopped) when
         ``plan`` would launch it otherwise than it was (the attempt launches afresh)."""
-        same_launch = (plan.launcher, plan.env, plan.cwd, plan.logs_dir, plan.distributed) == (
-            self.plan.launcher,
-            self.plan.env,
-            self.plan.cwd,
-            self.plan.logs_dir,
-            self.plan.distributed,
-        )
-        if not same_launch or self.started.process.poll() is not None:
+        if _launch(plan) != _launch(self.plan) or self.started.process.poll() is not None:
             self.close("the attempt launches the trainer otherwise than it was started")
             return None
         _say(self.gate, {"argv": list(plan.program[1:])})

@@ -122,15 +122,15 @@ def training_plan(
     return trainer_plan(program, logs_dir, cwd, device, topology, float32=deepspeed != DEEPSPEED_CONFIG)
 
 
-# What the trainer imports after train.py's own imports: the recipe template's modules
-# (its config imports them) and, on GPUs, DeepSpeed (train.py's main imports it).
+# What the trainer imports after train.py's own imports (and the gate's start-up note):
+# the recipe template's modules (its config imports them) and, on GPUs, DeepSpeed
+# (train.py's main imports it).
 TRAINER_IMPORTS = (
     "xtuner.dataset",
     "xtuner.engine.hooks",
     "xtuner.engine.runner",
     "xtuner.model",
     "bench.trainer.hooks",
-    "bench.trainer.startup",
     "bench.trainer.cached_dataset",
     "bench.trainer.levered_llava",
 )

@@ -40,7 +40,6 @@ def train(
     plan, recipe, options, sizing = ready.plan, ready.recipe, ready.options, ready.sizing
     heads = context.inputs["model_shapes"]["llm"]["heads"]
     outcome, attempt = train_attempt(plan, folder, request, options, console, sizing, heads, ready.early_trainer)
-    early_start = early_start_record(ready.early_trainer, folder.xtuner)
     attempts = [attempt]
     retry = (
         re_sized_retry(topology, outcome, plan.logs_dir, sizing, ready.lever_request, heads)
@@ -77,7 +76,8 @@ def train(
     answers = exchange(topology, "rank-times", local_ranks) or [local_ranks]  # this node's, if one never answered
     startup = {
         **ready.startup,
-        "early_start": early_start if len(attempts) == 1 else None,  # the counted attempt's: a retry launches afresh
+        # the counted attempt's: a retry launches afresh
+        "early_start": early_start_record(ready.early_trainer, folder.xtuner) if len(attempts) == 1 else None,
         "trainer": attempt_trainer_startup(folder.xtuner, attempt["launched"]),
     }
     context = replace(
