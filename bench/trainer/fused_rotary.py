@@ -24,13 +24,9 @@ import sys
 
 import torch
 
-FUSED_DTYPES = (torch.float16, torch.bfloat16)
-# Whose tensors take the kernel: Triton compiles for GPUs (tests add "cpu" under Triton's interpreter).
-KERNEL_DEVICES = {"cuda"}
+from bench.trainer.kernel_support import COMPILE_OPTIONS, takes_kernel
+
 ROWS_A_PROGRAM = 16
-# No mul-add contraction (Triton fuses by default): an FMA would round a product and the
-# sum once, where the eager ops round each (on an H200 the fused build differed from them).
-COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 def fuse_rotary(llm: torch.nn.Module) -> None:
@@ -53,8 +49,7 @@ def fused_apply_rotary_pos_emb(original, q, k, cos, sin, position_ids=None, unsq
     head size)."""
     if not (
         unsqueeze_dim == 1
-        and q.device.type in KERNEL_DEVICES
-        and q.dtype in FUSED_DTYPES
+        and takes_kernel(q)
         and q.dtype == k.dtype == cos.dtype == sin.dtype
         and q.dim() == k.dim() == 4
         and cos.dim() == 3

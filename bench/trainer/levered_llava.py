@@ -16,6 +16,7 @@ from xtuner.model import LLaVAModel
 from xtuner.utils import IGNORE_INDEX
 
 from bench.trainer.fused_rotary import fuse_rotary
+from bench.trainer.norm_weight import weight_product
 from bench.trainer.startup import note
 from bench.trainer.step_profile import RECOMPUTE_RANGE
 
@@ -46,7 +47,8 @@ class LeveredLLaVAModel(LLaVAModel):
       included, where the model code's eager fp32 ops take 22, each over the whole
       activation (counted on an H200); the same x / sqrt(mean(x^2) + eps) in fp32,
       rounded once to x's dtype, then times the weight in x's dtype, as the model
-      code does.
+      code does; on a GPU the weight's product is one Triton kernel each way
+      (bench/trainer/norm_weight.py), the same products as torch's broadcast one.
     - ``fused_rotary``: the model code's rotary position embedding in one Triton kernel
       each way (bench/trainer/fused_rotary.py), rounded as its eager ops round.
     """
@@ -110,8 +112,11 @@ def _fused_rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor
     """The model code's ``weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)``,
     the normalization fused: torch's ``rms_norm`` computes it in fp32 for 16-bit input
     and rounds it to x's dtype once, as ``.to(x.dtype)`` does; the weight is applied
-    after, in x's dtype, so its rounding is the model code's too."""
-    return norm.weight * torch.nn.functional.rms_norm(hidden, norm.weight.shape, eps=norm.variance_epsilon)
+    after, in x's dtype, so its rounding is the model code's too (on a GPU in one
+    Triton kernel each way, bench/trainer/norm_weight.py)."""
+    return weight_product(
+        norm.weight, torch.nn.functional.rms_norm(hidden, norm.weight.shape, eps=norm.variance_epsilon)
+    )
 
 
 def _checkpointed(forward, policy=None):

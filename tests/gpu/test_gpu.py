@@ -251,6 +251,45 @@ def test_fused_rotary_runs_fewer_kernels_and_gives_the_model_codes_numbers(synth
     assert torch.equal(fused_grad, eager_grad) and eager_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_norm_weight_kernel_gives_torchs_products_forward_and_backward(dtype_name):
+    """The fused-norm lever's weight product on CUDA at the 20B width and batch 32 x 604
+    positions: its output and its input gradient are torch's broadcast product's, the
+    same numbers; both products' times are printed (the step's share is perf's)."""
+    import torch
+
+    from bench.core.shapes import INTERNLM2_20B
+    from bench.trainer.norm_weight import weight_product
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator("cuda").manual_seed(0)
+    weight = (1 + 0.1 * torch.randn(INTERNLM2_20B.hidden, device="cuda", generator=generator)).to(dtype)
+    x = torch.randn(32, 604, INTERNLM2_20B.hidden, device="cuda", generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(x.shape, device="cuda", generator=generator).to(dtype)
+
+    def forward_and_backward(product):
+        x.grad = None
+        out = product(weight, x)
+        out.backward(grad)
+        return out.detach(), x.grad.clone()
+
+    def milliseconds(product):
+        forward_and_backward(product)  # compiled, caches warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            forward_and_backward(product)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 20
+
+    eager_out, eager_grad = forward_and_backward(torch.mul)
+    fused_out, fused_grad = forward_and_backward(weight_product)
+    print(dtype_name, {"eager ms": milliseconds(torch.mul), "kernel ms": milliseconds(weight_product)})
+    assert torch.equal(fused_out, eager_out) and torch.equal(fused_grad, eager_grad)
+    assert not torch.equal(eager_out, x.detach())  # the weight is not ones: the products round
+
+
 def test_dequantized_nf4_loading_on_the_gpu_holds_transformers_nf4_values(synthetic_layout):
     """The dequantize-NF4 lever's loader (the checkpoint read onto the GPU, converted and
     quantized there) against transformers' own NF4 loading with each 4-bit linear

@@ -185,27 +185,36 @@ def test_fused_rms_norm_routes_every_llm_norm_and_computes_the_same_numbers(synt
     assert all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(grads, stock_grads))
 
 
-def test_fused_rotary_routes_the_model_codes_rotary_and_its_kernel_gives_the_same_fp16_gradient(synthetic_layout):
-    """With the lever the model code's apply_rotary_pos_emb goes through the Triton
-    kernels, here run by Triton's CPU interpreter in fp16 (its bf16 conversion truncates;
-    tests/gpu/test_gpu.py holds bf16 on CUDA): in a checkpointed, a selective and an
-    unchecked layer, the projector's first gradient is the same numbers as stock's."""
+def test_triton_kernels_route_the_model_codes_rotary_and_norm_weight_and_give_the_same_fp16_gradient(
+    synthetic_layout,
+):
+    """With the levers the model code's apply_rotary_pos_emb and its norms' weight
+    products go through the Triton kernels, here run by Triton's CPU interpreter in fp16
+    (its bf16 conversion truncates; tests/gpu/test_gpu.py holds bf16 on CUDA): in a
+    checkpointed, a selective and an unchecked layer, the projector's first gradient is
+    the same numbers as stock's, and the weight product is torch's, rows and columns
+    that fill no whole block included."""
     code = f"""
 import torch
-from bench.trainer import fused_rotary
+from bench.trainer import fused_rotary, kernel_support, norm_weight
 from bench.trainer.levered_llava import LeveredLLaVAModel
 from tests.bench.trainer.test_model_levers import _first_projector_gradient
 
-fused_rotary.KERNEL_DEVICES.add("cpu")
+kernel_support.KERNEL_DEVICES.add("cpu")
 launches = []
-rotate = fused_rotary.rotate
+rotate, scale_rows = fused_rotary.rotate, norm_weight.scale_rows
 fused_rotary.rotate = lambda *args, **kwargs: launches.append(kwargs["backward"]) or rotate(*args, **kwargs)
+norm_weight.scale_rows = lambda *args: launches.append("norm") or scale_rows(*args)
 layout, half = {str(synthetic_layout)!r}, torch.float16
 stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
 assert not launches
-levers = dict(fused_rotary=True, selective_llm_layers=1, unchecked_llm_layers=1)
+levers = dict(fused_rotary=True, fused_rms_norm=True, selective_llm_layers=1, unchecked_llm_layers=1)
 fused = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
-print(launches.count(False), launches.count(True), torch.equal(fused, stock), bool(stock.abs().sum() > 0))
+generator = torch.Generator().manual_seed(2)
+weight = torch.randn(1500, generator=generator).to(half)
+x = torch.randn(3, 7, 1500, generator=generator).to(half)
+print(torch.equal(scale_rows(x, weight), weight * x), torch.equal(scale_rows(x[:, ::2], weight), weight * x[:, ::2]))
+print(*(launches.count(kind) for kind in (False, True, "norm")), torch.equal(fused, stock), bool(stock.abs().sum() > 0))
 """
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -215,8 +224,10 @@ print(launches.count(False), launches.count(True), torch.equal(fused, stock), bo
         env={**os.environ, "TRITON_INTERPRET": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    # query and key in 3 forwards and 2 recomputes; query and key in 3 backwards
-    assert done.stdout.split()[-4:] == ["10", "6", "True", "True"], done.stdout
+    assert done.stdout.split()[-7:-5] == ["True", "True"], done.stdout  # the products, 1,500 wide
+    # rotary: query and key in 3 forwards and 2 recomputes; query and key in 3 backwards.
+    # norm weights: 2 a layer in 3 forwards and 2 recomputes, the final norm's, as many backwards
+    assert done.stdout.split()[-5:] == ["10", "6", "18", "True", "True"], done.stdout
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
