@@ -180,6 +180,20 @@ class Levers:
         # Triton 3, whose kernels build with enable_fp_fusion (the image's 2.1 has no such option)
         needs="triton.backends",
     )
+    fused_swiglu: bool = lever(
+        False,
+        "Compute the LLM's MLP activation, silu(gate) * up, in one Triton kernel a forward and one a backward "
+        "instead of five eager ones, keeping only the two projections: the same fp32 formulas, rounded where the "
+        "model code rounds (default: on GPUs, where Triton 3 is installed).",
+        lambda _: (
+            "the LLM's MLP activation (silu(gate) * up) and its gradients in one Triton kernel each way instead of "
+            "the model code's eager ops: the same fp32 formulas, rounded to the activations' dtype where they round"
+        ),
+        on_gpus=True,
+        perf_variant="fused-swiglu",
+        applied_by_model=True,
+        needs="triton.language.extra.libdevice",
+    )
 
     @property
     def stock(self) -> bool:

@@ -16,6 +16,7 @@ from xtuner.model import LLaVAModel
 from xtuner.utils import IGNORE_INDEX
 
 from bench.trainer.fused_rotary import fuse_rotary
+from bench.trainer.fused_swiglu import fuse_swiglu
 from bench.trainer.norm_weight import weight_product
 from bench.trainer.startup import note
 from bench.trainer.step_profile import RECOMPUTE_RANGE
@@ -51,6 +52,8 @@ class LeveredLLaVAModel(LLaVAModel):
       (bench/trainer/norm_weight.py), the same products as torch's broadcast one.
     - ``fused_rotary``: the model code's rotary position embedding in one Triton kernel
       each way (bench/trainer/fused_rotary.py), rounded as its eager ops round.
+    - ``fused_swiglu``: each LLM layer's MLP's ``silu(gate) * up`` in one Triton kernel
+      each way (bench/trainer/fused_swiglu.py), keeping only the two projections.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class LeveredLLaVAModel(LLaVAModel):
         labelled_logits_only: bool = False,
         fused_rms_norm: bool = False,
         fused_rotary: bool = False,
+        fused_swiglu: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -84,6 +88,9 @@ class LeveredLLaVAModel(LLaVAModel):
             fuse_rms_norms(self.llm)
         if fused_rotary:
             fuse_rotary(self.llm)
+        if fused_swiglu:
+            for layer in self.llm.model.layers:
+                fuse_swiglu(_mlp_of(layer))
         note("model_built")
 
     def compute_loss(self, data, data_samples=None):

@@ -41,6 +41,7 @@ GPU_DEFAULTS = Levers(
     sdpa_attention=True,
     fused_rms_norm=True,
     fused_rotary=True,
+    fused_swiglu=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
@@ -474,6 +475,7 @@ OLD_TORCH = {  # what the image's torch 2.1.2 and Triton 2.1.0 lack of the lever
     "torch.utils.checkpoint.create_selective_checkpoint_contexts": "torch 2.1.2 lacks it",
     "torch.nn.functional.rms_norm": "torch 2.1.2 lacks it",
     "triton.backends": "triton 2.1.0 lacks it",
+    "triton.language.extra.libdevice": "triton 2.1.0 lacks it",
 }
 
 
@@ -482,6 +484,7 @@ def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model
     assert problems == []
     levers, _ = chosen_levers(request, "cuda", "nf4", 32, H200, True)
     assert levers.fused_rms_norm is False and levers.fused_rotary is False and levers.selective_llm_layers == 0
+    assert levers.fused_swiglu is False
     assert levers.unchecked_llm_layers > 0 and levers.skip_vit_backward  # the rest as on any GPU
     # asked for by name, it is a preflight problem that says what is missing
     _, problems = without_unavailable(LeverRequest(fused_rms_norm=True), OLD_TORCH)
@@ -496,7 +499,7 @@ def test_each_lever_need_is_a_real_path_and_a_missing_one_says_why():
     from entrypoint.preflight.environment import missing_apis
 
     assert missing_apis(LEVER_NEEDS.values()) == {}  # a misspelt need would hold its lever off everywhere
-    assert set(LEVER_NEEDS) >= {"selective_llm_layers", "fused_rms_norm", "fused_rotary"}
+    assert set(LEVER_NEEDS) >= {"selective_llm_layers", "fused_rms_norm", "fused_rotary", "fused_swiglu"}
     missing = missing_apis(["torch.nn.functional.no_such_function", "no_such_module.name", "json.dumps"])
     assert missing == {
         "torch.nn.functional.no_such_function": f"torch {importlib.metadata.version('torch')} lacks it",

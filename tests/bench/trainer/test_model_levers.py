@@ -216,6 +216,88 @@ x = torch.randn(3, 7, 1500, generator=generator).to(half)
 print(torch.equal(scale_rows(x, weight), weight * x), torch.equal(scale_rows(x[:, ::2], weight), weight * x[:, ::2]))
 print(*(launches.count(kind) for kind in (False, True, "norm")), torch.equal(fused, stock), bool(stock.abs().sum() > 0))
 """
+    printed = _interpreted(code)
+    assert printed[-7:-5] == ["True", "True"], printed  # the products, 1,500 wide
+    # rotary: query and key in 3 forwards and 2 recomputes; query and key in 3 backwards.
+    # norm weights: 2 a layer in 3 forwards and 2 recomputes, the final norm's, as many backwards
+    assert printed[-5:] == ["10", "6", "18", "True", "True"], printed
+
+
+def test_fused_swiglu_routes_the_model_codes_mlps_and_stays_within_one_rounding(synthetic_layout):
+    """With the lever each decoder layer's MLP computes silu(gate) * up in the Triton
+    kernels (Triton's CPU interpreter here, in fp16, with numpy's exp for CUDA's): one
+    launch a forward, recompute included, and one a backward; at most a thousandth of
+    the products and gradients round the other way from the eager ops', each within two
+    roundings (an intermediate's, the SiLU's or a product's, and its own), and the
+    projector's first gradient is as near the float32 one as stock's."""
+    code = f"""
+import torch
+from bench.trainer import fused_swiglu, kernel_support
+from bench.trainer.levered_llava import LeveredLLaVAModel
+from tests.bench.trainer.test_model_levers import _first_projector_gradient
+
+kernel_support.KERNEL_DEVICES.add("cpu")
+launches = []
+launch = fused_swiglu._launch
+fused_swiglu._launch = lambda *args, **kwargs: launches.append(kwargs["backward"]) or launch(*args, **kwargs)
+layout, half = {str(synthetic_layout)!r}, torch.float16
+exact = _first_projector_gradient(layout, "sdpa", torch.float32, layers=3)
+stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
+levers = dict(fused_swiglu=True, selective_llm_layers=1, unchecked_llm_layers=1)
+fused = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
+print(launches.count(False), launches.count(True), float((fused - exact).norm() / (stock - exact).norm()))
+generator = torch.Generator().manual_seed(2)
+gate, up, grad = (torch.randn(5, 7, 3000, generator=generator).mul(3).to(half) for _ in range(3))
+gate.requires_grad_(), up.requires_grad_()
+eager = torch.nn.functional.silu(gate) * up
+kernel = fused_swiglu.swiglu(gate, up)
+for ours, theirs in zip([kernel, *torch.autograd.grad(kernel, (gate, up), grad)],
+                        [eager, *torch.autograd.grad(eager, (gate, up), grad)]):
+    apart = ours != theirs
+    roundings = 2 * torch.finfo(half).eps * theirs.float().abs() + torch.finfo(half).smallest_normal * 2**-10
+    print(float(apart.float().mean()), bool(((ours.float() - theirs.float()).abs() <= roundings).all()))
+"""
+    printed = _interpreted(code)
+    # 3 layers' forwards and 2 recomputes, 3 backwards
+    assert printed[:2] == ["5", "3"], printed
+    assert float(printed[2]) <= 2, printed
+    for share, within in zip(printed[3::2], printed[4::2]):
+        assert float(share) <= 1e-3 and within == "True", printed
+
+
+def test_fused_swiglu_keeps_an_mlps_own_forward_where_it_computes_otherwise(synthetic_layout):
+    """The model code's MLP (InternLM2's, SiLU) is routed and then computes the same
+    numbers on CPU; with another activation, or a forward with another term, the
+    module keeps its own forward and its own projections."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from bench.trainer.fused_swiglu import fuse_swiglu
+
+    folder = str(Layout.at(synthetic_layout).llm_dir)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    mlp_class = get_class_from_dynamic_module("modeling_internlm2.InternLM2MLP", folder)
+    x = torch.randn(2, 5, config.hidden_size)
+    mlp = mlp_class(config)
+    expected = mlp(x)
+    assert fuse_swiglu(mlp) and torch.equal(mlp(x), expected)
+
+    config.hidden_act = "gelu"
+    other_activation = mlp_class(config)
+    projections = dict(other_activation.named_children())
+
+    class OtherTerm(mlp_class):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    config.hidden_act = "silu"
+    assert not fuse_swiglu(other_activation) and not fuse_swiglu(OtherTerm(config))
+    assert "forward" not in vars(other_activation) and dict(other_activation.named_children()) == projections
+
+
+def _interpreted(code: str) -> list[str]:
+    """What ``code`` prints, run in a fresh interpreter under Triton's CPU interpreter."""
     done = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -224,10 +306,7 @@ print(*(launches.count(kind) for kind in (False, True, "norm")), torch.equal(fus
         env={**os.environ, "TRITON_INTERPRET": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-7:-5] == ["True", "True"], done.stdout  # the products, 1,500 wide
-    # rotary: query and key in 3 forwards and 2 recomputes; query and key in 3 backwards.
-    # norm weights: 2 a layer in 3 forwards and 2 recomputes, the final norm's, as many backwards
-    assert done.stdout.split()[-5:] == ["10", "6", "18", "True", "True"], done.stdout
+    return done.stdout.split()
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -284,7 +363,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     curves = []
     model_levers = [
         *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
-        *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm", "--fused-rotary"),
+        *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm", "--fused-rotary", "--fused-swiglu"),
     ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
@@ -294,7 +373,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     levers = verdict["recipe"]["levers"]
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
     assert levers["labelled_logits_only"]
-    assert levers["sdpa_attention"] and levers["fused_rms_norm"] and levers["fused_rotary"]
+    assert levers["sdpa_attention"] and levers["fused_rms_norm"] and levers["fused_rotary"] and levers["fused_swiglu"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
