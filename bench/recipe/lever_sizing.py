@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bench.recipe.levers import LeverRequest, Levers, dequantization_applies, lever_option
+from bench.recipe.lever_defaults import dequantization_applies
+from bench.recipe.levers import LeverRequest, Levers, lever_option
 from bench.recipe.memory_model import STATIC_MIB, MemoryCase, budget_mib, peak_mib
 
 

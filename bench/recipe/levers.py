@@ -7,7 +7,7 @@ same data order, same weights' values, same global batch and schedule.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 # Dataloader workers per rank when the lever is on: the stock config decodes and
 # preprocesses images on the training thread (data_time ~6 % of a step, docs/PERFORMANCE.md).
@@ -231,7 +231,7 @@ class Levers:
 
 
 STOCK = Levers()
-_DECLARATIONS = {lever.name: lever for lever in fields(Levers)}
+LEVER_DECLARATIONS = {lever.name: lever for lever in fields(Levers)}
 LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
 MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
 # Lever -> the API it calls that some supported installs lack.
@@ -265,27 +265,10 @@ LeverRequest = make_dataclass(
 LeverRequest.__doc__ = "What the user asked for: ``None`` for a lever means the appliance's default."
 
 
-def without_unavailable(request: LeverRequest, missing: dict[str, str]) -> tuple[LeverRequest, list[str]]:
-    """``request`` with each lever whose needed API is ``missing`` (path -> why) held at
-    stock, as if the user had asked for it, so that neither the defaults nor the memory
-    model choose it; and, for one the user turned on, why it cannot run (a preflight
-    problem). ``--stock`` holds every lever at stock already."""
-    if request.stock:
-        return request, []
-    held, problems = {}, []
-    for name, path in LEVER_NEEDS.items():
-        if path not in missing:
-            continue
-        if getattr(request, name) not in (None, getattr(STOCK, name)):
-            problems.append(f"{lever_option(name)} needs {path}: {missing[path]}")
-        held[name] = getattr(STOCK, name)
-    return replace(request, **held), problems
-
-
 def chosen_on_gpus(name: str) -> bool:
     """Whether the appliance's GPU defaults may turn lever ``name`` on (its declared GPU
     default, or the memory model's choice)."""
-    declaration = _DECLARATIONS[name]
+    declaration = LEVER_DECLARATIONS[name]
     on_gpus = declaration.metadata["on_gpus"]
     return declaration.metadata["sized_by_memory"] or (on_gpus is not None and on_gpus != declaration.default)
 
@@ -300,60 +283,3 @@ def lever_arguments(name: str, value) -> list[str]:
     if isinstance(getattr(STOCK, name), bool):
         return [lever_option(name) if value else "--no-" + lever_option(name)[2:]]
     return [lever_option(name), str(value)]
-
-
-def resolve_levers(
-    request: LeverRequest, device: str, precision: str, supports_sdpa: bool | None = None
-) -> tuple[Levers, list[str]]:
-    """The levers of this run but the memory levers' defaults, and, for choices that
-    cannot apply, why (preflight problems). The memory levers (MEMORY_LEVERS) keep the
-    user's value or the stock one here; ``size_memory_levers`` chooses their defaults once
-    the run's micro-batches are known.
-
-    Defaults: each lever's declared GPU default on GPUs, stock's on CPU (a functional
-    check, not a benchmark); dequantization only for NF4 on GPUs, and SDPA attention only
-    where the LLM folder's code has it (``supports_sdpa``, from preflight's import of that
-    code; None: not known).
-    """
-    if request.stock:
-        asked = [value for name, value in vars(request).items() if name != "stock"]
-        return STOCK, (
-            ["--stock (and --float32-reference) turn every lever off; leave out the lever options"]
-            if any(v is not None for v in asked)
-            else []
-        )
-    problems = []
-    if request.dequantize_nf4 and not dequantization_applies(device, precision):
-        problems.append("--dequantize-nf4 applies to --precision nf4 on GPUs")
-    if request.sdpa_attention and supports_sdpa is False:
-        problems.append("--sdpa-attention: the LLM folder's model code has no SDPA attention (_supports_sdpa)")
-    levers = Levers(**{name: _asked_or(getattr(request, name), _default(name, device)) for name in _DECLARATIONS})
-    # what cannot apply here is off, asked or not (asked, it is a problem above)
-    levers = replace(
-        levers,
-        dequantize_nf4=levers.dequantize_nf4 and dequantization_applies(device, precision),
-        sdpa_attention=levers.sdpa_attention and bool(supports_sdpa),
-    )
-    return levers, problems
-
-
-def dequantization_applies(device: str, precision: str) -> bool:
-    return device == "cuda" and precision == "nf4"
-
-
-def tokenized_cache_on(request: LeverRequest, device: str) -> bool:
-    """Whether the run keeps the tokenized dataset (decided before the other levers:
-    preflight starts its build as soon as it has read the JSON)."""
-    return not request.stock and _asked_or(request.tokenized_cache, _default("tokenized_cache", device))
-
-
-def _default(name: str, device: str):
-    """A lever's default before the memory model: its GPU default on GPUs, else stock's."""
-    declaration = _DECLARATIONS[name]
-    on_gpus = declaration.metadata["on_gpus"]
-    return on_gpus if device == "cuda" and on_gpus is not None else declaration.default
-
-
-def _asked_or(asked, default):
-    """The user's choice where there is one (``None``: none was made)."""
-    return default if asked is None else asked

@@ -14,15 +14,8 @@ from bench.core.layout import Layout
 from bench.core.problem import Problem
 from bench.core.run_folder import RunFolder
 from bench.core.shapes import are_real_shapes
-from bench.recipe.levers import (
-    LEVER_NEEDS,
-    STOCK,
-    LeverRequest,
-    chosen_on_gpus,
-    resolve_levers,
-    tokenized_cache_on,
-    without_unavailable,
-)
+from bench.recipe.lever_defaults import resolve_levers, tokenized_cache_on, without_unavailable
+from bench.recipe.levers import LEVER_NEEDS, STOCK, LeverRequest, chosen_on_gpus
 from bench.recipe.memory_model import gpu_memory
 from bench.recipe.render import (
     PRECISIONS,

@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 
 from bench.core.layout import Layout
+from bench.recipe.lever_defaults import resolve_levers, without_unavailable
 from bench.recipe.lever_sizing import memory_retry, out_of_memory_hint, size_memory_levers
-from bench.recipe.levers import (
-    LEVER_NEEDS,
-    STOCK,
-    LeverRequest,
-    Levers,
-    chosen_on_gpus,
-    resolve_levers,
-    without_unavailable,
-)
+from bench.recipe.levers import LEVER_NEEDS, STOCK, LeverRequest, Levers, chosen_on_gpus
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render

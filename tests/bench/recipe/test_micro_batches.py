@@ -128,7 +128,8 @@ REAL_SHAPES = {"llm": asdict(INTERNLM2_20B), "vit": asdict(CLIP_VIT_L_336)}
 
 def sized(folder: Path, gpu_mib: int, per_device_batch: int = 32, shapes: dict = REAL_SHAPES):
     """What `run` on GPUs of ``gpu_mib`` chooses for the tokenized dataset in ``folder`` (real shapes by default)."""
-    from bench.recipe.levers import LeverRequest, resolve_levers
+    from bench.recipe.lever_defaults import resolve_levers
+    from bench.recipe.levers import LeverRequest
     from entrypoint.launch.sizing import size_run
     from entrypoint.preflight.tokenized_cache import Tokenization
 
