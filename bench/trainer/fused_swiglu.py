@@ -63,17 +63,19 @@ def _computes_swiglu(mlp: torch.nn.Module, names: tuple[str, str, str]) -> bool:
         linear = torch.nn.Linear(inputs, outputs, bias=False)
         linear.weight.data = torch.randn(outputs, inputs, generator=generator)
         small.append(linear)
-    own = {name: mlp._modules[name] for name in names}
+    own = [getattr(mlp, name) for name in names]
     probe = torch.randn(2, 3, 4, generator=generator)
     try:
-        mlp._modules.update(zip(names, small))
+        for name, linear in zip(names, small):
+            setattr(mlp, name, linear)
         with torch.no_grad():
             expected = small[2](torch.nn.functional.silu(small[0](probe)) * small[1](probe))
             return torch.equal(type(mlp).forward(mlp, probe), expected)
     except Exception:  # noqa: BLE001 - another signature or other terms: not this function
         return False
     finally:
-        mlp._modules.update(own)
+        for name, linear in zip(names, own):
+            setattr(mlp, name, linear)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
