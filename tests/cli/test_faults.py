@@ -35,6 +35,7 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -66,10 +67,21 @@ def tmpfs(folder: Path, size: str):
 
 
 def fill(folder: Path) -> None:
-    """Take every free byte of the filesystem."""
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    """Take every free byte of the filesystem. A running trainer writes meanwhile, so
+    what was free a moment ago may not be: take what is free until nothing is."""
     with open(folder / "filler", "wb") as stream:
-        os.posix_fallocate(stream.fileno(), 0, free)
+        taken = 0
+        for _ in range(100):
+            free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+            if free == 0:
+                return
+            try:
+                os.posix_fallocate(stream.fileno(), taken, free)
+                taken += free
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise  # else written by the run in between: measure again
+    raise AssertionError(f"{folder} still has free space after 100 tries")
 
 
 def test_a_full_results_filesystem_at_the_start_is_one_line_and_exit_3(synthetic_layout, tmp_path):
