@@ -94,21 +94,22 @@ class SwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         out = torch.empty_like(gate)
-        _launch(out.numel(), gate, up, out, gate, up, backward=False)
+        _launch(gate, up, out, gate, up, backward=False)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        _launch(gate.numel(), gate, up, grad.contiguous(), grad_gate, grad_up, backward=True)
+        _launch(gate, up, grad.contiguous(), grad_gate, grad_up, backward=True)
         return grad_gate, grad_up
 
 
-def _launch(elements: int, gate, up, third, first_out, second_out, backward: bool) -> None:
+def _launch(gate, up, third, first_out, second_out, backward: bool) -> None:
     """The forward (``third`` the output; the out pointers unused) or the backward
-    (``third`` the output's gradient; the out pointers the gate's and up's gradients)."""
-    if elements:
+    (``third`` the output's gradient; the out pointers the gate's and up's gradients),
+    over all of gate's elements."""
+    if elements := gate.numel():
         _kernel()[(-(-elements // BLOCK),)](
             gate, up, third, first_out, second_out, elements,
             BLOCK=BLOCK, BACKWARD=backward, LIBDEVICE=not INTERPRETED, **COMPILE_OPTIONS,

