@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bench.recipe.levers import LEVER_DECLARATIONS, LEVER_NEEDS, STOCK, LeverRequest, Levers, lever_option
+from bench.recipe.levers import (
+    LEVER_BASES,
+    LEVER_DECLARATIONS,
+    LEVER_NEEDS,
+    STOCK,
+    LeverRequest,
+    Levers,
+    lever_option,
+)
 
 
 def without_unavailable(request: LeverRequest, missing: dict[str, str]) -> tuple[LeverRequest, list[str]]:
@@ -35,9 +43,10 @@ def resolve_levers(
     the run's micro-batches are known.
 
     Defaults: each lever's declared GPU default on GPUs, stock's on CPU (a functional
-    check, not a benchmark); dequantization only for NF4 on GPUs, and SDPA attention only
+    check, not a benchmark); dequantization only for NF4 on GPUs, SDPA attention only
     where the LLM folder's code has it (``supports_sdpa``, from preflight's import of that
-    code; None: not known).
+    code; None: not known), and a lever that changes another's work (LEVER_BASES) only
+    with that one.
     """
     if request.stock:
         asked = [value for name, value in vars(request).items() if name != "stock"]
@@ -58,7 +67,12 @@ def resolve_levers(
         dequantize_nf4=levers.dequantize_nf4 and dequantization_applies(device, precision),
         sdpa_attention=levers.sdpa_attention and bool(supports_sdpa),
     )
-    return levers, problems
+    for name, base in LEVER_BASES.items():
+        if getattr(request, name) and not getattr(levers, base):
+            problems.append(f"{lever_option(name)} changes the work of {lever_option(base)}, which is off here")
+    return replace(
+        levers, **{name: getattr(levers, name) and getattr(levers, base) for name, base in LEVER_BASES.items()}
+    ), problems
 
 
 def dequantization_applies(device: str, precision: str) -> bool:

@@ -23,6 +23,7 @@ def lever(
     applied_by_model: bool = False,
     sized_by_memory: bool = False,
     needs: str | None = None,
+    runs_on: str | None = None,
 ):
     """One lever, declared once: its stock value (the pinned config's, and the default
     on CPU), what `run --help` says of it (its option is the field's name in kebab case;
@@ -34,7 +35,9 @@ def lever(
     decides its default (an out-of-memory failure before the first logged step under
     those defaults is retried with them re-sized), and the API its code calls that not
     every supported install has (``needs``, a dotted path: the image's torch is older than
-    the GPU machines'), without which it stays at stock (``without_unavailable``)."""
+    the GPU machines'), without which it stays at stock (``without_unavailable``), and the
+    lever it changes the work of (``runs_on``): off wherever that one is, and on with it
+    in its `perf` variant."""
     return field(
         default=stock,
         metadata={
@@ -45,6 +48,7 @@ def lever(
             "applied_by_model": applied_by_model,
             "sized_by_memory": sized_by_memory,
             "needs": needs,
+            "runs_on": runs_on,
         },
     )
 
@@ -194,6 +198,24 @@ class Levers:
         applied_by_model=True,
         needs="triton.language.extra.libdevice",
     )
+    grouped_query_sdpa: bool = lever(
+        False,
+        "Run the SDPA attention from the LLM's packed query-key-value projection without copies: the query and key "
+        "rotated into SDPA's layout by one Triton kernel each way, each key and value head read for its query heads "
+        "(SDPA's grouped-query mode), the projection's gradient written whole (default: on GPUs with torch >= 2.5 "
+        "and SDPA attention).",
+        lambda _: (
+            "the LLM's SDPA attention reads the packed projection's key and value heads once for their query heads "
+            "(SDPA's grouped-query mode) instead of the model code's copies, the query and key rotated in one Triton "
+            "kernel each way as the model code rounds them: the same attention, its key and value gradients summed "
+            "over the query heads inside SDPA"
+        ),
+        on_gpus=True,
+        perf_variant="grouped-query-sdpa",
+        applied_by_model=True,
+        needs="torch.nn.attention.flex_attention",  # came with SDPA's enable_gqa (torch 2.5)
+        runs_on="sdpa_attention",
+    )
 
     @property
     def stock(self) -> bool:
@@ -236,6 +258,8 @@ LEVER_HELP = {lever.name: lever.metadata["help"] for lever in fields(Levers)}
 MEMORY_LEVERS = tuple(lever.name for lever in fields(Levers) if lever.metadata["sized_by_memory"])
 # Lever -> the API it calls that some supported installs lack.
 LEVER_NEEDS = {lever.name: lever.metadata["needs"] for lever in fields(Levers) if lever.metadata["needs"]}
+# Lever -> the lever it changes the work of.
+LEVER_BASES = {lever.name: lever.metadata["runs_on"] for lever in fields(Levers) if lever.metadata["runs_on"]}
 
 
 def _measured_alone(lever):
@@ -251,7 +275,10 @@ def _perf_variants() -> dict[str, dict]:
     variants: dict[str, dict] = {}
     for lever in fields(Levers):
         if lever.metadata["perf_variant"]:
-            variants.setdefault(lever.metadata["perf_variant"], {})[lever.name] = _measured_alone(lever)
+            variant = variants.setdefault(lever.metadata["perf_variant"], {})
+            variant[lever.name] = _measured_alone(lever)
+            if base := lever.metadata["runs_on"]:
+                variant[base] = _measured_alone(LEVER_DECLARATIONS[base])
     return variants
 
 

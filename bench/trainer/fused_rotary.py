@@ -77,14 +77,15 @@ def _computes_the_same(original) -> bool:
         results = [original(q, k, cos, sin), original(q, k, cos, sin, positions)]
     except Exception:  # noqa: BLE001 - another signature: not this convention
         return False
-    expected = [_reference(q, cos, sin), _reference(k, cos, sin)]
+    expected = [rotated_by_ops(q, cos, sin), rotated_by_ops(k, cos, sin)]
     return all(
         isinstance(result, tuple) and len(result) == 2 and all(torch.equal(r, e) for r, e in zip(result, expected))
         for result in results
     )
 
 
-def _reference(x, cos, sin):
+def rotated_by_ops(x, cos, sin):
+    """x (batch, heads, positions, head size) rotated in torch ops: the kernels' convention."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -112,22 +113,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     output (``empty_like``)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)
-    batch, heads, positions, size = x.shape
-    rows = batch * heads * positions
+    rotate_into(x.unsqueeze(2), cos, sin, out.unsqueeze(2), backward)
+    return out
+
+
+def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, backward: bool) -> None:
+    """``rotate`` written into ``out``, for x and out (batch, key-value heads, query heads
+    of each, positions, head size) views of any strides with the head size's 1: a
+    packed projection's query heads are read, or its gradient's written, in place
+    (bench/trainer/grouped_attention.py); a plain (batch, heads, ...) tensor is one
+    head a group."""
+    cos, sin = cos.contiguous(), sin.contiguous()
+    batch, groups, group, positions, size = x.shape
+    rows = batch * groups * group * positions
     grid = (-(-rows // ROWS_A_PROGRAM),)
     _kernel()[grid](
         x,
         cos,
         sin,
         out,
-        *x.stride()[:3],
-        *out.stride()[:3],
+        *x.stride()[:4],
+        *out.stride()[:4],
         cos.stride(0) if cos.shape[0] > 1 else 0,  # one row of positions for the whole batch
         cos.stride(1),
         rows,
-        heads,
+        groups * group,
+        group,
         positions,
         size,
         ROWS=ROWS_A_PROGRAM,
@@ -135,7 +147,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
         BACKWARD=backward,
         **COMPILE_OPTIONS,
     )
-    return out
 
 
 @functools.cache
@@ -146,20 +157,21 @@ def _kernel():
 
     @triton.jit
     def rotary(
-        x_ptr, cos_ptr, sin_ptr, out_ptr, xb, xh, xs, ob, oh, os, cb, cs, rows, heads, positions, size,
+        x_ptr, cos_ptr, sin_ptr, out_ptr, xb, xk, xg, xs, ob, ok, og, os, cb, cs, rows, heads, group, positions, size,
         ROWS: tl.constexpr, SIZE: tl.constexpr, BACKWARD: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         column = tl.arange(0, SIZE)
         b = row // (heads * positions)
         h = (row // positions) % heads
+        kv, g = h // group, h % group  # the key-value head and the query head within its group
         s = row % positions
         half = size // 2
         first_half = (column < half)[None, :]
         partner = tl.where(column < half, column + half, column - half)[None, :]
         column = column[None, :]
         mask = (row < rows)[:, None] & (column < size)
-        x_row = (b * xb + h * xh + s * xs)[:, None]
+        x_row = (b * xb + kv * xk + g * xg + s * xs)[:, None]
         trig_row = (b * cb + s * cs)[:, None]
         x = tl.load(x_ptr + x_row + column, mask=mask, other=0.0).to(tl.float32)
         x_partner = tl.load(x_ptr + x_row + partner, mask=mask, other=0.0).to(tl.float32)
@@ -178,7 +190,7 @@ def _kernel():
             turned = (tl.where(first_half, -x_partner, x_partner) * sin).to(dtype).to(tl.float32)
         # each product and the sum rounded to the dtype, as the eager ops round them
         kept = (x * cos).to(dtype).to(tl.float32)
-        out_row = (b * ob + h * oh + s * os)[:, None]
+        out_row = (b * ob + kv * ok + g * og + s * os)[:, None]
         tl.store(out_ptr + out_row + column, (kept + turned).to(dtype), mask=mask)
 
     return rotary

@@ -17,6 +17,7 @@ from xtuner.utils import IGNORE_INDEX
 
 from bench.trainer.fused_rotary import fuse_rotary
 from bench.trainer.fused_swiglu import fuse_swiglu
+from bench.trainer.grouped_attention import fuse_grouped_attention
 from bench.trainer.norm_weight import weight_product
 from bench.trainer.startup import note
 from bench.trainer.step_profile import RECOMPUTE_RANGE
@@ -54,6 +55,9 @@ class LeveredLLaVAModel(LLaVAModel):
       each way (bench/trainer/fused_rotary.py), rounded as its eager ops round.
     - ``fused_swiglu``: each LLM layer's MLP's ``silu(gate) * up`` in one Triton kernel
       each way (bench/trainer/fused_swiglu.py), keeping only the two projections.
+    - ``grouped_query_sdpa``: the model code's SDPA attention from its packed projection
+      without its copies: SDPA's grouped-query mode, the query and key rotated into
+      SDPA's layout in one Triton kernel each way (bench/trainer/grouped_attention.py).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class LeveredLLaVAModel(LLaVAModel):
         fused_rms_norm: bool = False,
         fused_rotary: bool = False,
         fused_swiglu: bool = False,
+        grouped_query_sdpa: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -91,6 +96,8 @@ class LeveredLLaVAModel(LLaVAModel):
         if fused_swiglu:
             for layer in self.llm.model.layers:
                 fuse_swiglu(_mlp_of(layer))
+        if grouped_query_sdpa:
+            fuse_grouped_attention(self.llm)
         note("model_built")
 
     def compute_loss(self, data, data_samples=None):

@@ -331,6 +331,82 @@ def test_fused_swiglu_runs_fewer_kernels_within_two_roundings_of_the_eager_ops(d
         assert share <= 1e-3 and ((ours.float() - theirs.float()).abs() <= roundings).all()
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_grouped_query_sdpa_is_the_model_codes_attention_with_fewer_copies(synthetic_layout, dtype_name):
+    """The grouped-query-SDPA lever on CUDA: InternLM2's SDPA attention at the 20B width
+    (48 query heads, 8 key-value heads) on batch 32 x 604 positions with padding, its
+    own forward against the routed one, forward and backward: fewer copy and fill
+    kernels, the output and the hidden states' gradient within a ten-thousandth
+    (relative norm; SDPA sums the key and value heads' gradients in another order);
+    whether the output's bits are the same and both times are printed."""
+    import copy
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from bench.core.layout import Layout
+    from bench.core.shapes import INTERNLM2_20B
+    from bench.trainer.grouped_attention import fuse_grouped_attention
+
+    dtype = getattr(torch, dtype_name)
+    folder = str(Layout.at(synthetic_layout).llm_dir)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config.hidden_size, config.num_attention_heads = INTERNLM2_20B.hidden, INTERNLM2_20B.heads
+    config.num_key_value_heads = INTERNLM2_20B.kv_heads
+    attention_class = get_class_from_dynamic_module("modeling_internlm2.InternLM2SdpaAttention", folder)
+    torch.manual_seed(0)
+    own = attention_class(config, layer_idx=0).to("cuda", dtype)
+    for parameter in own.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    routed = torch.nn.ModuleDict({"attention": copy.deepcopy(own)})
+    fuse_grouped_attention(routed)
+    assert "forward" in vars(routed.attention)
+
+    batch, positions = 32, 604
+    generator = torch.Generator("cuda").manual_seed(0)
+    hidden = torch.randn(batch, positions, config.hidden_size, device="cuda", generator=generator).to(dtype)
+    hidden.requires_grad_()
+    grad = torch.randn(hidden.shape, device="cuda", generator=generator).to(dtype)
+    lengths = torch.randint(540, positions + 1, (batch,), device="cuda", generator=generator)
+    keep = torch.arange(positions, device="cuda")[None, :] < lengths[:, None]
+    allowed = torch.ones(positions, positions, dtype=torch.bool, device="cuda").tril() & keep[:, None, None, :]
+    mask = torch.zeros(allowed.shape, device="cuda", dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    arguments = dict(attention_mask=mask, position_ids=torch.arange(positions, device="cuda").expand(batch, -1))
+
+    def forward_and_backward(attention):
+        hidden.grad = None
+        out = attention(hidden, **arguments)[0]
+        out.backward(grad)
+        return out.detach(), hidden.grad.clone()
+
+    def measured(attention):
+        forward_and_backward(attention)  # compiled, caches warm
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            out, hidden_grad = forward_and_backward(attention)
+            torch.cuda.synchronize()
+        names = [event.name.lower() for event in profiled.events() if event.device_type == DeviceType.CUDA]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            forward_and_backward(attention)
+        end.record()
+        torch.cuda.synchronize()
+        copies = sum(1 for name in names if "copy" in name or "fill" in name)
+        return out, hidden_grad, copies, start.elapsed_time(end) / 10
+
+    own_out, own_grad, own_copies, own_ms = measured(own)
+    out, hidden_grad, copies, ms = measured(routed.attention)
+    apart = [float((ours.float() - theirs.float()).norm() / theirs.float().norm()) for ours, theirs in
+             ((out, own_out), (hidden_grad, own_grad))]  # fmt: skip
+    print(dtype_name, {"model code ms": own_ms, "grouped ms": ms, "copies and fills": (own_copies, copies),
+                       "output bits the same": torch.equal(out, own_out), "apart": apart})  # fmt: skip
+    assert copies < own_copies
+    assert max(apart) <= 1e-4 and own_grad.abs().sum() > 0
+
+
 def test_dequantized_nf4_loading_on_the_gpu_holds_transformers_nf4_values(synthetic_layout):
     """The dequantize-NF4 lever's loader (the checkpoint read onto the GPU, converted and
     quantized there) against transformers' own NF4 loading with each 4-bit linear

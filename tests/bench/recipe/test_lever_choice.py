@@ -15,7 +15,7 @@ import pytest
 from bench.core.layout import Layout
 from bench.recipe.lever_defaults import resolve_levers, without_unavailable
 from bench.recipe.lever_sizing import memory_retry, out_of_memory_hint, size_memory_levers
-from bench.recipe.levers import LEVER_NEEDS, STOCK, LeverRequest, Levers, chosen_on_gpus
+from bench.recipe.levers import LEVER_NEEDS, PERF_VARIANTS, STOCK, LeverRequest, Levers, chosen_on_gpus
 from bench.recipe.memory_model import GPU_MEMORY_CAP_VARIABLE, MEMORY_MODEL_VARIABLE, gpu_memory
 from bench.recipe.micro_batches import RecordLengths, plan
 from bench.recipe.render import RecipeOptions, render
@@ -35,6 +35,7 @@ GPU_DEFAULTS = Levers(
     fused_rms_norm=True,
     fused_rotary=True,
     fused_swiglu=True,
+    grouped_query_sdpa=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM
@@ -74,7 +75,9 @@ CASES = {
         "nf4",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, selective_llm_layers=48),
+        replace(
+            GPU_DEFAULTS, sdpa_attention=False, grouped_query_sdpa=False, dequantize_nf4=True, selective_llm_layers=48
+        ),
         None,
     ),
     "code without SDPA, 80 GB, NF4: 8 selective layers fit": (
@@ -83,7 +86,9 @@ CASES = {
         "nf4",
         32,
         H100,
-        replace(GPU_DEFAULTS, sdpa_attention=False, dequantize_nf4=True, selective_llm_layers=8),
+        replace(
+            GPU_DEFAULTS, sdpa_attention=False, grouped_query_sdpa=False, dequantize_nf4=True, selective_llm_layers=8
+        ),
         None,
     ),
     "code without SDPA, SDPA asked for: refused": (
@@ -92,7 +97,7 @@ CASES = {
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, selective_llm_layers=48),
+        replace(GPU_DEFAULTS, sdpa_attention=False, grouped_query_sdpa=False, selective_llm_layers=48),
         "no SDPA attention",
     ),
     "eager attention asked for: none unchecked": (
@@ -101,8 +106,17 @@ CASES = {
         "bf16",
         32,
         H200,
-        replace(GPU_DEFAULTS, sdpa_attention=False, selective_llm_layers=48),
+        replace(GPU_DEFAULTS, sdpa_attention=False, grouped_query_sdpa=False, selective_llm_layers=48),
         None,
+    ),
+    "grouped-query SDPA asked for without SDPA attention: a problem": (
+        LeverRequest(sdpa_attention=False, grouped_query_sdpa=True),
+        "cuda",
+        "bf16",
+        32,
+        H200,
+        replace(GPU_DEFAULTS, sdpa_attention=False, grouped_query_sdpa=False, selective_llm_layers=48),
+        "--grouped-query-sdpa changes the work of --sdpa-attention",
     ),
     "all logits: room for 39 selective layers": (
         LeverRequest(labelled_logits_only=False),
@@ -469,6 +483,7 @@ OLD_TORCH = {  # what the image's torch 2.1.2 and Triton 2.1.0 lack of the lever
     "torch.nn.functional.rms_norm": "torch 2.1.2 lacks it",
     "triton.backends": "triton 2.1.0 lacks it",
     "triton.language.extra.libdevice": "triton 2.1.0 lacks it",
+    "torch.nn.attention.flex_attention": "torch 2.1.2 lacks it",
 }
 
 
@@ -477,7 +492,7 @@ def test_a_lever_whose_api_the_install_lacks_stays_at_stock_and_the_memory_model
     assert problems == []
     levers, _ = chosen_levers(request, "cuda", "nf4", 32, H200, True)
     assert levers.fused_rms_norm is False and levers.fused_rotary is False and levers.selective_llm_layers == 0
-    assert levers.fused_swiglu is False
+    assert levers.fused_swiglu is False and levers.grouped_query_sdpa is False
     assert levers.unchecked_llm_layers > 0 and levers.skip_vit_backward  # the rest as on any GPU
     # asked for by name, it is a preflight problem that says what is missing
     _, problems = without_unavailable(LeverRequest(fused_rms_norm=True), OLD_TORCH)
@@ -492,7 +507,13 @@ def test_each_lever_need_is_a_real_path_and_a_missing_one_says_why():
     from entrypoint.preflight.environment import missing_apis
 
     assert missing_apis(LEVER_NEEDS.values()) == {}  # a misspelt need would hold its lever off everywhere
-    assert set(LEVER_NEEDS) >= {"selective_llm_layers", "fused_rms_norm", "fused_rotary", "fused_swiglu"}
+    assert set(LEVER_NEEDS) >= {
+        "selective_llm_layers",
+        "fused_rms_norm",
+        "fused_rotary",
+        "fused_swiglu",
+        "grouped_query_sdpa",
+    }
     missing = missing_apis(["torch.nn.functional.no_such_function", "no_such_module.name", "json.dumps"])
     assert missing == {
         "torch.nn.functional.no_such_function": f"torch {importlib.metadata.version('torch')} lacks it",
@@ -511,3 +532,16 @@ def test_the_trainer_side_imports_without_the_apis_an_older_torch_lacks():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "imported", done.stderr[-2000:]
+
+
+def test_a_lever_that_changes_another_levers_work_is_measured_with_it():
+    """`perf`'s variant of grouped-query SDPA turns SDPA attention on too (stock runs eager
+    attention, where the lever would be off), so it is held against stock-sdpa's."""
+    from entrypoint.tools.perf import VARIANTS
+
+    assert PERF_VARIANTS["grouped-query-sdpa"] == {"grouped_query_sdpa": True, "sdpa_attention": True}
+    assert PERF_VARIANTS["stock-sdpa"] == {"sdpa_attention": True}
+    assert (
+        "--grouped-query-sdpa" in VARIANTS["grouped-query-sdpa"]
+        and "--sdpa-attention" in VARIANTS["grouped-query-sdpa"]
+    )

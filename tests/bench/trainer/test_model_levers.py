@@ -296,6 +296,87 @@ def test_fused_swiglu_keeps_an_mlps_own_forward_where_it_computes_otherwise(synt
     assert "forward" not in vars(other_activation) and dict(other_activation.named_children()) == projections
 
 
+def test_grouped_query_sdpa_routes_the_model_codes_sdpa_attention_and_gives_stocks_gradient(synthetic_layout):
+    """With the lever each layer's SDPA attention splits and rotates the packed projection
+    in the rotary kernel (Triton's CPU interpreter, fp16): query and key in each forward,
+    recompute included, and in each backward; the projector's first gradient is stock
+    SDPA's to within SDPA's own order of summing the key and value heads' gradients
+    (as near the float32 one as stock's), and the packed projection's gradient is the
+    model code's split's, element for element."""
+    code = f"""
+import torch
+from bench.trainer import fused_rotary, grouped_attention, kernel_support
+from bench.trainer.levered_llava import LeveredLLaVAModel
+from tests.bench.trainer.test_model_levers import _first_projector_gradient
+
+kernel_support.KERNEL_DEVICES.add("cpu")
+launches = []
+rotate = grouped_attention.rotate_into
+grouped_attention.rotate_into = lambda *args, **kwargs: launches.append(kwargs["backward"]) or rotate(*args, **kwargs)
+layout, half = {str(synthetic_layout)!r}, torch.float16
+exact = _first_projector_gradient(layout, "sdpa", torch.float32, layers=3)
+stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
+levers = dict(grouped_query_sdpa=True, selective_llm_layers=1, unchecked_llm_layers=1)
+grouped = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
+print(launches.count(False), launches.count(True), float((grouped - exact).norm() / (stock - exact).norm()))
+generator = torch.Generator().manual_seed(2)
+qkv = torch.randn(2, 5, 2 * (3 + 2) * 8, generator=generator).to(half).requires_grad_()
+cos, sin = (torch.randn(1, 5, 8, generator=generator).to(half) for _ in range(2))
+outputs = grouped_attention.split_rotated(qkv, cos, sin, 3, 8)
+kernel_done = [o.detach() for o in outputs], torch.autograd.grad(outputs, qkv, [torch.ones_like(o) for o in outputs])
+kernel_support.KERNEL_DEVICES.discard("cpu")
+outputs = grouped_attention.split_rotated(qkv, cos, sin, 3, 8)
+ops_done = [o.detach() for o in outputs], torch.autograd.grad(outputs, qkv, [torch.ones_like(o) for o in outputs])
+print(all(torch.equal(k, o) for k, o in zip(kernel_done[0] + list(kernel_done[1]), ops_done[0] + list(ops_done[1]))))
+"""
+    printed = _interpreted(code)
+    # query and key in 3 layers' forwards and 2 recomputes, and in 3 backwards
+    assert printed[:2] == ["10", "6"], printed
+    assert float(printed[2]) <= 1.5 and printed[3] == "True", printed
+
+
+def test_grouped_query_sdpa_keeps_an_attentions_own_forward_where_it_computes_otherwise(synthetic_layout):
+    """InternLM2's SDPA attention is routed and computes its own numbers on CPU (float32,
+    to rounding); its eager class is not routed, nor a class whose forward computes
+    otherwise, nor one with another signature."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from bench.trainer.grouped_attention import fuse_grouped_attention
+
+    folder = str(Layout.at(synthetic_layout).llm_dir)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    sdpa_class = get_class_from_dynamic_module("modeling_internlm2.InternLM2SdpaAttention", folder)
+    eager_class = get_class_from_dynamic_module("modeling_internlm2.InternLM2Attention", folder)
+
+    class ScaledSdpaAttention(sdpa_class):
+        def forward(self, hidden_states, **kwargs):
+            output, weights, cache = super().forward(hidden_states, **kwargs)
+            return output * 2, weights, cache
+
+    class OtherSignatureSdpaAttention(sdpa_class):
+        def forward(self, hidden_states, positions, **kwargs):
+            return super().forward(hidden_states, position_ids=positions, **kwargs)
+
+    hidden = torch.randn(2, 5, config.hidden_size)
+    positions = torch.arange(5).expand(2, 5)
+    for attention_class, routed in (
+        (sdpa_class, True),
+        (eager_class, False),
+        (ScaledSdpaAttention, False),
+        (OtherSignatureSdpaAttention, False),
+    ):
+        model = torch.nn.ModuleDict({"attention": attention_class(config, layer_idx=0)})
+        with torch.no_grad():
+            expected = model.attention(hidden, position_ids=positions)[0] if routed else None
+        fuse_grouped_attention(model)
+        assert ("forward" in vars(model.attention)) == routed, attention_class.__name__
+        if routed:
+            with torch.no_grad():
+                assert torch.allclose(model.attention(hidden, position_ids=positions)[0], expected, atol=1e-6)
+
+
 def _interpreted(code: str) -> list[str]:
     """What ``code`` prints, run in a fresh interpreter under Triton's CPU interpreter."""
     done = subprocess.run(
@@ -325,7 +406,8 @@ def test_fused_rotary_kernel_is_compiled_for_the_gpu_without_fused_multiply_adds
     from bench.trainer.kernel_support import COMPILE_OPTIONS
 
     pointers = {name: f"*{dtype}" for name in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")}
-    integers = ("xb", "xh", "xs", "ob", "oh", "os", "cb", "cs", "rows", "heads", "positions", "size")
+    strides = ("xb", "xk", "xg", "xs", "ob", "ok", "og", "os", "cb", "cs")
+    integers = (*strides, "rows", "heads", "group", "positions", "size")
     signature = {
         **pointers,
         **dict.fromkeys(integers, "i32"),
@@ -346,16 +428,16 @@ def test_fused_rotary_keeps_a_model_codes_own_function_where_it_computes_otherwi
     its function stays."""
     import torch
 
-    from bench.trainer.fused_rotary import _computes_the_same, _reference
+    from bench.trainer.fused_rotary import _computes_the_same, rotated_by_ops
 
     def indexed_by_positions(q, k, cos, sin, position_ids, unsqueeze_dim=1):
         cos, sin = cos[position_ids], sin[position_ids]
-        return _reference(q, cos[:, 0], sin[:, 0]), _reference(k, cos[:, 0], sin[:, 0])
+        return rotated_by_ops(q, cos[:, 0], sin[:, 0]), rotated_by_ops(k, cos[:, 0], sin[:, 0])
 
-    assert _computes_the_same(lambda q, k, cos, sin, *_: (_reference(q, cos, sin), _reference(k, cos, sin)))
+    assert _computes_the_same(lambda q, k, cos, sin, *_: (rotated_by_ops(q, cos, sin), rotated_by_ops(k, cos, sin)))
     assert not _computes_the_same(indexed_by_positions)
-    assert not _computes_the_same(lambda q, k, cos, sin, *_: (_reference(q, cos, sin), k))
-    assert _reference(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2), torch.zeros(1, 1, 2)).sum() == 2
+    assert not _computes_the_same(lambda q, k, cos, sin, *_: (rotated_by_ops(q, cos, sin), k))
+    assert rotated_by_ops(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2), torch.zeros(1, 1, 2)).sum() == 2
 
 
 def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
@@ -365,6 +447,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     model_levers = [
         *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
         *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm", "--fused-rotary", "--fused-swiglu"),
+        "--grouped-query-sdpa",
     ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
@@ -375,6 +458,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
     assert levers["labelled_logits_only"]
     assert levers["sdpa_attention"] and levers["fused_rms_norm"] and levers["fused_rotary"] and levers["fused_swiglu"]
+    assert levers["grouped_query_sdpa"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 

@@ -52,6 +52,7 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
         "fused_rms_norm": False,
         "fused_rotary": False,
         "fused_swiglu": False,
+        "grouped_query_sdpa": False,
         "stock": False,
     }
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
