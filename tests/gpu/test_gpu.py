@@ -251,6 +251,20 @@ def test_fused_rotary_runs_fewer_kernels_and_gives_the_model_codes_numbers(synth
     assert torch.equal(fused_grad, eager_grad) and eager_grad.abs().sum() > 0
 
 
+def _milliseconds(work, repeats: int) -> float:
+    """``work``'s mean CUDA time over ``repeats`` calls, after one (compiled, caches warm)."""
+    import torch
+
+    work()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        work()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 def test_norm_weight_kernel_gives_torchs_products_forward_and_backward(dtype_name):
     """The fused-norm lever's weight product on CUDA at the 20B width and batch 32 x 604
@@ -273,19 +287,11 @@ def test_norm_weight_kernel_gives_torchs_products_forward_and_backward(dtype_nam
         out.backward(grad)
         return out.detach(), x.grad.clone()
 
-    def milliseconds(product):
-        forward_and_backward(product)  # compiled, caches warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            forward_and_backward(product)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 20
-
     eager_out, eager_grad = forward_and_backward(torch.mul)
     fused_out, fused_grad = forward_and_backward(weight_product)
-    print(dtype_name, {"eager ms": milliseconds(torch.mul), "kernel ms": milliseconds(weight_product)})
+    times = {name: _milliseconds(lambda: forward_and_backward(product), 20) for name, product in
+             (("eager ms", torch.mul), ("kernel ms", weight_product))}  # fmt: skip
+    print(dtype_name, times)
     assert torch.equal(fused_out, eager_out) and torch.equal(fused_grad, eager_grad)
     assert not torch.equal(eager_out, x.detach())  # the weight is not ones: the products round
 
@@ -388,14 +394,8 @@ def test_grouped_query_sdpa_is_the_model_codes_attention_with_fewer_copies(synth
             out, hidden_grad = forward_and_backward(attention)
             torch.cuda.synchronize()
         names = [event.name.lower() for event in profiled.events() if event.device_type == DeviceType.CUDA]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            forward_and_backward(attention)
-        end.record()
-        torch.cuda.synchronize()
         copies = sum(1 for name in names if "copy" in name or "fill" in name)
-        return out, hidden_grad, copies, start.elapsed_time(end) / 10
+        return out, hidden_grad, copies, _milliseconds(lambda: forward_and_backward(attention), 10)
 
     own_out, own_grad, own_copies, own_ms = measured(own)
     out, hidden_grad, copies, ms = measured(routed.attention)

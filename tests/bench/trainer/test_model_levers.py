@@ -230,22 +230,8 @@ def test_fused_swiglu_routes_the_model_codes_mlps_and_stays_within_one_rounding(
     the products and gradients round the other way from the eager ops', each within two
     roundings (an intermediate's, the SiLU's or a product's, and its own), and the
     projector's first gradient is as near the float32 one as stock's."""
-    code = f"""
-import torch
-from bench.trainer import fused_swiglu, kernel_support
-from bench.trainer.levered_llava import LeveredLLaVAModel
-from tests.bench.trainer.test_model_levers import _first_projector_gradient
-
-kernel_support.KERNEL_DEVICES.add("cpu")
-launches = []
-launch = fused_swiglu._launch
-fused_swiglu._launch = lambda *args, **kwargs: launches.append(kwargs["backward"]) or launch(*args, **kwargs)
-layout, half = {str(synthetic_layout)!r}, torch.float16
-exact = _first_projector_gradient(layout, "sdpa", torch.float32, layers=3)
-stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
-levers = dict(fused_swiglu=True, selective_llm_layers=1, unchecked_llm_layers=1)
-fused = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
-print(launches.count(False), launches.count(True), float((fused - exact).norm() / (stock - exact).norm()))
+    code = _counted_lever_gradients(synthetic_layout, "fused_swiglu", "_launch", fused_swiglu=True)
+    code += """
 generator = torch.Generator().manual_seed(2)
 gate, up, grad = (torch.randn(5, 7, 3000, generator=generator).mul(3).to(half) for _ in range(3))
 gate.requires_grad_(), up.requires_grad_()
@@ -303,22 +289,8 @@ def test_grouped_query_sdpa_routes_the_model_codes_sdpa_attention_and_gives_stoc
     SDPA's to within SDPA's own order of summing the key and value heads' gradients
     (as near the float32 one as stock's), and the packed projection's gradient is the
     model code's split's, element for element."""
-    code = f"""
-import torch
-from bench.trainer import fused_rotary, grouped_attention, kernel_support
-from bench.trainer.levered_llava import LeveredLLaVAModel
-from tests.bench.trainer.test_model_levers import _first_projector_gradient
-
-kernel_support.KERNEL_DEVICES.add("cpu")
-launches = []
-rotate = grouped_attention.rotate_into
-grouped_attention.rotate_into = lambda *args, **kwargs: launches.append(kwargs["backward"]) or rotate(*args, **kwargs)
-layout, half = {str(synthetic_layout)!r}, torch.float16
-exact = _first_projector_gradient(layout, "sdpa", torch.float32, layers=3)
-stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
-levers = dict(grouped_query_sdpa=True, selective_llm_layers=1, unchecked_llm_layers=1)
-grouped = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
-print(launches.count(False), launches.count(True), float((grouped - exact).norm() / (stock - exact).norm()))
+    code = _counted_lever_gradients(synthetic_layout, "grouped_attention", "rotate_into", grouped_query_sdpa=True)
+    code += """
 generator = torch.Generator().manual_seed(2)
 qkv = torch.randn(2, 5, 2 * (3 + 2) * 8, generator=generator).to(half).requires_grad_()
 cos, sin = (torch.randn(1, 5, 8, generator=generator).to(half) for _ in range(2))
@@ -375,6 +347,31 @@ def test_grouped_query_sdpa_keeps_an_attentions_own_forward_where_it_computes_ot
         if routed:
             with torch.no_grad():
                 assert torch.allclose(model.attention(hidden, position_ids=positions)[0], expected, atol=1e-6)
+
+
+def _counted_lever_gradients(layout: Path, module: str, launch: str, **lever) -> str:
+    """Code for ``_interpreted`` that runs the kernels on CPU, counts the calls of
+    ``bench.trainer.<module>.<launch>`` by their ``backward`` argument (``launches``),
+    and prints the forwards' and backwards' counts and how far the lever's first
+    projector gradient in fp16 is from the float32 one, as a share of stock's distance
+    (3 layers: a checkpointed, a selective and an unchecked one)."""
+    return f"""
+import torch
+from bench.trainer import kernel_support, {module}
+from bench.trainer.levered_llava import LeveredLLaVAModel
+from tests.bench.trainer.test_model_levers import _first_projector_gradient
+
+kernel_support.KERNEL_DEVICES.add("cpu")
+launches = []
+counted = {module}.{launch}
+{module}.{launch} = lambda *args, **kwargs: launches.append(kwargs["backward"]) or counted(*args, **kwargs)
+layout, half = {str(layout)!r}, torch.float16
+exact = _first_projector_gradient(layout, "sdpa", torch.float32, layers=3)
+stock = _first_projector_gradient(layout, "sdpa", half, layers=3)
+levers = dict(**{lever!r}, selective_llm_layers=1, unchecked_llm_layers=1)
+fused = _first_projector_gradient(layout, "sdpa", half, layers=3, model_class=LeveredLLaVAModel, **levers)
+print(launches.count(False), launches.count(True), float((fused - exact).norm() / (stock - exact).norm()))
+"""
 
 
 def _interpreted(code: str) -> list[str]:
