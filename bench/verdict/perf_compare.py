@@ -13,11 +13,13 @@ broke the gradient, down to one that zeroed it, is far outside either.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.core.trainer_files import COMPARED_STEPS, PROFILE_NAME, PROJECTOR_SNAPSHOTS
+from bench.core.trainer_files import COMPARED_STEPS, PROFILE_NAME, PROFILE_TRACE_NAME, PROJECTOR_SNAPSHOTS
+from bench.verdict.idle_gaps import idle_gaps
 
 # The reference runs, in order of preference, and whose difference from each is the
 # rounding a variant is allowed (the first of them that ran): against exact, stock's
@@ -142,8 +144,15 @@ def agrees(difference: float | None, allowance: float | None) -> bool | None:
 
 
 def _profile(verdict: dict) -> dict | None:
-    path = Path(verdict.get("_run_dir", "")) / "xtuner" / PROFILE_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The run's step profile, with its trace's idle gaps attributed where the trace was kept."""
+    folder = Path(verdict.get("_run_dir", "")) / "xtuner"
+    if not (folder / PROFILE_NAME).is_file():
+        return None
+    profile = json.loads((folder / PROFILE_NAME).read_text())
+    if (folder / PROFILE_TRACE_NAME).is_file():
+        with gzip.open(folder / PROFILE_TRACE_NAME, "rt") as trace:
+            profile["idle_gaps"] = idle_gaps(json.load(trace)["traceEvents"])
+    return profile
 
 
 def _seconds_per_step(verdict: dict | None) -> float | None:
@@ -322,4 +331,11 @@ def profile_table(rows: list[PerfRow]) -> str | None:
             f"{row.variant:<11} {steps:<5} {wall:7.2f}  {shares}  {profile['recompute_seconds'] / wall:9.1%}"
             f"  {profile['idle_seconds'] / wall:5.1%}"
         )
+    for row in profiled:
+        if gaps := row.profile.get("idle_gaps"):
+            lines.append(
+                f"{row.variant} idle: {gaps['gap_seconds']:.2f} s between kernels, {gaps['synchronizations']} "
+                "synchronizations; the most before kernels launched in: "
+                + "; ".join(f"{charge['ops']} ({charge['seconds']:.3f} s)" for charge in gaps["by_launching_ops"][:3])
+            )
     return "\n".join(lines)
