@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from bench.trainer.kernel_support import COMPILE_OPTIONS, takes_kernel
+from bench.trainer.kernel_support import COMPILE_OPTIONS, last_dim_dense, takes_kernel
 
 ROWS_A_PROGRAM = 16
 
@@ -111,8 +111,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     """The forward's output for x, or (``backward``) the input gradient for x's place
     taken by the output's gradient, in a new tensor laid out as an eager op lays out its
     output (``empty_like``)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = last_dim_dense(x)
     out = torch.empty_like(x)
     rotate_into(x.unsqueeze(2), cos, sin, out.unsqueeze(2), backward)
     return out

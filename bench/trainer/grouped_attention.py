@@ -30,7 +30,7 @@ import functools
 import torch
 
 from bench.trainer.fused_rotary import rotate_into, rotated_by_ops
-from bench.trainer.kernel_support import takes_kernel
+from bench.trainer.kernel_support import last_dim_dense, takes_kernel
 
 
 def fuse_grouped_attention(llm: torch.nn.Module) -> None:
@@ -94,10 +94,6 @@ def _by_head(packed: torch.Tensor, group: int, size: int) -> torch.Tensor:
     return packed.unflatten(-1, (-1, group + 2, size)).permute(0, 2, 3, 1, 4)
 
 
-def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class SplitRotated(torch.autograd.Function):
     """``split_rotated`` in the rotary kernel: query, key and value laid out as
     (batch, positions, heads, size) in memory, the layout SDPA's kernels read and write;
@@ -107,7 +103,7 @@ class SplitRotated(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, group, size):
         ctx.save_for_backward(cos, sin)
         ctx.group, ctx.size = group, size
-        packed = _by_head(_last_dim_dense(qkv), group, size)
+        packed = _by_head(last_dim_dense(qkv), group, size)
         batch, kv_heads, _, positions, _ = packed.shape
         query = qkv.new_empty(batch, positions, kv_heads, group, size)
         key = qkv.new_empty(batch, positions, kv_heads, 1, size)
@@ -124,7 +120,7 @@ class SplitRotated(torch.autograd.Function):
         batch, heads, positions, _ = grad_query.shape
         grad = grad_query.new_empty(batch, positions, (heads // group) * (group + 2) * size)
         packed = _by_head(grad, group, size)
-        grads = (_last_dim_dense(grad_query).unflatten(1, (-1, group)), _last_dim_dense(grad_key).unsqueeze(2))
+        grads = (last_dim_dense(grad_query).unflatten(1, (-1, group)), last_dim_dense(grad_key).unsqueeze(2))
         for part, incoming in zip((slice(0, group), slice(group, group + 1)), grads):
             rotate_into(incoming, cos, sin, packed[:, :, part], backward=True)
         packed[:, :, group + 1].copy_(grad_value)

@@ -23,3 +23,8 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def takes_kernel(x: torch.Tensor) -> bool:
     """Whether ``x``'s device and dtype are those the kernels run on, Triton installed."""
     return TRITON_INSTALLED and x.device.type in KERNEL_DEVICES and x.dtype in FUSED_DTYPES
+
+
+def last_dim_dense(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied only where its last dimension is strided (the kernels index it by one)."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -87,11 +87,12 @@ class _Enclosing:
         if tid not in self._ops:
             return "(no op)"
         ops, parents = self._ops[tid], self._parents[tid]
-        index = bisect.bisect_right(self._starts[tid], launch["ts"]) - 1
-        while index is not None and index >= 0 and _end(ops[index]) < _end(launch):
+        started = bisect.bisect_right(self._starts[tid], launch["ts"])
+        index = started - 1 if started else None  # the last op started by then, or none
+        while index is not None and _end(ops[index]) < _end(launch):
             index = parents[index]
         names = []
-        while index is not None and index >= 0:
+        while index is not None:
             names.append(ops[index]["name"])
             index = parents[index]
         names.reverse()
