@@ -216,6 +216,19 @@ class Levers:
         needs="torch.nn.attention.flex_attention",  # came with SDPA's enable_gqa (torch 2.5)
         runs_on="sdpa_attention",
     )
+    rotary_once: bool = lever(
+        False,
+        "Compute the LLM's rotary cos and sin once a forward for all its layers instead of in every layer's "
+        "attention and again in its recompute: the same numbers, one synchronization with the GPU a forward instead "
+        "of one a layer (default: on GPUs).",
+        lambda _: (
+            "the LLM's rotary cos and sin computed once a forward and given to every layer, whose equal rotary "
+            "modules receive the same positions, instead of in each layer's attention and recompute: the same numbers"
+        ),
+        on_gpus=True,
+        perf_variant="rotary-once",
+        applied_by_model=True,
+    )
 
     @property
     def stock(self) -> bool:

@@ -19,6 +19,7 @@ from bench.trainer.fused_rotary import fuse_rotary
 from bench.trainer.fused_swiglu import fuse_swiglu
 from bench.trainer.grouped_attention import fuse_grouped_attention
 from bench.trainer.norm_weight import weight_product
+from bench.trainer.rotary_once import share_rotary
 from bench.trainer.startup import note
 from bench.trainer.step_profile import RECOMPUTE_RANGE
 
@@ -58,6 +59,9 @@ class LeveredLLaVAModel(LLaVAModel):
     - ``grouped_query_sdpa``: the model code's SDPA attention from its packed projection
       without its copies: SDPA's grouped-query mode, the query and key rotated into
       SDPA's layout in one Triton kernel each way (bench/trainer/grouped_attention.py).
+    - ``rotary_once``: the rotary cos and sin computed once a forward for all LLM
+      layers, where each layer's attention computed them again, a synchronization with
+      the GPU each (bench/trainer/rotary_once.py).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class LeveredLLaVAModel(LLaVAModel):
         fused_rotary: bool = False,
         fused_swiglu: bool = False,
         grouped_query_sdpa: bool = False,
+        rotary_once: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -98,6 +103,8 @@ class LeveredLLaVAModel(LLaVAModel):
                 fuse_swiglu(_mlp_of(layer))
         if grouped_query_sdpa:
             fuse_grouped_attention(self.llm)
+        if rotary_once:
+            share_rotary(self.llm)
         note("model_built")
 
     def compute_loss(self, data, data_samples=None):

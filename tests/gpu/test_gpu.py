@@ -407,6 +407,50 @@ def test_grouped_query_sdpa_is_the_model_codes_attention_with_fewer_copies(synth
     assert max(apart) <= 1e-4 and own_grad.abs().sum() > 0
 
 
+def test_rotary_once_leaves_one_synchronization_a_forward_and_the_model_codes_numbers(synthetic_layout):
+    """The rotary-once lever on CUDA, the tiny layout's InternLM2 (dynamic-NTK rotary) in
+    bf16, forward and backward: the model code reads the positions' maximum back from
+    the GPU in every layer (a synchronization, counted by torch's sync debug mode), the
+    shared module once a forward; the logits and the input embeddings' gradient are the
+    same bits."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.core.layout import Layout
+    from bench.trainer.rotary_once import share_rotary
+
+    def built():
+        llm = AutoModelForCausalLM.from_pretrained(Layout.at(synthetic_layout).llm_dir, trust_remote_code=True)
+        return llm.to("cuda", torch.bfloat16).train()
+
+    own, shared = built(), built()
+    share_rotary(shared)
+    input_ids = torch.randint(3, 100, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def step(llm):
+        embeddings = llm.get_input_embeddings()(input_ids).detach().requires_grad_()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                logits = llm(inputs_embeds=embeddings, use_cache=False).logits
+                logits.float().square().mean().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum(1 for warning in caught if "synchroniz" in str(warning.message))
+        return syncs, logits.detach(), embeddings.grad
+
+    own_syncs, own_logits, own_grad = step(own)
+    syncs, logits, grad = step(shared)
+    layers = len(own.model.layers)
+    print({"synchronizations": (own_syncs, syncs), "layers": layers})
+    assert own_syncs - syncs == layers - 1
+    assert torch.equal(logits, own_logits) and torch.equal(grad, own_grad) and grad.abs().sum() > 0
+
+
 def test_dequantized_nf4_loading_on_the_gpu_holds_transformers_nf4_values(synthetic_layout):
     """The dequantize-NF4 lever's loader (the checkpoint read onto the GPU, converted and
     quantized there) against transformers' own NF4 loading with each 4-bit linear

@@ -36,6 +36,7 @@ GPU_DEFAULTS = Levers(
     fused_rotary=True,
     fused_swiglu=True,
     grouped_query_sdpa=True,
+    rotary_once=True,
 )
 # name: (request, device, precision, per-device batch, GPU memory, expected levers, problem words), for
 # micro-batches of LLaVA-Pretrain's padded length (49 text tokens, 624 positions a sample); the LLM

@@ -6,6 +6,7 @@ agreement with stock NF4 is checked on the GPU machine (tests/gpu/test_gpu.py)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,12 +20,14 @@ from bench.core.layout import Layout
 from tests.conftest import REPO, short_cpu_run
 
 
-def _one_training_step(layout: Path, model_class, attention: str = "eager", **levers) -> tuple[Counter, float, list]:
+def _one_training_step(
+    layout: Path, model_class, attention: str = "eager", during_step=contextlib.nullcontext, **levers
+) -> tuple[Counter, float, list]:
     """Build the model from the tiny layout as XTuner's config does (InternLM2's own code,
-    ``attention`` as the attention lever asks), run one forward and backward, and return
-    the MLP calls of each LLM layer and of the ViT's first layer (a recomputed layer
-    calls its MLP again), the rows the output projection computed (key "logits"), the
-    loss and the projector's gradients."""
+    ``attention`` as the attention lever asks), run one forward and backward (inside
+    ``during_step()``), and return the MLP calls of each LLM layer and of the ViT's first
+    layer (a recomputed layer calls its MLP again), the rows the output projection
+    computed (key "logits"), the loss and the projector's gradients."""
     import torch
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.utils import IMAGE_TOKEN_INDEX
@@ -57,8 +60,9 @@ def _one_training_step(layout: Path, model_class, attention: str = "eager", **le
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),  # the second padded
         "pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),
     }
-    loss = model(data, mode="loss")["loss"]
-    loss.backward()
+    with during_step():
+        loss = model(data, mode="loss")["loss"]
+        loss.backward()
     return calls, loss.item(), [p.grad for p in model.projector.parameters()]
 
 
@@ -349,6 +353,52 @@ def test_grouped_query_sdpa_keeps_an_attentions_own_forward_where_it_computes_ot
                 assert torch.allclose(model.attention(hidden, position_ids=positions)[0], expected, atol=1e-6)
 
 
+def test_rotary_once_computes_cos_and_sin_once_a_step_and_the_same_numbers(synthetic_layout):
+    """With the lever the rotary cos and sin are computed once a training step, where the
+    model code computes them in each layer's forward and recompute (counted by the
+    cosines taken, eager and grouped-query SDPA attention alike), with one read of the
+    positions' maximum back from the device (the dynamic-NTK module's), and the loss and
+    the projector's gradients are the same numbers."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.trainer.levered_llava import LeveredLLaVAModel
+
+    counted = (torch.ops.aten.cos.default, torch.ops.aten._local_scalar_dense.default)
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op in counted:
+                self.counts[op.__name__.split(".")[0]] += 1
+            return op(*args, **(kwargs or {}))
+
+    # 2 layers: the first checkpointed (its attention recomputed), the second unchecked
+    levers = dict(skip_vit_backward=True, selective_llm_layers=1, unchecked_llm_layers=1)
+    for attention, attention_levers in (("eager", {}), ("sdpa", {"grouped_query_sdpa": True})):
+        results = {}
+        for once in (False, True):
+            mode = CountOps()
+            _, loss, grads = _one_training_step(
+                synthetic_layout,
+                LeveredLLaVAModel,
+                attention,
+                lambda: mode,
+                rotary_once=once,
+                **levers,
+                **attention_levers,
+            )
+            results[once] = mode.counts, loss, grads
+        (counts, loss, grads), (once_counts, once_loss, once_grads) = results[False], results[True]
+        assert (counts["cos"], once_counts["cos"]) == (3, 1), attention
+        assert counts["_local_scalar_dense"] - once_counts["_local_scalar_dense"] == 2, attention
+        assert once_loss == loss
+        assert all(torch.equal(a, b) for a, b in zip(once_grads, grads))
+
+
 def _counted_lever_gradients(layout: Path, module: str, launch: str, **lever) -> str:
     """Code for ``_interpreted`` that runs the kernels on CPU, counts the calls of
     ``bench.trainer.<module>.<launch>`` by their ``backward`` argument (``launches``),
@@ -444,7 +494,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     model_levers = [
         *("--skip-vit-backward", "--unchecked-llm-layers", "1", "--selective-llm-layers", "1"),
         *("--labelled-logits-only", "--sdpa-attention", "--fused-rms-norm", "--fused-rotary", "--fused-swiglu"),
-        "--grouped-query-sdpa",
+        *("--grouped-query-sdpa", "--rotary-once"),
     ]
     for levers in (["--stock"], model_levers):
         done = short_cpu_run(synthetic_layout, tmp_path, *levers)
@@ -455,7 +505,7 @@ def test_model_levers_keep_the_loss_curve(synthetic_layout, tmp_path):
     assert levers["skip_vit_backward"] and levers["unchecked_llm_layers"] == levers["selective_llm_layers"] == 1
     assert levers["labelled_logits_only"]
     assert levers["sdpa_attention"] and levers["fused_rms_norm"] and levers["fused_rotary"] and levers["fused_swiglu"]
-    assert levers["grouped_query_sdpa"]
+    assert levers["grouped_query_sdpa"] and levers["rotary_once"]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 

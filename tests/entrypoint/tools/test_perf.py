@@ -53,6 +53,7 @@ def test_perf_runs_stock_and_a_lever_back_to_back_and_the_training_agrees(synthe
         "fused_rotary": False,
         "fused_swiglu": False,
         "grouped_query_sdpa": False,
+        "rotary_once": False,
         "stock": False,
     }
     assert workers["termination"] == "completed" and workers["seconds_per_step"] > 0
