@@ -86,7 +86,8 @@ def test_a_kept_answer_is_given_only_to_the_same_call(internlm2):
 
 
 def test_unlike_rotary_modules_are_not_shared(internlm2):
-    """A layer whose rotary module has another base keeps its own; the alike ones share."""
+    """A layer whose rotary module has another base keeps its own, as do modules whose
+    buffers cannot be compared; the alike ones share."""
     from bench.trainer.rotary_once import share_rotary
 
     llm = internlm2()
@@ -98,3 +99,10 @@ def test_unlike_rotary_modules_are_not_shared(internlm2):
     share_rotary(llm)
     assert layers[1].attention.rotary_emb is other and layers[0].attention.rotary_emb is not other
     assert "forward" in vars(other) and "forward" in vars(layers[0].attention.rotary_emb)
+    # buffers whose values cannot be compared (on the meta device): not shared, nothing raised
+    llm = internlm2()
+    for layer in llm.model.layers:
+        layer.attention.rotary_emb.to("meta")
+    share_rotary(llm)
+    rotaries = _rotaries(llm)
+    assert rotaries[0] is not rotaries[1]
