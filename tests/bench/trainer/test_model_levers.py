@@ -87,27 +87,36 @@ def test_model_levers_skip_the_vit_backward_and_the_recompute_of_unchecked_layer
     assert all((g == s).all() for g, s in zip(grads, stock_grads))
 
 
+def _op_counter(ops):
+    """A dispatch mode that counts the calls of ``ops`` (aten overloads) in its ``counts``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op in ops:
+                self.counts[op] += 1
+            return op(*args, **(kwargs or {}))
+
+    return CountOps()
+
+
 def _matmuls_in_backward(layout: Path, **levers) -> tuple[int, float, list]:
     """One training step of the levered model (InternLM2's own code): the linear
     layers' matmuls the backward pass runs (its recomputes' and the gradients'), the
     loss and the projector's gradients."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.trainer.levered_llava import LeveredLLaVAModel
 
-    class CountMatmuls(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
-            if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                CountMatmuls.count += 1
-            return op(*args, **(kwargs or {}))
-
+    matmuls = _op_counter({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
     original = torch.Tensor.backward
 
     def counted_backward(tensor, *args, **kwargs):
-        with CountMatmuls():
+        with matmuls:
             return original(tensor, *args, **kwargs)
 
     torch.Tensor.backward = counted_backward
@@ -115,7 +124,7 @@ def _matmuls_in_backward(layout: Path, **levers) -> tuple[int, float, list]:
         _, loss, grads = _one_training_step(layout, LeveredLLaVAModel, skip_vit_backward=True, **levers)
     finally:
         torch.Tensor.backward = original
-    return CountMatmuls.count, loss, grads
+    return sum(matmuls.counts.values()), loss, grads
 
 
 def test_selective_layers_recompute_their_attention_but_not_their_mlp(synthetic_layout):
@@ -360,28 +369,16 @@ def test_rotary_once_computes_cos_and_sin_once_a_step_and_the_same_numbers(synth
     positions' maximum back from the device (the dynamic-NTK module's), and the loss and
     the projector's gradients are the same numbers."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.trainer.levered_llava import LeveredLLaVAModel
 
-    counted = (torch.ops.aten.cos.default, torch.ops.aten._local_scalar_dense.default)
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = Counter()
-
-        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
-            if op in counted:
-                self.counts[op.__name__.split(".")[0]] += 1
-            return op(*args, **(kwargs or {}))
-
+    cos, read_back = torch.ops.aten.cos.default, torch.ops.aten._local_scalar_dense.default
     # 2 layers: the first checkpointed (its attention recomputed), the second unchecked
     levers = dict(skip_vit_backward=True, selective_llm_layers=1, unchecked_llm_layers=1)
     for attention, attention_levers in (("eager", {}), ("sdpa", {"grouped_query_sdpa": True})):
         results = {}
         for once in (False, True):
-            mode = CountOps()
+            mode = _op_counter({cos, read_back})
             _, loss, grads = _one_training_step(
                 synthetic_layout,
                 LeveredLLaVAModel,
@@ -393,8 +390,8 @@ def test_rotary_once_computes_cos_and_sin_once_a_step_and_the_same_numbers(synth
             )
             results[once] = mode.counts, loss, grads
         (counts, loss, grads), (once_counts, once_loss, once_grads) = results[False], results[True]
-        assert (counts["cos"], once_counts["cos"]) == (3, 1), attention
-        assert counts["_local_scalar_dense"] - once_counts["_local_scalar_dense"] == 2, attention
+        assert (counts[cos], once_counts[cos]) == (3, 1), attention
+        assert counts[read_back] - once_counts[read_back] == 2, attention
         assert once_loss == loss
         assert all(torch.equal(a, b) for a, b in zip(once_grads, grads))
 
